@@ -1,0 +1,1 @@
+"""The four branches, each composing the core into its own pipeline."""

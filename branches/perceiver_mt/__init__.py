@@ -1,0 +1,1 @@
+"""Branch perceiver_mt."""

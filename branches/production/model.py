@@ -1,0 +1,142 @@
+"""Music Transformer (Huang et al. 2018, arXiv 1809.04281): a decoder-only Transformer whose
+self-attention adds a learned relative-position term, computed by skewing.
+
+Pre-LN blocks (more stable than the paper's post-LN at small batch sizes), GELU or SwiGLU
+feed-forward, dropout on attention probabilities and residual branches, untied input/output
+embeddings as in the reference hyper-parameters.
+
+Unlike the reference, no absolute sinusoidal signal is added: with positions only relative,
+a cached key means the same thing wherever the window starts, which keeps KV-cached sampling
+past the training length well-defined (see `sample` in `recipe.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mehldau.nn.relative_attention import RelativeSelfAttention
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class MusicTransformerConfig:
+    vocab_size: int = 311
+    n_layers: int = 6
+    d_model: int = 512
+    n_heads: int = 8
+    d_ff: int = 2048
+    max_seq_len: int = 2048  # training context length L
+    # Distances past this get a zero relative embedding (T2T); the paper's code uses L / 2.
+    max_relative_position: int = 1024
+    dropout: float = 0.1
+    activation: str = "gelu"  # "gelu" or "swiglu"
+    attn_impl: str = "auto"  # "auto" (fused flex on CUDA, skew elsewhere), "skew", "sdpa"
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.activation not in ("gelu", "swiglu"):
+            raise ValueError(f"activation must be gelu or swiglu, got {self.activation}")
+        for name in ("vocab_size", "n_layers", "d_model", "n_heads", "d_ff", "max_seq_len",
+                     "max_relative_position"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # (B, T, V)
+    loss: torch.Tensor | None = None  # mean cross-entropy over labelled tokens, nats
+    past_key_values: KVCache | None = None
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: MusicTransformerConfig) -> None:
+        super().__init__()
+        self.swiglu = cfg.activation == "swiglu"
+        if self.swiglu:
+            self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.gate_proj(x)) * self.up_proj(x) if self.swiglu else F.gelu(self.up_proj(x))
+        return self.down_proj(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: MusicTransformerConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.d_model)
+        self.attn = RelativeSelfAttention(
+            cfg.d_model, cfg.n_heads, cfg.max_relative_position, dropout=cfg.dropout,
+            impl=cfg.attn_impl,
+        )
+        self.ln_2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self, x: torch.Tensor, past_kv: tuple[torch.Tensor, torch.Tensor] | None, use_cache: bool
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        h, present = self.attn(self.ln_1(x), past_kv=past_kv, use_cache=use_cache)
+        x = x + self.drop(h)
+        x = x + self.drop(self.mlp(self.ln_2(x)))
+        return x, present
+
+
+class MusicTransformer(nn.Module):
+    branch = "production"
+
+    def __init__(self, cfg: MusicTransformerConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of residual projections keeps early activations bounded.
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, std=0.02 / (2 * cfg.n_layers) ** 0.5)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        labels: torch.Tensor | None = None,  # (B, T), -100 = ignore
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+    ) -> CausalLMOutput:
+        x = self.drop(self.embed_tokens(input_ids))  # (B, T, C)
+        presents: KVCache = []
+        for i, layer in enumerate(self.layers):
+            past = past_key_values[i] if past_key_values is not None else None
+            x, present = layer(x, past, use_cache)
+            if use_cache:
+                presents.append(present)
+        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
+                                   ignore_index=-100)
+        return CausalLMOutput(logits, loss, presents if use_cache else None)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

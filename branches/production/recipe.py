@@ -1,0 +1,177 @@
+"""The production branch's two workflows: train a Music Transformer, and generate MIDI with it.
+
+`train(cfg)` wires the core together in this order, each step needing the one before:
+run directory (so skipped.tsv and the split manifest have a home) -> tokenizer (the cache is
+keyed by its config) -> corpus (validated, tokenized, split by group) -> model (its vocabulary
+comes from the tokenizer) -> datasets -> the shared trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate.utils import set_seed
+from omegaconf import DictConfig, OmegaConf
+
+from branches.production.model import MusicTransformer, MusicTransformerConfig
+from mehldau.data.corpus import BadMidi, build_corpus, read_score, unigram_entropy
+from mehldau.data.dataset import RandomCropDataset, WindowDataset, add_bos_eos
+from mehldau.data.sources import pieces_from_config
+from mehldau.errors import UserError
+from mehldau.io import atomic_write_midi
+from mehldau.sampling import SamplingConfig, sample_tokens
+from mehldau.tokenize.base import Tokenizer, build_tokenizer, load_tokenizer
+from mehldau.train.checkpoint import checkpoint_dirs, load_weights
+from mehldau.train.loggers import MetricsFile, make_logger
+from mehldau.train.trainer import TrainConfig, fit
+
+BRANCH = "production"
+MODEL_KEYS = ("n_layers", "d_model", "n_heads", "d_ff", "max_seq_len", "max_relative_position",
+              "dropout", "activation", "attn_impl")
+
+
+def model_config(cfg: DictConfig, vocab_size: int) -> MusicTransformerConfig:
+    try:
+        return MusicTransformerConfig(vocab_size=vocab_size,
+                                      **{k: cfg.model[k] for k in MODEL_KEYS if k in cfg.model})
+    except ValueError as e:
+        raise UserError(f"bad model config: {e}") from e
+
+
+def train(cfg: DictConfig) -> Path:
+    tcfg = TrainConfig(**OmegaConf.to_container(cfg.train, resolve=True))
+    run_dir = Path(cfg.run_dir or f"runs/{BRANCH}/{datetime.now():%Y%m%d-%H%M%S}").expanduser()
+    if checkpoint_dirs(run_dir) and not tcfg.resume:
+        raise UserError(f"{run_dir} already has checkpoints; add train.resume=true to continue "
+                        "it or choose another run_dir")
+    tokenizer = build_tokenizer(cfg.branch.tokenizer.name, cfg.branch.tokenizer.config)
+    pieces = pieces_from_config(cfg.data, cfg.cache_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    corpus = build_corpus(pieces, tokenizer, run_dir, cfg.cache_dir,
+                          tuple(cfg.split.ratios), cfg.split.seed)
+    seqs = {s: [add_bos_eos(x, tokenizer) for x in corpus.sequences(s)] for s in corpus.splits}
+    if not seqs["train"]:
+        raise UserError("the training split is empty; use more files or change split.ratios")
+    if not tcfg.resume or not (run_dir / "metrics.jsonl").exists():
+        all_seqs = [x for s in corpus.splits for x in corpus.sequences(s)]
+        MetricsFile(run_dir / "metrics.jsonl").write(
+            {"step": 0, "split": "corpus", "unigram_entropy": unigram_entropy(
+                all_seqs, tokenizer.vocab_size), "tokens": int(sum(len(x) for x in all_seqs)),
+             "pieces": len(all_seqs), "skipped": len(corpus.skipped)})
+
+    mcfg = model_config(cfg, tokenizer.vocab_size)
+    set_seed(cfg.seed)
+    model = MusicTransformer(mcfg)
+    print(f"model: {BRANCH}/{cfg.model.get('preset', '?')}, "
+          f"{model.num_parameters() / 1e6:.2f}M parameters", file=sys.stderr)
+    aug = cfg.augment
+    train_ds = RandomCropDataset(seqs["train"], mcfg.max_seq_len, tokenizer, seed=cfg.seed,
+                                 transpose=aug.transpose,
+                                 stretch=(aug.stretch_min, aug.stretch_max))
+    val_ds = WindowDataset(seqs["val"], mcfg.max_seq_len, tokenizer.special_tokens["pad"]) \
+        if seqs["val"] else None
+    if val_ds is None:
+        print("train: no validation split (fewer than 3 groups); no val loss", file=sys.stderr)
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+
+    def write_extra(d: Path) -> None:
+        OmegaConf.save(OmegaConf.create(resolved), d / "config.yaml")
+        tokenizer.save(d / "tokenizer.json")
+        (d / "model_config.json").write_text(json.dumps(mcfg.to_dict(), indent=2))
+
+    meta = {"branch": BRANCH, "recipe": "branches.production.recipe",
+            "model": type(model).__name__}
+    logger = make_logger(cfg.logger, run_dir, resolved, resume=tcfg.resume)
+    try:
+        last = fit(model, train_ds, val_ds, tcfg, run_dir, meta, write_extra, logger)
+    finally:
+        logger.finish()
+    if "val_loss" in last:
+        print(f"final val loss {last['val_loss']:.4f} nats/token", file=sys.stderr)
+    return run_dir
+
+
+# --- generation ---------------------------------------------------------------------------
+def load_model(ckpt: Path, device: torch.device | str = "cpu"
+               ) -> tuple[MusicTransformer, Tokenizer]:
+    tokenizer = load_tokenizer(ckpt / "tokenizer.json")
+    try:
+        mcfg = MusicTransformerConfig(**json.loads((ckpt / "model_config.json").read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"{ckpt} has no usable model_config.json ({e}); it is not a "
+                        f"{BRANCH} checkpoint") from e
+    model = MusicTransformer(mcfg)
+    load_weights(model, ckpt, BRANCH)
+    return model.to(device).eval(), tokenizer
+
+
+def prompt_tokens(tokenizer: Tokenizer, path: str | Path, seconds: float) -> np.ndarray:
+    """The first `seconds` of a MIDI file as tokens: notes that start before the cut, ending
+    at the cut at the latest."""
+    try:
+        score = read_score(path)
+    except BadMidi as e:
+        raise UserError(f"prompt {path}: {e}; pass a MIDI file with notes") from e
+    clipped = score.to("second").clip(0, float(seconds), clip_end=False)
+    for track in clipped.tracks:
+        for note in track.notes:
+            note.duration = min(note.duration, float(seconds) - note.time)
+    tokens = tokenizer.encode(clipped)
+    if len(tokens) == 0:
+        raise UserError(f"prompt {path} has no piano notes in its first {seconds} s; "
+                        "raise prompt_seconds or use another file")
+    return tokens
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("device=cuda but no CUDA GPU is visible; use device=cpu")
+    return torch.device(name)
+
+
+def _out_paths(out: str | Path, n: int) -> list[Path]:
+    out = Path(out).expanduser()
+    if n == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}_{i + 1}{out.suffix}") for i in range(n)]
+
+
+def generate(cfg: DictConfig, ckpt: Path) -> list[Path]:
+    device = _device(cfg.device)
+    model, tokenizer = load_model(ckpt, device)
+    sp = tokenizer.special_tokens
+    prompt = np.array([sp["bos"]], dtype=np.int64)
+    if cfg.prompt is not None:
+        prompt = np.concatenate([prompt, prompt_tokens(tokenizer, cfg.prompt, cfg.prompt_seconds)])
+    try:
+        scfg = SamplingConfig(cfg.temperature, cfg.top_k, cfg.top_p)
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    max_tokens = cfg.max_tokens or int(200 * cfg.seconds)
+    gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
+    torch.manual_seed(int(cfg.seed))
+    batch = torch.as_tensor(prompt, device=device)[None].repeat(int(cfg.num_samples), 1)
+    seqs = sample_tokens(
+        model, batch, max_tokens, model.config.max_seq_len, scfg, generator=gen,
+        eos_id=sp["eos"], seconds_per_id=torch.as_tensor(tokenizer.seconds_per_id(),
+                                                         dtype=torch.float32, device=device),
+        max_seconds=float(cfg.seconds), use_cache=bool(cfg.use_cache), progress=True,
+        # The user asked for a duration: never end early, never emit structural tokens.
+        banned_ids=(sp["pad"], sp["bos"], sp["eos"]),
+    )
+    scores = [tokenizer.decode(row.cpu().numpy()) for row in seqs]
+    paths = _out_paths(cfg.out, len(scores))
+    for score, path in zip(scores, paths):
+        atomic_write_midi(score, path)
+    for score, path in zip(scores, paths):
+        print(f"{path}: {score.note_num()} notes, {score.to('second').end():.1f} s",
+              file=sys.stderr)
+    return paths

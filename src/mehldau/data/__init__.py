@@ -1,0 +1,1 @@
+"""Data: sources, splits, validation, token cache, datasets, the embedded demo corpus."""

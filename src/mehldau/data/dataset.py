@@ -1,0 +1,118 @@
+"""Torch datasets over tokenized pieces: random crops for training, windows for evaluation.
+
+Both work along axis 0 of each piece's array, so compound tokens `(T, 6)` and piano rolls
+`(T, 88, C)` fit as well as 1-D ids. Training item `i` is a pure function of `(seed, i)`:
+resuming a run only needs the index of the next sample, and the same run on one process or
+several draws the same crops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from mehldau.tokenize.base import Tokenizer
+
+IGNORE_INDEX = -100
+
+
+def add_bos_eos(seq: np.ndarray, tokenizer: Tokenizer) -> np.ndarray:
+    """Mark piece boundaries so generation can start from BOS and the model learns endings."""
+    sp = tokenizer.special_tokens
+    return np.concatenate([[sp["bos"]], seq, [sp["eos"]]]).astype(np.int64)
+
+
+def _pad_pair(window: np.ndarray, length: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Inputs/labels of `length` from a window of up to `length + 1` tokens, padded."""
+    x = np.full(length, pad_id, dtype=np.int64)
+    y = np.full(length, IGNORE_INDEX, dtype=np.int64)
+    n = max(len(window) - 1, 0)
+    x[:n] = window[:n]
+    y[:n] = window[1 : n + 1]
+    return {"input_ids": torch.from_numpy(x), "labels": torch.from_numpy(y)}
+
+
+class RandomCropDataset(Dataset):
+    """Random crops of `context_len + 1` tokens, chosen with probability ∝ piece length.
+
+    Augmentation (Music Transformer §4.2) is applied to the crop at sampling time: a
+    transposition in [-transpose, +transpose] semitones and a time stretch in
+    [stretch_min, stretch_max]. The crop is taken a little longer than needed so a stretch
+    that shortens it still fills the context.
+    """
+
+    def __init__(
+        self,
+        sequences: Sequence[np.ndarray],
+        context_len: int,
+        tokenizer: Tokenizer,
+        seed: int = 0,
+        transpose: int = 0,
+        stretch: tuple[float, float] = (1.0, 1.0),
+    ) -> None:
+        if not sequences:
+            raise ValueError("RandomCropDataset needs at least one sequence")
+        self.sequences = list(sequences)
+        self.context_len = context_len
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.transpose = transpose
+        self.stretch = stretch
+        lengths = np.array([len(s) for s in self.sequences], dtype=np.float64)
+        self.probs = lengths / lengths.sum()
+        self.pad_id = tokenizer.special_tokens["pad"]
+
+    def __len__(self) -> int:
+        return 2**62  # indexed by a global sample counter, never exhausted
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, index])
+        seq = self.sequences[rng.choice(len(self.sequences), p=self.probs)]
+        want = self.context_len + 1
+        augmenting = self.transpose > 0 or self.stretch != (1.0, 1.0)
+        take = int(np.ceil(want / self.stretch[0])) + 8 if augmenting else want
+        start = int(rng.integers(0, max(len(seq) - take, 0) + 1))
+        window = seq[start : start + take]
+        if augmenting:
+            shift = int(rng.integers(-self.transpose, self.transpose + 1))
+            factor = float(rng.uniform(*self.stretch))
+            window = self.tokenizer.augment(window, transpose=shift, stretch=factor)
+        return _pad_pair(window[:want], self.context_len, self.pad_id)
+
+
+class WindowDataset(Dataset):
+    """Non-overlapping windows for evaluation: every token is predicted exactly once."""
+
+    def __init__(self, sequences: Sequence[np.ndarray], context_len: int, pad_id: int) -> None:
+        self.context_len = context_len
+        self.pad_id = pad_id
+        self.windows: list[np.ndarray] = []
+        for s in sequences:
+            for start in range(0, max(len(s) - 1, 1), context_len):
+                self.windows.append(s[start : start + context_len + 1])
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return _pad_pair(self.windows[index], self.context_len, self.pad_id)
+
+
+class CounterSampler(Sampler[int]):
+    """Yields global sample indices `start + k * world + rank`, forever.
+
+    The trainer resumes by restarting this at the number of samples already consumed; each
+    process of a multi-GPU run takes its own interleaved share.
+    """
+
+    def __init__(self, start: int = 0, rank: int = 0, world: int = 1) -> None:
+        self.start, self.rank, self.world = start, rank, world
+
+    def __iter__(self) -> Iterator[int]:
+        i = self.start + self.rank
+        while True:
+            yield i
+            i += self.world

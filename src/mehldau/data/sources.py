@@ -1,0 +1,167 @@
+"""Where pieces come from: a MIDI folder, PiJAMA as published, or the embedded demo corpus.
+
+Every source yields `Piece`s with a stable id and a *group* key. Splits are made by group so
+that no album (PiJAMA), session folder, or family of versions of one tune ends up on both
+sides of an evaluation; see `splits.py`.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from mehldau.errors import UserError
+
+MIDI_SUFFIXES = {".mid", ".midi"}
+
+# Columns of PiJAMA's metadata table that the loader needs (the real table has more).
+PIJAMA_COLUMNS = ("id", "artist", "album", "title", "midi_filepath")
+
+
+@dataclass(frozen=True)
+class Piece:
+    id: str  # stable across runs: a path relative to the source root, or PiJAMA's id
+    path: Path
+    group: str  # pieces sharing a group never go to different splits
+    style: str = ""  # pianist (PiJAMA) or top-level folder; used by style conditioning later
+
+
+def _version_key(name: str, pattern: str | None) -> str:
+    """The part of a file stem that names the tune, so versions of one tune group together."""
+    if pattern is None:
+        return name
+    m = re.search(pattern, name)
+    if m is None:
+        return name
+    return m.group(1) if m.groups() else m.group(0)
+
+
+def folder_source(
+    root: str | Path, group_by: str = "top_dir", group_regex: str | None = None
+) -> list[Piece]:
+    """All `.mid`/`.midi` files under `root` (recursive, any case).
+
+    `group_by`:
+      - "top_dir": the top-level subdirectory a file sits in; a file directly in the root is
+        its own group (so a flat folder still splits);
+      - "file": every file is its own group;
+      - "regex": the first capture group (or the whole match) of `group_regex` searched in the
+        file stem; files whose stems match to the same text share a group. The default pattern
+        strips trailing version markers, so "Spring Is Here.mid" and "Spring Is Here 2.mid"
+        stay together.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise UserError(f"data folder not found: {root}; set data.root to a folder of MIDI files")
+    files = sorted(
+        p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in MIDI_SUFFIXES
+    )
+    if not files:
+        raise UserError(
+            f"no .mid/.midi files under {root}; point data.root at a folder that has some"
+        )
+    if group_by not in ("top_dir", "file", "regex"):
+        raise UserError(f"unknown data.group_by '{group_by}'; use top_dir, file or regex")
+    pattern = group_regex or r"^(.*?)(?:[\s_\-]*(?:\(.*\)|v?\d+|solo|trio))*$"
+    pieces = []
+    for p in files:
+        rel = p.relative_to(root)
+        top = rel.parts[0] if len(rel.parts) > 1 else ""
+        if group_by == "top_dir":
+            group = top or rel.as_posix()
+        elif group_by == "file":
+            group = rel.as_posix()
+        else:
+            group = _version_key(p.stem, pattern).strip().lower()
+        pieces.append(Piece(id=rel.as_posix(), path=p, group=group, style=top))
+    return pieces
+
+
+def pijama_source(
+    root: str | Path, csv_path: str | Path | None = None, pianist: str | None = "Brad Mehldau"
+) -> list[Piece]:
+    """PiJAMA as published: its metadata CSV plus the MIDI tree it points to.
+
+    `root` is the folder that holds the unzipped MIDI (the CSV's `midi_filepath` values look
+    like `data/midi/<condition>/<artist>/<album>/<title>.midi`; they are resolved against
+    `root`, then against `root`'s parent, and finally with a leading `data/` stripped, so
+    both the repository layout and a bare unzip work). The group is artist + album, never
+    PiJAMA's own per-file `split` column, which puts most albums in several splits.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise UserError(f"PiJAMA folder not found: {root}; set data.root to the unzipped PiJAMA")
+    csv_path = Path(csv_path).expanduser() if csv_path else _find_pijama_csv(root)
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+            header = rows[0].keys() if rows else []
+    except OSError as e:
+        raise UserError(f"cannot read PiJAMA CSV {csv_path}: {e.strerror}") from e
+    missing = [c for c in PIJAMA_COLUMNS if c not in header]
+    if missing:
+        raise UserError(
+            f"{csv_path} lacks PiJAMA columns {', '.join(missing)}; "
+            "pass the published pijama.csv as data.csv"
+        )
+    if pianist:
+        rows = [r for r in rows if r["artist"] == pianist]
+        if not rows:
+            raise UserError(f"no PiJAMA rows for pianist '{pianist}'; check data.pianist spelling")
+    pieces = []
+    for r in rows:
+        path = _resolve_pijama_path(root, r["midi_filepath"])
+        group = f"{r['artist']} / {r['album']}"
+        pieces.append(Piece(id=f"pijama-{r['id']}", path=path, group=group, style=r["artist"]))
+    return pieces
+
+
+def _find_pijama_csv(root: Path) -> Path:
+    for cand in (root / "pijama.csv", root.parent / "pijama.csv", root / "data" / "pijama.csv"):
+        if cand.is_file():
+            return cand
+    raise UserError(f"no pijama.csv in or beside {root}; pass its path as data.csv")
+
+
+def _resolve_pijama_path(root: Path, rel: str) -> Path:
+    rel_path = Path(rel)
+    candidates = [root / rel_path, root.parent / rel_path]
+    if rel_path.parts and rel_path.parts[0] == "data":
+        candidates.append(root / Path(*rel_path.parts[1:]))
+    if len(rel_path.parts) > 2 and rel_path.parts[:2] == ("data", "midi"):
+        candidates.append(root / Path(*rel_path.parts[2:]))
+    for c in candidates:
+        if c.is_file():
+            return c
+    return candidates[0]  # missing: reported as skipped by the corpus builder
+
+
+def demo_source(cache_root: str | Path, seed: int = 0) -> list[Piece]:
+    """The embedded demo corpus, synthesized once into `cache_root` and reused."""
+    from mehldau.data.demo import DEMO_VERSION, write_demo_corpus
+
+    root = Path(cache_root).expanduser() / f"demo-v{DEMO_VERSION}-seed{seed}"
+    done = root / ".complete"
+    if not done.exists():
+        write_demo_corpus(root, seed=seed)
+        done.write_text("ok\n")
+    return folder_source(root, group_by="top_dir")
+
+
+def pieces_from_config(data: DictConfig, cache_dir: str | Path) -> list[Piece]:
+    """The pieces named by a `data` config group (demo, folder or pijama)."""
+    source = data.get("source")
+    if source == "demo":
+        return demo_source(cache_dir, seed=int(data.get("seed", 0)))
+    if source in ("folder", "pijama"):
+        root = None if OmegaConf.is_missing(data, "root") else data.get("root")
+        if root in (None, ""):
+            raise UserError(f"data.root is required for data={source}: add data.root=PATH")
+        if source == "folder":
+            return folder_source(root, data.get("group_by", "top_dir"), data.get("group_regex"))
+        return pijama_source(root, data.get("csv"), data.get("pianist"))
+    raise UserError(f"unknown data source '{source}'; use data=demo, data=folder or data=pijama")

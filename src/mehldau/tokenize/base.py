@@ -1,0 +1,138 @@
+"""The one tokenizer interface every branch uses.
+
+A tokenizer turns a `symusic.Score` into an array whose first axis is time and back. The
+shape of one step differs by representation, and nothing downstream assumes 1-D ids:
+
+- performance events (Music Transformer): `(T,)` int64 ids, `event_shape == ()`;
+- compound tokens (Moonbeam): `(T, 6)` int64 attributes, `event_shape == (6,)`;
+- piano rolls (diffusion): `(T, 88, C)` float32 frames, `event_shape == (88, C)`.
+
+Datasets crop and window along axis 0 only. A tokenizer is saved as JSON (its registered name,
+its config and the library versions) beside every checkpoint, as MidiTok does, and
+`config_hash()` keys the on-disk token cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import symusic
+
+from mehldau.errors import UserError
+
+_REGISTRY: dict[str, type[Tokenizer]] = {}
+
+
+def register(cls: type[Tokenizer]) -> type[Tokenizer]:
+    """Class decorator: make a tokenizer loadable by its `name` from saved JSON."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+class Tokenizer(ABC):
+    name: ClassVar[str]
+    # Bump when the codec changes in a way the config does not show, to invalidate caches.
+    codec_version: ClassVar[int] = 1
+    config: Any  # a dataclass instance
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Number of distinct ids (for compound tokens: the flat output vocabulary)."""
+
+    @property
+    @abstractmethod
+    def special_tokens(self) -> dict[str, int]:
+        """Named special ids, at least `pad`, `bos` and `eos` for id-based tokenizers."""
+
+    @property
+    def event_shape(self) -> tuple[int, ...]:
+        """Shape of one time step of `encode`'s output, `()` for plain ids."""
+        return ()
+
+    @abstractmethod
+    def encode(self, score: symusic.Score) -> np.ndarray:
+        """Score (any time unit) -> array of shape `(T, *event_shape)`."""
+
+    @abstractmethod
+    def decode(self, tokens: np.ndarray) -> symusic.Score:
+        """Array -> piano Score (program 0). Must never raise on garbage input."""
+
+    def augment(self, tokens: np.ndarray, transpose: int = 0, stretch: float = 1.0) -> np.ndarray:
+        """Transpose by semitones and stretch time on an encoded sequence (identity by default)."""
+        if transpose == 0 and stretch == 1.0:
+            return tokens
+        raise NotImplementedError(f"{self.name} does not support augmentation")
+
+    def seconds_per_id(self) -> np.ndarray | None:
+        """For 1-D ids: seconds of music each id advances (length `vocab_size`), else None.
+
+        Lets a sampler stop after a requested duration without decoding as it goes.
+        """
+        return None
+
+    def encode_file(self, path: str | Path) -> np.ndarray:
+        return self.encode(symusic.Score(str(path)))
+
+    def decode_to_file(self, tokens: np.ndarray, path: str | Path) -> None:
+        """Decode and write a MIDI file atomically (temp file, then rename)."""
+        from mehldau.io import atomic_write_midi
+
+        atomic_write_midi(self.decode(tokens), path)
+
+    # --- serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        from importlib.metadata import version  # miditok 3.1 has no `__version__`
+
+        return {
+            "tokenizer": self.name,
+            "codec_version": self.codec_version,
+            "config": dataclasses.asdict(self.config),
+            "versions": {"symusic": symusic.__version__, "miditok": version("miditok")},
+        }
+
+    def config_hash(self) -> str:
+        d = {"tokenizer": self.name, "codec_version": self.codec_version,
+             "config": dataclasses.asdict(self.config)}
+        blob = json.dumps(d, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+
+    @classmethod
+    def from_config_dict(cls, config: dict[str, Any]) -> Tokenizer:
+        """Build from a plain config dict; subclasses with a dataclass config override nothing."""
+        return cls(cls.config_class(**config))  # type: ignore[attr-defined, call-arg]
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, Tokenizer) and self.name == other.name
+                and dataclasses.asdict(self.config) == dataclasses.asdict(other.config))
+
+
+def build_tokenizer(name: str, config: dict[str, Any] | None = None) -> Tokenizer:
+    """Build a registered tokenizer by name (e.g. from a Hydra config)."""
+    _import_builtin()
+    if name not in _REGISTRY:
+        raise UserError(f"unknown tokenizer '{name}'; known: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name].from_config_dict(dict(config or {}))
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a tokenizer saved with `Tokenizer.save`."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read tokenizer file {path}: {e}; re-save it from the run") from e
+    return build_tokenizer(d["tokenizer"], d["config"])
+
+
+def _import_builtin() -> None:
+    # Registration happens on import; keep the list here so `load_tokenizer` finds them all.
+    from mehldau.tokenize import performance  # noqa: F401

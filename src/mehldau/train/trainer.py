@@ -1,0 +1,232 @@
+"""The shared trainer every branch uses: accelerate for device, precision and processes.
+
+AdamW, cosine schedule with warmup (transformers' scheduler), gradient accumulation and
+clipping, validation loss in nats/token, atomic checkpoints, exact resume (model, optimizer,
+scheduler, RNG and data position), `metrics.jsonl`, wandb or no logger, a progress bar.
+
+The model is any `nn.Module` whose `forward(**batch)` returns an object with `.loss` (mean
+over labelled tokens); batches are dicts of tensors with `labels` (-100 = ignore). The
+scheduler is stepped by hand, not through `accelerator.prepare`, because accelerate steps a
+prepared scheduler once per process, which would bend the cosine on several GPUs.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+from mehldau.data.dataset import IGNORE_INDEX, CounterSampler
+from mehldau.errors import UserError
+from mehldau.train.checkpoint import latest_checkpoint, save_checkpoint
+from mehldau.train.loggers import MetricsFile, NullLogger
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    log_every: int = 10
+    eval_every: int = 200
+    eval_max_batches: int = 0  # 0 = the whole validation split
+    eval_batch_size: int = 16
+    ckpt_every: int = 500
+    keep_last: int = 3  # checkpoints kept on disk, 0 = all
+    seed: int = 0
+    mixed_precision: str = "auto"  # "auto" = bf16 on CUDA, fp32 on CPU; or "no", "bf16", "fp16"
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_every",
+                     "ckpt_every", "eval_batch_size"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise UserError(f"train.lr must be positive, got {self.lr}")
+
+
+def make_accelerator(mixed_precision: str = "auto") -> Accelerator:
+    if mixed_precision == "auto":
+        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        mixed_precision = "bf16" if cuda_bf16 else "no"
+    return Accelerator(mixed_precision=mixed_precision)
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset: Dataset, accelerator: Accelerator,
+             batch_size: int, max_batches: int = 0) -> float:
+    """Mean cross-entropy in nats per labelled token over the dataset's windows."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=_own_generator())
+    for i, batch in enumerate(loader):
+        if max_batches and i >= max_batches:
+            break
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        n = int((batch["labels"] != IGNORE_INDEX).sum())
+        if n == 0:
+            continue
+        with accelerator.autocast():
+            loss = model(**batch).loss
+        total += float(loss) * n
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def fit(
+    model: torch.nn.Module,
+    train_ds: Dataset,
+    val_ds: Dataset | None,
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    meta: dict[str, Any],
+    write_extra: Callable[[Path], None] | None = None,
+    logger: Any = None,
+    accelerator: Accelerator | None = None,
+) -> dict[str, float]:
+    """Train `model` for `cfg.max_steps` optimizer steps; returns the last metrics."""
+    run_dir = Path(run_dir)
+    accelerator = accelerator or make_accelerator(cfg.mixed_precision)
+    logger = logger or NullLogger()
+    metrics = MetricsFile(run_dir / "metrics.jsonl")
+    optimizer = _optimizer(model, cfg)
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, cfg.warmup_steps, cfg.max_steps, min_lr_rate=cfg.min_lr_ratio
+    )
+    step = 0
+    if cfg.resume:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None or not (ckpt / "trainer_state.pt").is_file():
+            print(f"train: no checkpoint to resume in {run_dir}; starting fresh", file=sys.stderr)
+        else:
+            step = _restore(ckpt, model, optimizer, scheduler)
+            metrics.truncate_after(step)
+            print(f"train: resumed from {ckpt} at step {step}", file=sys.stderr)
+    else:
+        set_seed(cfg.seed)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    sampler = CounterSampler(start=step * per_step, rank=rank, world=world)
+    batches = iter(DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler,
+                              generator=_own_generator()))
+
+    def checkpoint() -> None:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            state = {"step": step, "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
+                     else None}
+            save_checkpoint(run_dir, step, accelerator.unwrap_model(model), meta, write_extra,
+                            state, keep_last=cfg.keep_last)
+
+    def record(rec: dict[str, Any]) -> None:
+        if accelerator.is_main_process:
+            metrics.write(rec)
+            logger.log(rec, rec["step"])
+
+    last: dict[str, float] = {}
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step",
+               disable=not accelerator.is_main_process or None, dynamic_ncols=True)
+    loss_sum, tok_sum, t0 = 0.0, 0, time.perf_counter()
+    while step < cfg.max_steps:
+        for micro in range(cfg.grad_accum):
+            batch = {k: v.to(accelerator.device) for k, v in next(batches).items()}
+            sync = micro == cfg.grad_accum - 1
+            ctx = accelerator.no_sync(model) if not sync else _nullcontext()
+            with ctx, accelerator.autocast():
+                loss = model(**batch).loss
+                accelerator.backward(loss / cfg.grad_accum)
+            loss_sum += float(loss.detach()) / cfg.grad_accum
+            tok_sum += int((batch["labels"] != IGNORE_INDEX).sum()) * world
+        if cfg.grad_clip > 0:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
+            dt = time.perf_counter() - t0
+            train_loss = loss_sum / n
+            if not math.isfinite(train_loss):
+                raise RuntimeError(f"training loss became {train_loss} at step {step}")
+            last = {"step": step, "split": "train", "loss": round(train_loss, 5),
+                    "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(tok_sum / dt, 1)}
+            record(last)
+            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_sum / dt:.0f}")
+            loss_sum, tok_sum, t0 = 0.0, 0, time.perf_counter()
+        if val_ds is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            val = evaluate(model, val_ds, accelerator, cfg.eval_batch_size, cfg.eval_max_batches)
+            record({"step": step, "split": "val", "loss": round(val, 5)})
+            last["val_loss"] = val
+            bar.write(f"step {step}: val loss {val:.4f} nats/token")
+            t0 = time.perf_counter()  # keep eval time out of tokens/s
+        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+            checkpoint()
+            t0 = time.perf_counter()
+    bar.close()
+    return last
+
+
+def _own_generator() -> torch.Generator:
+    """A DataLoader draws a seed from the global RNG when iterated unless given a generator;
+    that draw would shift dropout's random stream and break exact resume."""
+    return torch.Generator().manual_seed(0)
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _restore(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler: Any) -> int:
+    from safetensors.torch import load_file
+
+    state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+    model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return int(state["step"])

@@ -1,0 +1,70 @@
+"""Shared fixtures: MIDI files written by the tests themselves, isolated caches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import pytest
+import symusic
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def write_midi(path: Path, notes: Iterable[tuple[int, float, float, int]], tempo: float = 120.0,
+               pedals: Iterable[tuple[float, float]] = ()) -> Path:
+    """Write `(pitch, start_s, duration_s, velocity)` notes as a one-track piano MIDI."""
+    tpq = 480
+    tick = tpq * tempo / 60.0  # ticks per second
+    score = symusic.Score(tpq)
+    score.tempos.append(symusic.Tempo(0, tempo))
+    track = symusic.Track(name="piano", program=0)
+    for pitch, start, dur, vel in notes:
+        track.notes.append(symusic.Note(int(start * tick), max(int(dur * tick), 1), pitch, vel))
+    for start, dur in pedals:
+        track.controls.append(symusic.ControlChange(int(start * tick), 64, 127))
+        track.controls.append(symusic.ControlChange(int((start + dur) * tick), 64, 0))
+    score.tracks.append(track)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    score.dump_midi(str(path))
+    return path
+
+
+def scale_notes(n: int = 40, base: int = 60, step: float = 0.25, seed: int = 0
+                ) -> list[tuple[int, float, float, int]]:
+    """A simple deterministic line with chords every bar: enough structure to learn a little."""
+    import random
+
+    rng = random.Random(seed)
+    notes = []
+    for i in range(n):
+        t = i * step
+        notes.append((base + (i * 2) % 12 + rng.choice((0, 12)), t, step * 0.9, 60 + (i % 4) * 10))
+        if i % 4 == 0:
+            notes += [(base - 12, t, step * 3.5, 50), (base - 8, t, step * 3.5, 50)]
+    return notes
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test gets the session's cache dir, never the user's ~/.cache."""
+    monkeypatch.setenv("MEHLDAU_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.delenv("WANDB_SILENT", raising=False)
+    yield
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    PartialState._reset_state()
+
+
+@pytest.fixture
+def midi_folder(tmp_path: Path) -> Path:
+    """Six small pieces in three album folders plus two loose files; awkward names on purpose."""
+    root = tmp_path / "my midi"
+    for a in range(3):
+        for k in range(2):
+            write_midi(root / f"album {a}" / f"tune {k} 'take'.mid",
+                       scale_notes(48, base=55 + 3 * a + k, seed=a * 10 + k))
+    write_midi(root / "Loose One.MID", scale_notes(40, base=60, seed=99))
+    write_midi(root / "loose two.midi", scale_notes(40, base=62, seed=98))
+    return root

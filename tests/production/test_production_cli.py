@@ -1,0 +1,194 @@
+"""The production branch end to end through the CLI: train, resume, generate, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pretty_midi
+import pytest
+import symusic
+from conftest import scale_notes, write_midi
+
+from mehldau.cli.generate import main as generate
+from mehldau.cli.train import main as train
+
+MICRO = ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.d_ff=64",
+         "model.max_seq_len=64", "model.max_relative_position=32", "train.batch_size=4",
+         "train.warmup_steps=2", "train.log_every=2", "train.eval_every=4", "train.ckpt_every=4",
+         "logger=none"]
+
+
+def make_folder(root: Path) -> Path:
+    for a in range(4):
+        for k in range(2):
+            write_midi(root / f"set {a}" / f"piece {k}.mid",
+                       scale_notes(64, base=52 + 2 * a + k, seed=10 * a + k))
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("e2e")
+    data = make_folder(base / "data")
+    run = base / "run"
+    rc = train([f"run_dir={run}", "data=folder", f"data.root={data}", "train.max_steps=8",
+                *MICRO])
+    assert rc == 0
+    return run
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and err.count("\n") == 0, err
+    assert "error:" in err
+    return err
+
+
+def test_train_writes_run_directory(trained: Path) -> None:
+    recs = [json.loads(ln) for ln in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert recs[0]["split"] == "corpus" and recs[0]["unigram_entropy"] > 0
+    assert [r["step"] for r in recs if r["split"] == "val"] == [4, 8]
+    assert all({"loss", "tokens_per_s"} <= set(r) for r in recs if r["split"] == "train")
+    ckpt = trained / "checkpoints" / "step_0000008"
+    for name in ("model.safetensors", "config.yaml", "tokenizer.json", "meta.json",
+                 "model_config.json", "trainer_state.pt"):
+        assert (ckpt / name).is_file(), name
+    assert (trained / "splits.json").is_file() and (trained / "skipped.tsv").is_file()
+    assert not list((trained / "checkpoints").glob(".*tmp*"))
+
+
+def test_resume_reproduces_the_uninterrupted_run(trained: Path, tmp_path: Path) -> None:
+    # Simulate a run stopped right after its step-4 checkpoint, then resumed.
+    run = tmp_path / "resumed"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(trained / "checkpoints" / "step_0000004", run / "checkpoints" / "step_0000004")
+    lines = (trained / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(ln for ln in lines
+                                                 if json.loads(ln)["step"] <= 5) + "\n")
+    data = trained.parent / "data"  # the same data folder as the original run
+    assert train([f"run_dir={run}", "data=folder", f"data.root={data}", "train.max_steps=8",
+                  "train.resume=true", *MICRO]) == 0
+    a = [json.loads(ln) for ln in (trained / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    key = [(r["step"], r["split"], r.get("loss")) for r in a if r["split"] in ("train", "val")]
+    got = [(r["step"], r["split"], r.get("loss")) for r in b if r["split"] in ("train", "val")]
+    assert got == key
+
+
+def test_generate_writes_piano_midi(trained: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.mid"
+    assert generate([f"ckpt={trained}", f"out={out}", "seconds=20", "seed=1"]) == 0
+    pm = pretty_midi.PrettyMIDI(str(out))
+    assert pm.instruments and all(i.program == 0 for i in pm.instruments)
+    assert sum(len(i.notes) for i in pm.instruments) > 0
+
+
+def test_generate_num_samples_writes_one_file_each(trained: Path, tmp_path: Path) -> None:
+    ckpt = trained / "checkpoints" / "step_0000004"  # a checkpoint dir works as well
+    assert generate([f"ckpt={ckpt}", f"out={tmp_path / 's.mid'}", "seconds=2",
+                     "num_samples=2", "top_k=20"]) == 0
+    assert (tmp_path / "s_1.mid").is_file() and (tmp_path / "s_2.mid").is_file()
+
+
+def test_generate_continues_the_prompt(trained: Path, tmp_path: Path) -> None:
+    notes = [(60 + i % 7, 0.3 * i, 0.25, 70) for i in range(12)]
+    prompt = write_midi(tmp_path / "prompt.mid", notes)
+    out = tmp_path / "cont.mid"
+    assert generate([f"ckpt={trained}", f"out={out}", f"prompt={prompt}", "prompt_seconds=2",
+                     "seconds=2"]) == 0
+    got = symusic.Score(str(out)).to("second").tracks[0].notes
+    got = sorted((n.time, n.pitch) for n in got)[:7]  # notes starting before 2 s: i = 0..6
+    want = sorted((0.3 * i, 60 + i % 7) for i in range(7))
+    assert [p for _, p in got] == [p for _, p in want]
+    assert all(abs(t1 - t2) <= 0.011 for (t1, _), (t2, _) in zip(got, want))
+
+
+# --- bad input: one line, exit 2, no traceback, nothing half-written -----------------------
+@pytest.mark.parametrize("args, message", [
+    (["branch=nope"], "unknown branch 'nope'"),
+    (["model=huge"], "unknown model 'huge'; choose one of: base, tiny"),
+    (["data=folder"], "data.root is required"),
+    (["data=folder", "data.root=/no/such/folder"], "data folder not found"),
+    (["train.max_steps=0"], "train.max_steps must be positive"),
+    (["no_such_key=1"], "unknown option 'no_such_key'"),
+])
+def test_train_bad_input(args, message, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    assert train([f"run_dir={run}", *args, "logger=none"]) == 2
+    assert message in one_line_error(capsys)
+    assert not run.exists()
+
+
+def test_train_folder_without_midi_and_bad_pijama_csv(tmp_path: Path, capsys) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("x")
+    assert train([f"run_dir={tmp_path / 'r1'}", "data=folder", f"data.root={empty}"]) == 2
+    assert "no .mid/.midi files" in one_line_error(capsys)
+    csv = tmp_path / "meta.csv"
+    csv.write_text("id,artist,title\n0,Brad Mehldau,x\n")
+    assert train([f"run_dir={tmp_path / 'r2'}", "data=pijama", f"data.root={empty}",
+                  f"data.csv={csv}"]) == 2
+    assert "lacks PiJAMA columns" in one_line_error(capsys)
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
+
+
+def test_train_refuses_to_overwrite_a_run(trained: Path, capsys) -> None:
+    assert train([f"run_dir={trained}", "logger=none"]) == 2
+    assert "train.resume=true" in one_line_error(capsys)
+
+
+def _gen_error(args: list[str], capsys) -> str:
+    assert generate(args) == 2
+    return one_line_error(capsys)
+
+
+def test_generate_bad_input(trained: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "x.mid"
+    ok = [f"ckpt={trained}", f"out={out}"]
+    assert "ckpt is required" in _gen_error([f"out={out}"], capsys)
+    assert "checkpoint not found" in _gen_error([f"ckpt={tmp_path / 'nope'}", f"out={out}"],
+                                                capsys)
+    assert "seconds must be positive" in _gen_error([*ok, "seconds=-1"], capsys)
+    assert "seconds must be positive" in _gen_error([*ok, "seconds=0"], capsys)
+    assert "num_samples must be positive" in _gen_error([*ok, "num_samples=0"], capsys)
+    assert "temperature must be positive" in _gen_error([*ok, "temperature=0"], capsys)
+    assert "top_p must be" in _gen_error([*ok, "top_p=0"], capsys)
+    assert "prompt" in _gen_error([*ok, f"prompt={tmp_path / 'missing.mid'}"], capsys)
+    silent = write_midi(tmp_path / "silent.mid", [])
+    assert "no notes" in _gen_error([*ok, f"prompt={silent}"], capsys)
+    assert "unknown branch 'nope'" in _gen_error([*ok, "branch=nope"], capsys)
+    assert not out.exists()
+
+
+def test_generate_rejects_broken_checkpoints(trained: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "x.mid"
+    src = trained / "checkpoints" / "step_0000008"
+    no_weights = tmp_path / "no_weights"
+    shutil.copytree(src, no_weights)
+    (no_weights / "model.safetensors").unlink()
+    assert "no model.safetensors" in _gen_error([f"ckpt={no_weights}", f"out={out}"], capsys)
+
+    other = tmp_path / "other_branch"
+    shutil.copytree(src, other)
+    meta = json.loads((other / "meta.json").read_text())
+    (other / "meta.json").write_text(json.dumps({**meta, "branch": "scg_diffusion",
+                                                 "recipe": "branches.production.recipe"}))
+    assert "from branch 'scg_diffusion'" in _gen_error([f"ckpt={other}", f"out={out}"], capsys)
+    assert "from branch 'scg_diffusion', not 'production'" in _gen_error(
+        [f"ckpt={other}", f"out={out}", "branch=production"], capsys)
+
+    foreign = tmp_path / "foreign_weights"
+    shutil.copytree(src, foreign)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(foreign / "model.safetensors"))
+    save_file({"encoder." + k: v for k, v in state.items()}, str(foreign / "model.safetensors"))
+    assert "lacks weight" in _gen_error([f"ckpt={foreign}", f"out={out}"], capsys)
+
+    empty_run = tmp_path / "empty_run"
+    empty_run.mkdir()
+    assert "no checkpoint in" in _gen_error([f"ckpt={empty_run}", f"out={out}"], capsys)
+    assert not out.exists()
