@@ -227,3 +227,18 @@ def test_flex_cuda_forward_backward_matches_skew(dtype: torch.dtype, tol: float)
         assert gf is not None and gf.abs().max() > 0, name
         scale = gs.float().abs().max().clamp_min(1.0)
         torch.testing.assert_close(gf.float() / scale, gs.float() / scale, atol=tol, rtol=tol)
+
+
+def test_sdpa_baseline_is_skew_without_the_relative_term():
+    """The benchmark's plain baseline must be the same attention minus S_rel, cached or not."""
+    skew = _module("skew")
+    with torch.no_grad():
+        skew.rel_emb.zero_()
+    base = _module("sdpa")
+    base.load_state_dict(skew.state_dict())
+    x = torch.randn(2, 12, 24)
+    assert torch.allclose(skew(x)[0], base(x)[0], atol=1e-5)
+    y_full, _ = base(x)
+    _, past = base(x[:, :5], use_cache=True)
+    y_step, _ = base(x[:, 5:6], past_kv=past)
+    assert torch.allclose(y_step[:, 0], y_full[:, 5], atol=1e-5)

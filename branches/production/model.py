@@ -2,8 +2,9 @@
 self-attention adds a learned relative-position term, computed by skewing.
 
 Pre-LN blocks (more stable than the paper's post-LN at small batch sizes), GELU or SwiGLU
-feed-forward, dropout on attention probabilities and residual branches, untied input/output
-embeddings as in the reference hyper-parameters.
+feed-forward, dropout on embeddings and residual branches (attention-probability dropout is
+optional and off by default), untied input/output embeddings as in the reference
+hyper-parameters.
 
 Unlike the reference, no absolute sinusoidal signal is added: with positions only relative,
 a cached key means the same thing wherever the window starts, which keeps KV-cached sampling
@@ -33,9 +34,14 @@ class MusicTransformerConfig:
     max_seq_len: int = 2048  # training context length L
     # Distances past this get a zero relative embedding (T2T); the paper's code uses L / 2.
     max_relative_position: int = 1024
-    dropout: float = 0.1
+    dropout: float = 0.1  # embeddings and residual branches
+    # Attention-probability dropout. 0 by default: the fused CUDA kernel (FlexAttention) has
+    # none, and one setting should train the same model on every device.
+    attn_dropout: float = 0.0
     activation: str = "gelu"  # "gelu" or "swiglu"
-    attn_impl: str = "auto"  # "auto" (fused flex on CUDA, skew elsewhere), "skew", "sdpa"
+    # "auto" (fused flex on CUDA, skew elsewhere), "skew", "flex", or "sdpa" (no relative
+    # term: the plain baseline for benchmarks)
+    attn_impl: str = "auto"
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -77,7 +83,7 @@ class Block(nn.Module):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.d_model)
         self.attn = RelativeSelfAttention(
-            cfg.d_model, cfg.n_heads, cfg.max_relative_position, dropout=cfg.dropout,
+            cfg.d_model, cfg.n_heads, cfg.max_relative_position, dropout=cfg.attn_dropout,
             impl=cfg.attn_impl,
         )
         self.ln_2 = nn.LayerNorm(cfg.d_model)

@@ -32,7 +32,7 @@ from mehldau.train.trainer import TrainConfig, fit
 
 BRANCH = "production"
 MODEL_KEYS = ("n_layers", "d_model", "n_heads", "d_ff", "max_seq_len", "max_relative_position",
-              "dropout", "activation", "attn_impl")
+              "dropout", "attn_dropout", "activation", "attn_impl")
 
 
 def model_config(cfg: DictConfig, vocab_size: int) -> MusicTransformerConfig:

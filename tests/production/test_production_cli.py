@@ -192,3 +192,12 @@ def test_generate_rejects_broken_checkpoints(trained: Path, tmp_path: Path, caps
     empty_run.mkdir()
     assert "no checkpoint in" in _gen_error([f"ckpt={empty_run}", f"out={out}"], capsys)
     assert not out.exists()
+
+
+def test_help_and_cfg_print_and_exit_zero(capsys) -> None:
+    assert train(["--help"]) == 0 and "usage: mehldau-train" in capsys.readouterr().out
+    assert train(["--cfg", "model=base"]) == 0
+    out = capsys.readouterr().out
+    assert "n_layers: 6" in out and "name: production" in out
+    assert generate(["--cfg", "ckpt=x", "out=y.mid"]) == 0
+    assert "top_p: 0.95" in capsys.readouterr().out

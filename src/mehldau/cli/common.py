@@ -54,6 +54,18 @@ def compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
     return cfg
 
 
+def compose_or_show(config_name: str, args: Sequence[str], usage: str) -> DictConfig | None:
+    """Compose from `key=value` args; handle `-h/--help` and `--cfg` (print and return None)."""
+    if any(a in ("-h", "--help") for a in args):
+        print(usage)
+        return None
+    cfg = compose(config_name, [a for a in args if a != "--cfg"])
+    if "--cfg" in args:
+        print(OmegaConf.to_yaml(cfg))
+        return None
+    return cfg
+
+
 def _one_line_hydra_error(msg: str) -> str:
     m = re.search(r"Could not find '([^/']+)/([^']+)'", msg)
     if m:

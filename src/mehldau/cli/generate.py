@@ -9,9 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from omegaconf import OmegaConf
-
-from mehldau.cli.common import compose, require, run_cli
+from mehldau.cli.common import compose_or_show, require, run_cli
 from mehldau.errors import UserError
 from mehldau.train.checkpoint import read_meta, resolve_checkpoint
 
@@ -23,13 +21,8 @@ Options: prompt=FILE.mid prompt_seconds=S seconds=S temperature=T top_k=K top_p=
 
 
 def _main(args: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in args):
-        print(USAGE)
-        return 0
-    show = "--cfg" in args
-    cfg = compose("generate", [a for a in args if a != "--cfg"])
-    if show:
-        print(OmegaConf.to_yaml(cfg))
+    cfg = compose_or_show("generate", args, USAGE)
+    if cfg is None:
         return 0
     require(cfg, "ckpt", "out")
     for key in ("seconds", "num_samples", "temperature"):

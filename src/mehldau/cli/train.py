@@ -9,9 +9,9 @@ from __future__ import annotations
 import importlib
 import sys
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from mehldau.cli.common import compose, run_cli
+from mehldau.cli.common import compose_or_show, run_cli
 from mehldau.errors import UserError
 
 USAGE = """usage: mehldau-train [--cfg] [key=value ...]
@@ -34,13 +34,8 @@ def load_recipe(cfg: DictConfig):
 
 
 def _main(args: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in args):
-        print(USAGE)
-        return 0
-    show = "--cfg" in args
-    cfg = compose("train", [a for a in args if a != "--cfg"])
-    if show:
-        print(OmegaConf.to_yaml(cfg))
+    cfg = compose_or_show("train", args, USAGE)
+    if cfg is None:
         return 0
     if cfg.model.get("branch") not in (None, cfg.branch.name):
         raise UserError(f"model preset '{cfg.model.get('preset')}' is for branch "

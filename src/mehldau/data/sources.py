@@ -30,14 +30,23 @@ class Piece:
     style: str = ""  # pianist (PiJAMA) or top-level folder; used by style conditioning later
 
 
-def _version_key(name: str, pattern: str | None) -> str:
-    """The part of a file stem that names the tune, so versions of one tune group together."""
-    if pattern is None:
-        return name
-    m = re.search(pattern, name)
-    if m is None:
-        return name
-    return m.group(1) if m.groups() else m.group(0)
+def tune_key(stem: str, pattern: str | None = None) -> str:
+    """The part of a file stem that names the tune, so versions of one tune group together.
+
+    With `pattern`, its first capture group (or whole match). Without, a normalisation that
+    drops parenthesised credits, anything after a dash, words like solo/trio, digits, case
+    and punctuation: "Spring Is Here 2 (K Barron)", "Spring Is Here - Bill Evans chords" and
+    "Spring Is Here" all give "springishere".
+    """
+    if pattern is not None:
+        m = re.search(pattern, stem)
+        if m is None:
+            return stem
+        return (m.group(1) if m.groups() else m.group(0)).strip().lower()
+    s = re.sub(r"\(.*?\)", " ", stem.lower())
+    s = re.split(r"\s-|-", s)[0]
+    s = re.sub(r"\b(solo|trio|piano|take|version|v\d+)\b", " ", s)
+    return re.sub(r"[^a-z]+", "", s) or stem.lower()
 
 
 def folder_source(
@@ -49,10 +58,9 @@ def folder_source(
       - "top_dir": the top-level subdirectory a file sits in; a file directly in the root is
         its own group (so a flat folder still splits);
       - "file": every file is its own group;
-      - "regex": the first capture group (or the whole match) of `group_regex` searched in the
-        file stem; files whose stems match to the same text share a group. The default pattern
-        strips trailing version markers, so "Spring Is Here.mid" and "Spring Is Here 2.mid"
-        stay together.
+      - "regex": files whose stems give the same `tune_key` share a group: the first capture
+        group (or the whole match) of `group_regex`, or, without one, a normalised title, so
+        "Spring Is Here.mid" and "Spring Is Here 2.mid" stay together.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -66,7 +74,6 @@ def folder_source(
         )
     if group_by not in ("top_dir", "file", "regex"):
         raise UserError(f"unknown data.group_by '{group_by}'; use top_dir, file or regex")
-    pattern = group_regex or r"^(.*?)(?:[\s_\-]*(?:\(.*\)|v?\d+|solo|trio))*$"
     pieces = []
     for p in files:
         rel = p.relative_to(root)
@@ -76,7 +83,7 @@ def folder_source(
         elif group_by == "file":
             group = rel.as_posix()
         else:
-            group = _version_key(p.stem, pattern).strip().lower()
+            group = tune_key(p.stem, group_regex)
         pieces.append(Piece(id=rel.as_posix(), path=p, group=group, style=top))
     return pieces
 

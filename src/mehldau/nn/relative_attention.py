@@ -42,7 +42,7 @@ try:  # FlexAttention appeared in torch 2.5; the project floor is torch 2.4.
 except ImportError:  # pragma: no cover - depends on the installed torch
     HAS_FLEX = False
 
-IMPLS = ("auto", "skew", "flex", "naive")
+IMPLS = ("auto", "skew", "flex", "naive", "sdpa")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,8 +157,9 @@ class RelativeSelfAttention(nn.Module):
 
     impl: "skew" (SDPA with the skewed relative term as a float mask; differentiable
     everywhere), "flex" (FlexAttention; compiled on CUDA, forward-only on CPU; no attention
-    dropout), "naive" (Shaw gather + explicit softmax; tests only) or "auto" (flex on CUDA when
-    available and no attention dropout is active, else skew).
+    dropout), "naive" (Shaw gather + explicit softmax; tests only), "sdpa" (no relative term
+    at all: the plain causal baseline that benchmarks compare against) or "auto" (flex on CUDA
+    when available and no attention dropout is active, else skew).
     """
 
     def __init__(
@@ -229,9 +230,13 @@ class RelativeSelfAttention(nn.Module):
             k = torch.cat([past_kv[0], k], dim=2)  # (B, H, P+T, Dh)
             v = torch.cat([past_kv[1], v], dim=2)  # (B, H, P+T, Dh)
             q_pos = torch.arange(P, P + T, device=x.device)  # (T,)
-            s_rel = relative_logits_gather(q, self.rel_emb, q_pos, P + T)  # (B, H, T, P+T)
+            if self.impl == "sdpa":
+                s_rel = torch.zeros((), device=x.device, dtype=q.dtype)
+            else:
+                s_rel = relative_logits_gather(q, self.rel_emb, q_pos, P + T)  # (B, H, T, P+T)
             causal = torch.arange(P + T, device=x.device)[None, :] <= q_pos[:, None]  # (T, P+T)
-            mask = (s_rel * scale).masked_fill(~causal, float("-inf"))  # (B, H, T, P+T)
+            mask = (s_rel * scale).expand(B, self.n_heads, T, P + T).masked_fill(
+                ~causal, float("-inf"))  # (B, H, T, P+T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         else:
             impl = self._resolve_impl(x)
@@ -246,6 +251,8 @@ class RelativeSelfAttention(nn.Module):
                 # -inf hides the meaningless above-diagonal entries left by the skew.
                 mask = (s_rel * scale).masked_fill(~causal, float("-inf"))
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+            elif impl == "sdpa":
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
             else:  # naive
                 causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # (T, T)
                 s_rel = relative_logits_naive(q, self.rel_emb)  # (B, H, T, T)

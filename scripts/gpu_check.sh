@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One call on a CUDA machine: the CUDA tests (fused FlexAttention path = skew path, forward and
+# backward, fp32 and bf16), then the production benchmark in bf16. Figures go to stdout and,
+# when $OUT is set (the device tool), to $OUT/gpu_check.log.
+# The GPU machine lacks some of our dependencies: fetch them first on a networked machine with
+#   bash ../shared/tools/gpu-wheels.sh      (writes .whl/, carried to the GPU machine)
+# and this script installs them into /tmp/site. wandb is not needed: nothing here logs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+log=${OUT:-/tmp}/gpu_check.log
+{
+  if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:$PWD/src:$PWD
+  fi
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+  echo "== CUDA tests"
+  python3 -m pytest -q -p no:cacheprovider -m cuda tests/ 2>&1 | tail -15
+  echo "== benchmark (bf16)"
+  python3 benchmarks/production.py --device cuda --dtype bf16
+} 2>&1 | tee "$log"
