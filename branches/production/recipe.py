@@ -1,9 +1,10 @@
 """The production branch's two workflows: train a Music Transformer, and generate MIDI with it.
 
 `train(cfg)` wires the core together in this order, each step needing the one before:
-run directory (so skipped.tsv and the split manifest have a home) -> tokenizer (the cache is
-keyed by its config) -> corpus (validated, tokenized, split by group) -> model (its vocabulary
-comes from the tokenizer) -> datasets -> the shared trainer.
+tokenizer (the cache is keyed by its config) -> model config (its vocabulary comes from the
+tokenizer; checked before anything is written) -> pieces -> run directory (so skipped.tsv and
+the split manifest have a home) -> corpus (validated, tokenized, split by group) -> model ->
+datasets -> the shared trainer.
 """
 
 from __future__ import annotations
@@ -44,12 +45,16 @@ def model_config(cfg: DictConfig, vocab_size: int) -> MusicTransformerConfig:
 
 
 def train(cfg: DictConfig) -> Path:
-    tcfg = TrainConfig(**OmegaConf.to_container(cfg.train, resolve=True))
+    try:
+        tcfg = TrainConfig(**OmegaConf.to_container(cfg.train, resolve=True))
+    except TypeError as e:
+        raise UserError(f"bad train config: {e}; see configs/train/default.yaml") from e
     run_dir = Path(cfg.run_dir or f"runs/{BRANCH}/{datetime.now():%Y%m%d-%H%M%S}").expanduser()
     if checkpoint_dirs(run_dir) and not tcfg.resume:
         raise UserError(f"{run_dir} already has checkpoints; add train.resume=true to continue "
                         "it or choose another run_dir")
     tokenizer = build_tokenizer(cfg.branch.tokenizer.name, cfg.branch.tokenizer.config)
+    mcfg = model_config(cfg, tokenizer.vocab_size)  # validated before anything is written
     pieces = pieces_from_config(cfg.data, cfg.cache_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     corpus = build_corpus(pieces, tokenizer, run_dir, cfg.cache_dir,
@@ -64,7 +69,6 @@ def train(cfg: DictConfig) -> Path:
                 all_seqs, tokenizer.vocab_size), "tokens": int(sum(len(x) for x in all_seqs)),
              "pieces": len(all_seqs), "skipped": len(corpus.skipped)})
 
-    mcfg = model_config(cfg, tokenizer.vocab_size)
     set_seed(cfg.seed)
     model = MusicTransformer(mcfg)
     print(f"model: {BRANCH}/{cfg.model.get('preset', '?')}, "

@@ -112,6 +112,7 @@ def test_generate_continues_the_prompt(trained: Path, tmp_path: Path) -> None:
     (["data=folder"], "data.root is required"),
     (["data=folder", "data.root=/no/such/folder"], "data folder not found"),
     (["train.max_steps=0"], "train.max_steps must be positive"),
+    (["model.max_seq_len=-8"], "max_seq_len must be positive"),
     (["no_such_key=1"], "unknown option 'no_such_key'"),
 ])
 def test_train_bad_input(args, message, tmp_path: Path, capsys) -> None:
