@@ -45,6 +45,22 @@ def scale_notes(n: int = 40, base: int = 60, step: float = 0.25, seed: int = 0
     return notes
 
 
+# A production model small enough that a few training steps take well under a second.
+MICRO = ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.d_ff=64",
+         "model.max_seq_len=64", "model.max_relative_position=32", "train.batch_size=4",
+         "train.warmup_steps=2", "train.log_every=2", "train.eval_every=4", "train.ckpt_every=4",
+         "logger=none"]
+
+
+def make_folder(root: Path) -> Path:
+    """Eight small pieces in four album folders."""
+    for a in range(4):
+        for k in range(2):
+            write_midi(root / f"set {a}" / f"piece {k}.mid",
+                       scale_notes(64, base=52 + 2 * a + k, seed=10 * a + k))
+    return root
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Every test gets the session's cache dir, never the user's ~/.cache."""

@@ -20,16 +20,33 @@ from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 
 from branches.production.model import MusicTransformer, MusicTransformerConfig
+from mehldau.adapters import (
+    AdapterConfig,
+    apply_lora,
+    load_adapter,
+    merge,
+    qlora,
+    read_base_pointer,
+    save_adapter,
+    trainable_parameters,
+)
 from mehldau.data.corpus import BadMidi, build_corpus, read_score, unigram_entropy
 from mehldau.data.dataset import RandomCropDataset, WindowDataset, add_bos_eos
 from mehldau.data.sources import pieces_from_config
 from mehldau.errors import UserError
-from mehldau.io import atomic_write_midi
+from mehldau.io import atomic_dir, atomic_write_midi
 from mehldau.sampling import SamplingConfig, sample_tokens
 from mehldau.tokenize.base import Tokenizer, build_tokenizer, load_tokenizer
-from mehldau.train.checkpoint import checkpoint_dirs, load_weights
+from mehldau.train.checkpoint import (
+    WEIGHTS,
+    checkpoint_dirs,
+    load_weights,
+    read_meta,
+    resolve_checkpoint,
+    save_weights,
+)
 from mehldau.train.loggers import MetricsFile, make_logger
-from mehldau.train.trainer import TrainConfig, fit
+from mehldau.train.trainer import TrainConfig, evaluate, fit, make_accelerator
 
 BRANCH = "production"
 MODEL_KEYS = ("n_layers", "d_model", "n_heads", "d_ff", "max_seq_len", "max_relative_position",
@@ -53,8 +70,20 @@ def train(cfg: DictConfig) -> Path:
     if checkpoint_dirs(run_dir) and not tcfg.resume:
         raise UserError(f"{run_dir} already has checkpoints; add train.resume=true to continue "
                         "it or choose another run_dir")
-    tokenizer = build_tokenizer(cfg.branch.tokenizer.name, cfg.branch.tokenizer.config)
-    mcfg = model_config(cfg, tokenizer.vocab_size)  # validated before anything is written
+    if cfg.stage not in ("pretrain", "adapt"):
+        raise UserError(f"unknown stage '{cfg.stage}'; use stage=pretrain or stage=adapt")
+    adapt = cfg.stage == "adapt"
+    base_ckpt = None
+    if adapt:
+        base_ckpt, tokenizer, mcfg = _adapt_base(cfg)
+        acfg = AdapterConfig(**OmegaConf.to_container(cfg.adapter, resolve=True))
+        if acfg.kind == "qlora":
+            qlora.import_bnb()  # fail before anything is written
+    else:
+        if cfg.init is not None:
+            raise UserError("init= is for stage=adapt; add stage=adapt adapter=lora|qlora")
+        tokenizer = build_tokenizer(cfg.branch.tokenizer.name, cfg.branch.tokenizer.config)
+        mcfg = model_config(cfg, tokenizer.vocab_size)  # validated before anything is written
     pieces = pieces_from_config(cfg.data, cfg.cache_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     corpus = build_corpus(pieces, tokenizer, run_dir, cfg.cache_dir,
@@ -62,17 +91,21 @@ def train(cfg: DictConfig) -> Path:
     seqs = {s: [add_bos_eos(x, tokenizer) for x in corpus.sequences(s)] for s in corpus.splits}
     if not seqs["train"]:
         raise UserError("the training split is empty; use more files or change split.ratios")
-    if not tcfg.resume or not (run_dir / "metrics.jsonl").exists():
+    metrics = MetricsFile(run_dir / "metrics.jsonl")
+    fresh = not tcfg.resume or not metrics.path.exists()
+    if fresh:
         all_seqs = [x for s in corpus.splits for x in corpus.sequences(s)]
-        MetricsFile(run_dir / "metrics.jsonl").write(
+        metrics.write(
             {"step": 0, "split": "corpus", "unigram_entropy": unigram_entropy(
                 all_seqs, tokenizer.vocab_size), "tokens": int(sum(len(x) for x in all_seqs)),
              "pieces": len(all_seqs), "skipped": len(corpus.skipped)})
 
     set_seed(cfg.seed)
     model = MusicTransformer(mcfg)
-    print(f"model: {BRANCH}/{cfg.model.get('preset', '?')}, "
-          f"{model.num_parameters() / 1e6:.2f}M parameters", file=sys.stderr)
+    if base_ckpt is not None:
+        load_weights(model, base_ckpt, BRANCH)
+    print(f"model: {BRANCH}, {model.num_parameters() / 1e6:.2f}M parameters"
+          + (f", adapting {base_ckpt}" if adapt else ""), file=sys.stderr)
     aug = cfg.augment
     train_ds = RandomCropDataset(seqs["train"], mcfg.max_seq_len, tokenizer, seed=cfg.seed,
                                  transpose=aug.transpose,
@@ -82,6 +115,17 @@ def train(cfg: DictConfig) -> Path:
     if val_ds is None:
         print("train: no validation split (fewer than 3 groups); no val loss", file=sys.stderr)
 
+    accelerator = make_accelerator(tcfg.mixed_precision)
+    hooks: dict = {}
+    if adapt:
+        if cfg.report_base_loss and val_ds is not None and fresh:
+            base_val = evaluate(model.to(accelerator.device), val_ds, accelerator,
+                                tcfg.eval_batch_size, tcfg.eval_max_batches)
+            metrics.write({"step": 0, "split": "val", "loss": round(base_val, 5),
+                           "model": "base"})
+            print(f"base val loss before adapting: {base_val:.4f} nats/token", file=sys.stderr)
+        model, hooks = _with_adapter(model, acfg, base_ckpt, accelerator.device)
+
     resolved = OmegaConf.to_container(cfg, resolve=True)
 
     def write_extra(d: Path) -> None:
@@ -90,10 +134,13 @@ def train(cfg: DictConfig) -> Path:
         (d / "model_config.json").write_text(json.dumps(mcfg.to_dict(), indent=2))
 
     meta = {"branch": BRANCH, "recipe": "branches.production.recipe",
-            "model": type(model).__name__}
+            "model": MusicTransformer.__name__, "stage": cfg.stage}
+    if adapt:
+        meta["adapter"] = acfg.kind
     logger = make_logger(cfg.logger, run_dir, resolved, resume=tcfg.resume)
     try:
-        last = fit(model, train_ds, val_ds, tcfg, run_dir, meta, write_extra, logger)
+        last = fit(model, train_ds, val_ds, tcfg, run_dir, meta, write_extra, logger,
+                   accelerator=accelerator, **hooks)
     finally:
         logger.finish()
     if "val_loss" in last:
@@ -101,16 +148,74 @@ def train(cfg: DictConfig) -> Path:
     return run_dir
 
 
+def _adapt_base(cfg: DictConfig) -> tuple[Path, Tokenizer, MusicTransformerConfig]:
+    """The checkpoint to adapt, its tokenizer and architecture, checked."""
+    if cfg.init is None:
+        raise UserError("stage=adapt needs init=<a production run or checkpoint directory>")
+    base = resolve_checkpoint(cfg.init)
+    meta = read_meta(base)
+    if meta.get("branch") != BRANCH:
+        raise UserError(f"init {base} is a '{meta.get('branch')}' checkpoint; the {BRANCH} "
+                        f"branch adapts {BRANCH} checkpoints")
+    if meta.get("stage") == "adapt":
+        raise UserError(f"init {base} is itself an adapter; merge it first (mehldau-merge "
+                        "ckpt=... out=DIR) and adapt the merged checkpoint")
+    tokenizer = load_tokenizer(base / "tokenizer.json")
+    wanted = build_tokenizer(cfg.branch.tokenizer.name, cfg.branch.tokenizer.config)
+    if wanted != tokenizer:
+        raise UserError(f"branch.tokenizer differs from the tokenizer of init {base}; adapting "
+                        "uses the base's tokenizer, so drop the branch.tokenizer override")
+    return base, tokenizer, read_model_config(base)
+
+
+def _with_adapter(model: MusicTransformer, acfg: AdapterConfig, base_ckpt: Path,
+                  device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """Freeze the base (in 4-bit for QLoRA), add LoRA; hooks so the trainer saves adapters."""
+    if acfg.kind == "qlora":
+        compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+        qlora.quantize_4bit(model, compute, device)
+    model = apply_lora(model, acfg)
+    trainable, total = trainable_parameters(model)
+    print(f"adapter {acfg.kind}: {trainable:,} trainable of {total:,} parameters "
+          f"({100 * trainable / total:.2f} %)", file=sys.stderr)
+
+    def write_weights(m: torch.nn.Module, d: Path) -> None:
+        save_adapter(m, d, base_ckpt, WEIGHTS)
+
+    def read_weights(m: torch.nn.Module, d: Path) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(m, load_file(str(d / "adapter" / "adapter_model.safetensors")))
+
+    hooks: dict = {"write_weights": write_weights, "read_weights": read_weights}
+    if acfg.kind == "qlora":
+        hooks["make_optimizer"] = lambda m, c: qlora.make_optimizer(
+            [p for p in m.parameters() if p.requires_grad], c.lr, c.weight_decay,
+            (c.beta1, c.beta2), device)
+    return model, hooks
+
+
 # --- generation ---------------------------------------------------------------------------
-def load_model(ckpt: Path, device: torch.device | str = "cpu"
-               ) -> tuple[MusicTransformer, Tokenizer]:
-    tokenizer = load_tokenizer(ckpt / "tokenizer.json")
+def read_model_config(ckpt: Path) -> MusicTransformerConfig:
     try:
-        mcfg = MusicTransformerConfig(**json.loads((ckpt / "model_config.json").read_text()))
+        return MusicTransformerConfig(**json.loads((ckpt / "model_config.json").read_text()))
     except (OSError, ValueError, TypeError) as e:
         raise UserError(f"{ckpt} has no usable model_config.json ({e}); it is not a "
                         f"{BRANCH} checkpoint") from e
-    model = MusicTransformer(mcfg)
+
+
+def load_model(ckpt: Path, device: torch.device | str = "cpu", force: bool = False
+               ) -> tuple[MusicTransformer, Tokenizer]:
+    """A plain model from a checkpoint; an adapter checkpoint is loaded onto its base and
+    merged (the adapter is checked against the base's recorded hash unless `force`)."""
+    if read_meta(ckpt).get("stage") == "adapt":
+        base = read_base_pointer(ckpt, WEIGHTS, force=force)
+        model, tokenizer = load_model(base, "cpu")
+        model = merge(load_adapter(model, ckpt))
+        return model.to(device).eval(), tokenizer
+    tokenizer = load_tokenizer(ckpt / "tokenizer.json")
+    model = MusicTransformer(read_model_config(ckpt))
     load_weights(model, ckpt, BRANCH)
     return model.to(device).eval(), tokenizer
 
@@ -150,7 +255,7 @@ def _out_paths(out: str | Path, n: int) -> list[Path]:
 
 def generate(cfg: DictConfig, ckpt: Path) -> list[Path]:
     device = _device(cfg.device)
-    model, tokenizer = load_model(ckpt, device)
+    model, tokenizer = load_model(ckpt, device, force=bool(cfg.get("force", False)))
     sp = tokenizer.special_tokens
     prompt = np.array([sp["bos"]], dtype=np.int64)
     if cfg.prompt is not None:
@@ -179,3 +284,24 @@ def generate(cfg: DictConfig, ckpt: Path) -> list[Path]:
         print(f"{path}: {score.note_num()} notes, {score.to('second').end():.1f} s",
               file=sys.stderr)
     return paths
+
+
+# --- merging --------------------------------------------------------------------------------
+def merge_checkpoint(cfg: DictConfig, ckpt: Path) -> Path:
+    """Base + adapter folded into one plain checkpoint that loads without peft."""
+    if read_meta(ckpt).get("stage") != "adapt":
+        raise UserError(f"{ckpt} is not an adapter checkpoint; nothing to merge")
+    out = Path(cfg.out).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not empty; choose a new out= directory")
+    model, tokenizer = load_model(ckpt, "cpu", force=bool(cfg.force))
+    meta = {**read_meta(ckpt), "stage": "pretrain", "merged_from": str(ckpt.resolve())}
+    meta.pop("adapter", None)
+    with atomic_dir(out) as tmp:
+        save_weights(model, tmp, meta)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        tokenizer.save(tmp / "tokenizer.json")
+        (tmp / "model_config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
+        if (ckpt / "config.yaml").is_file():
+            (tmp / "config.yaml").write_text((ckpt / "config.yaml").read_text())
+    return out

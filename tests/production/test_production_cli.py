@@ -9,23 +9,10 @@ from pathlib import Path
 import pretty_midi
 import pytest
 import symusic
-from conftest import scale_notes, write_midi
+from conftest import MICRO, make_folder, write_midi
 
 from mehldau.cli.generate import main as generate
 from mehldau.cli.train import main as train
-
-MICRO = ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.d_ff=64",
-         "model.max_seq_len=64", "model.max_relative_position=32", "train.batch_size=4",
-         "train.warmup_steps=2", "train.log_every=2", "train.eval_every=4", "train.ckpt_every=4",
-         "logger=none"]
-
-
-def make_folder(root: Path) -> Path:
-    for a in range(4):
-        for k in range(2):
-            write_midi(root / f"set {a}" / f"piece {k}.mid",
-                       scale_notes(64, base=52 + 2 * a + k, seed=10 * a + k))
-    return root
 
 
 @pytest.fixture(scope="module")

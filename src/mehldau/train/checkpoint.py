@@ -48,7 +48,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path).expanduser()
     if not path.exists():
         raise UserError(f"checkpoint not found: {path}; pass a run directory or a checkpoint dir")
-    if (path / WEIGHTS).is_file() or (path / META).is_file():
+    if (path / META).is_file() or (path / WEIGHTS).is_file():
         ckpt = path
     else:
         ckpt = latest_checkpoint(path)
@@ -57,10 +57,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
                 f"no checkpoint in {path}: expected {WEIGHTS} or checkpoints/step_*; "
                 "train first or pass the checkpoint directory"
             )
-    if not (ckpt / WEIGHTS).is_file():
-        raise UserError(f"checkpoint {ckpt} has no {WEIGHTS}; it is incomplete, use another")
     if not (ckpt / META).is_file():
         raise UserError(f"checkpoint {ckpt} has no {META}; it was not written by mehldau-train")
+    if read_meta(ckpt).get("stage") == "adapt":
+        if not (ckpt / "adapter" / "adapter_model.safetensors").is_file():
+            raise UserError(f"adapter checkpoint {ckpt} has no adapter weights; use another")
+    elif not (ckpt / WEIGHTS).is_file():
+        raise UserError(f"checkpoint {ckpt} has no {WEIGHTS}; it is incomplete, use another")
     return ckpt
 
 
@@ -79,11 +82,16 @@ def save_checkpoint(
     write_extra: Callable[[Path], None] | None = None,
     trainer_state: dict[str, Any] | None = None,
     keep_last: int = 0,
+    write_weights: Callable[[torch.nn.Module, Path], None] | None = None,
 ) -> Path:
+    """Write one checkpoint atomically; `write_weights` replaces the full-weights file (an
+    adapter run saves only its adapter and a pointer to the base)."""
     final = Path(run_dir) / "checkpoints" / f"step_{step:07d}"
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_dir(final) as tmp:
-        save_file(state, str(tmp / WEIGHTS), metadata={"branch": str(meta.get("branch", ""))})
+        if write_weights is None:
+            save_weights(model, tmp, meta)
+        else:
+            write_weights(model, tmp)
         (tmp / META).write_text(json.dumps({**meta, "step": step}, indent=2))
         if write_extra is not None:
             write_extra(tmp)
@@ -95,6 +103,11 @@ def save_checkpoint(
         for old in checkpoint_dirs(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_weights(model: torch.nn.Module, ckpt_dir: Path, meta: dict[str, Any]) -> None:
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(ckpt_dir / WEIGHTS), metadata={"branch": str(meta.get("branch", ""))})
 
 
 def load_weights(model: torch.nn.Module, ckpt: Path, branch: str) -> None:

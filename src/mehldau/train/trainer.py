@@ -130,13 +130,21 @@ def fit(
     write_extra: Callable[[Path], None] | None = None,
     logger: Any = None,
     accelerator: Accelerator | None = None,
+    make_optimizer: Callable[[torch.nn.Module, TrainConfig], torch.optim.Optimizer] | None = None,
+    write_weights: Callable[[torch.nn.Module, Path], None] | None = None,
+    read_weights: Callable[[torch.nn.Module, Path], None] | None = None,
 ) -> dict[str, float]:
-    """Train `model` for `cfg.max_steps` optimizer steps; returns the last metrics."""
+    """Train `model` for `cfg.max_steps` optimizer steps; returns the last metrics.
+
+    Only parameters with `requires_grad` are optimized (a LoRA run passes a frozen base).
+    `write_weights`/`read_weights` replace the full-weights file in checkpoints and on
+    resume; `make_optimizer` replaces AdamW (QLoRA's paged 8-bit AdamW on CUDA).
+    """
     run_dir = Path(run_dir)
     accelerator = accelerator or make_accelerator(cfg.mixed_precision)
     logger = logger or NullLogger()
     metrics = MetricsFile(run_dir / "metrics.jsonl")
-    optimizer = _optimizer(model, cfg)
+    optimizer = (make_optimizer or _optimizer)(model, cfg)
     scheduler = _schedule(optimizer, cfg)
     step = 0
     if cfg.resume:
@@ -144,7 +152,7 @@ def fit(
         if ckpt is None or not (ckpt / "trainer_state.pt").is_file():
             print(f"train: no checkpoint to resume in {run_dir}; starting fresh", file=sys.stderr)
         else:
-            step = _restore(ckpt, model, optimizer, scheduler)
+            step = _restore(ckpt, model, optimizer, scheduler, read_weights)
             metrics.truncate_after(step)
             print(f"train: resumed from {ckpt} at step {step}", file=sys.stderr)
     else:
@@ -166,7 +174,7 @@ def fit(
                      "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
                      else None}
             save_checkpoint(run_dir, step, accelerator.unwrap_model(model), meta, write_extra,
-                            state, keep_last=cfg.keep_last)
+                            state, keep_last=cfg.keep_last, write_weights=write_weights)
 
     def record(rec: dict[str, Any]) -> None:
         if accelerator.is_main_process:
@@ -234,11 +242,14 @@ class _nullcontext:
 
 
 def _restore(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             scheduler: Any) -> int:
+             scheduler: Any, read_weights: Callable[[torch.nn.Module, Path], None] | None) -> int:
     from safetensors.torch import load_file
 
     state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
-    model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+    if read_weights is not None:
+        read_weights(model, ckpt)
+    else:
+        model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])

@@ -1,0 +1,159 @@
+"""stage=adapt end to end: LoRA and QLoRA on a pretrained base, generate, merge, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import MICRO, make_folder, scale_notes, write_midi
+
+from mehldau.cli.generate import main as generate
+from mehldau.cli.merge import main as merge
+from mehldau.cli.train import main as train
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("adapt")
+    data = make_folder(base / "data")
+    # The adaptation corpus: other pieces, in their own album folders.
+    target = base / "target"
+    for a in range(3):
+        for k in range(2):
+            write_midi(target / f"album {a}" / f"t{k}.mid",
+                       scale_notes(64, base=64 + a, step=0.2, seed=100 + 10 * a + k))
+    pre = base / "pre"
+    assert train([f"run_dir={pre}", "data=folder", f"data.root={data}", "train.max_steps=8",
+                  *MICRO]) == 0
+    lora = base / "lora"
+    assert train([f"run_dir={lora}", "stage=adapt", f"init={pre}", "adapter=lora",
+                  "data=folder", f"data.root={target}", "train.max_steps=8", "train.lr=1e-2",
+                  *MICRO]) == 0
+    return {"data": data, "target": target, "pre": pre, "lora": lora, "tmp": base}
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_adapt_saves_only_the_adapter_and_reports_base_loss(runs) -> None:
+    ckpt = runs["lora"] / "checkpoints" / "step_0000008"
+    assert (ckpt / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (ckpt / "model.safetensors").exists()
+    pointer = json.loads((ckpt / "base.json").read_text())
+    assert Path(pointer["path"]) == (runs["pre"] / "checkpoints" / "step_0000008").resolve()
+    adapter_bytes = (ckpt / "adapter" / "adapter_model.safetensors").stat().st_size
+    base_bytes = (Path(pointer["path"]) / "model.safetensors").stat().st_size
+    assert adapter_bytes < base_bytes / 3
+    recs = records(runs["lora"])
+    base = [r for r in recs if r.get("model") == "base"]
+    adapted = [r for r in recs if r["split"] == "val" and "model" not in r]
+    assert len(base) == 1 and base[0]["step"] == 0
+    assert adapted[-1]["step"] == 8
+    # lr 1e-2 on a corpus the base never saw: the adapter must have learned something
+    assert adapted[-1]["loss"] < base[0]["loss"]
+
+
+def test_generate_from_adapter_equals_generate_from_merged(runs, capsys) -> None:
+    tmp = runs["tmp"]
+    assert generate([f"ckpt={runs['lora']}", f"out={tmp / 'a.mid'}", "seconds=5",
+                     "seed=4"]) == 0
+    merged = tmp / "merged"
+    assert merge([f"ckpt={runs['lora']}", f"out={merged}"]) == 0
+    assert (merged / "model.safetensors").is_file()
+    assert json.loads((merged / "meta.json").read_text())["stage"] == "pretrain"
+    assert generate([f"ckpt={merged}", f"out={tmp / 'm.mid'}", "seconds=5", "seed=4"]) == 0
+    assert (tmp / "a.mid").read_bytes() == (tmp / "m.mid").read_bytes()
+    # merging twice into the same folder is refused
+    assert merge([f"ckpt={runs['lora']}", f"out={merged}"]) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_qlora_adapt_runs_on_cpu(runs) -> None:
+    run = runs["tmp"] / "qlora"
+    assert train([f"run_dir={run}", "stage=adapt", f"init={runs['pre']}", "adapter=qlora",
+                  "data=folder", f"data.root={runs['target']}", "train.max_steps=4",
+                  *MICRO]) == 0
+    meta = json.loads((run / "checkpoints" / "step_0000004" / "meta.json").read_text())
+    assert meta["adapter"] == "qlora" and meta["stage"] == "adapt"
+    vals = [r for r in records(run) if r["split"] == "val"]
+    assert len(vals) == 2 and all(v["loss"] == v["loss"] for v in vals)  # finite, logged
+    assert generate([f"ckpt={run}", f"out={runs['tmp'] / 'q.mid'}", "seconds=2"]) == 0
+
+
+def test_adapt_resume_reproduces_the_uninterrupted_run(runs, tmp_path: Path) -> None:
+    src = runs["lora"]
+    run = tmp_path / "resumed"
+    shutil.copytree(src / "checkpoints" / "step_0000004", run / "checkpoints" / "step_0000004")
+    (run / "metrics.jsonl").write_text("".join(
+        json.dumps(r) + "\n" for r in records(src) if r["step"] <= 4))
+    assert train([f"run_dir={run}", "stage=adapt", f"init={runs['pre']}", "adapter=lora",
+                  "data=folder", f"data.root={runs['target']}", "train.max_steps=8",
+                  "train.lr=1e-2", "train.resume=true", *MICRO]) == 0
+
+    def key(recs):
+        return [(r["step"], r["split"], r["loss"]) for r in recs if r["split"] != "corpus"]
+    assert key(records(run)) == key(records(src))
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+def test_adapt_bad_input(runs, tmp_path: Path, capsys) -> None:
+    common = ["stage=adapt", "data=folder", f"data.root={runs['target']}", *MICRO]
+    out = tmp_path / "r"
+    assert train([f"run_dir={out}", *common]) == 2
+    assert "stage=adapt needs init=" in one_line(capsys)
+    assert train([f"run_dir={out}", f"init={tmp_path / 'nope'}", *common]) == 2
+    assert "checkpoint not found" in one_line(capsys)
+    assert train([f"run_dir={out}", f"init={runs['lora']}", *common]) == 2
+    assert "is itself an adapter" in one_line(capsys)
+    other = tmp_path / "other"
+    shutil.copytree(runs["pre"] / "checkpoints" / "step_0000008", other)
+    meta = json.loads((other / "meta.json").read_text())
+    (other / "meta.json").write_text(json.dumps({**meta, "branch": "moonbeam_lora"}))
+    assert train([f"run_dir={out}", f"init={other}", *common]) == 2
+    assert "is a 'moonbeam_lora' checkpoint" in one_line(capsys)
+    assert train([f"run_dir={out}", f"init={runs['pre']}",
+                  "+branch.tokenizer.config.num_velocity_bins=16", *common]) == 2
+    assert "differs from the tokenizer of init" in one_line(capsys)
+    assert train([f"run_dir={out}", f"init={runs['pre']}", "adapter.r=0", *common]) == 2
+    assert "r > 0" in one_line(capsys)
+    assert train([f"run_dir={out}", *common, "stage=finetune"]) == 2
+    assert "unknown stage" in one_line(capsys)
+    assert not out.exists()
+
+
+def test_qlora_without_bitsandbytes_is_a_clear_error(runs, tmp_path, monkeypatch,
+                                                     capsys) -> None:
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
+    out = tmp_path / "q"
+    assert train([f"run_dir={out}", "stage=adapt", f"init={runs['pre']}", "adapter=qlora",
+                  "data=folder", f"data.root={runs['target']}", *MICRO]) == 2
+    assert "adapter=qlora needs bitsandbytes" in one_line(capsys)
+    assert not out.exists()
+
+
+def test_changed_base_is_refused_unless_forced(runs, tmp_path: Path, capsys) -> None:
+    # An adapter trained on a copy of the base, whose weights then change on disk.
+    base = tmp_path / "base_copy"
+    shutil.copytree(runs["pre"] / "checkpoints" / "step_0000008", base)
+    run = tmp_path / "ad"
+    assert train([f"run_dir={run}", "stage=adapt", f"init={base}", "data=folder",
+                  f"data.root={runs['target']}", "train.max_steps=2", *MICRO]) == 0
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(base / "model.safetensors"))
+    state["lm_head.weight"] = state["lm_head.weight"] * 1.01
+    save_file(state, str(base / "model.safetensors"))
+    out = tmp_path / "x.mid"
+    assert generate([f"ckpt={run}", f"out={out}", "seconds=1"]) == 2
+    assert "changed since adapter" in one_line(capsys) and not out.exists()
+    assert generate([f"ckpt={run}", f"out={out}", "seconds=1", "force=true"]) == 0
+    assert "WARNING" in capsys.readouterr().err and out.is_file()
