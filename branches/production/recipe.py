@@ -74,17 +74,26 @@ def train(cfg: DictConfig) -> Path:
         raise UserError(f"unknown stage '{cfg.stage}'; use stage=pretrain or stage=adapt")
     adapt = cfg.stage == "adapt"
     base_ckpt = None
+    pieces = pieces_from_config(cfg.data, cfg.cache_dir)
+    styles = sorted({_style_of(p, cfg) for p in pieces}) if cfg.style.enabled else []
     if adapt:
         base_ckpt, tokenizer, mcfg = _adapt_base(cfg)
         acfg = AdapterConfig(**OmegaConf.to_container(cfg.adapter, resolve=True))
         if acfg.kind == "qlora":
             qlora.import_bnb()  # fail before anything is written
+        if tokenizer.styles:  # the base is style-conditioned: every piece needs a known style
+            for name in {_style_of(p, cfg) for p in pieces}:
+                _checked_style_id(tokenizer, name)
+        elif cfg.style.enabled:
+            raise UserError(f"init {base_ckpt} was trained without style conditioning; drop "
+                            "style.enabled")
     else:
         if cfg.init is not None:
             raise UserError("init= is for stage=adapt; add stage=adapt adapter=lora|qlora")
-        tokenizer = build_tokenizer(cfg.branch.tokenizer.name, cfg.branch.tokenizer.config)
+        tok_cfg = OmegaConf.to_container(cfg.branch.tokenizer.config, resolve=True)
+        tokenizer = build_tokenizer(cfg.branch.tokenizer.name,
+                                    {**tok_cfg, "styles": styles} if styles else tok_cfg)
         mcfg = model_config(cfg, tokenizer.vocab_size)  # validated before anything is written
-    pieces = pieces_from_config(cfg.data, cfg.cache_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     corpus = build_corpus(pieces, tokenizer, run_dir, cfg.cache_dir,
                           tuple(cfg.split.ratios), cfg.split.seed)
@@ -106,12 +115,15 @@ def train(cfg: DictConfig) -> Path:
         load_weights(model, base_ckpt, BRANCH)
     print(f"model: {BRANCH}, {model.num_parameters() / 1e6:.2f}M parameters"
           + (f", adapting {base_ckpt}" if adapt else ""), file=sys.stderr)
+    prefixes = {s: [np.array([tokenizer.style_id(_style_of(p, cfg))]) for p, _ in pairs]
+                if tokenizer.styles else None for s, pairs in corpus.splits.items()}
     aug = cfg.augment
     train_ds = RandomCropDataset(seqs["train"], mcfg.max_seq_len, tokenizer, seed=cfg.seed,
                                  transpose=aug.transpose,
-                                 stretch=(aug.stretch_min, aug.stretch_max))
-    val_ds = WindowDataset(seqs["val"], mcfg.max_seq_len, tokenizer.special_tokens["pad"]) \
-        if seqs["val"] else None
+                                 stretch=(aug.stretch_min, aug.stretch_max),
+                                 prefixes=prefixes["train"])
+    val_ds = WindowDataset(seqs["val"], mcfg.max_seq_len, tokenizer.special_tokens["pad"],
+                           prefixes["val"]) if seqs["val"] else None
     if val_ds is None:
         print("train: no validation split (fewer than 3 groups); no val loss", file=sys.stderr)
 
@@ -148,6 +160,18 @@ def train(cfg: DictConfig) -> Path:
     return run_dir
 
 
+def _style_of(piece, cfg: DictConfig) -> str:
+    return cfg.style.name if cfg.style.get("name") else piece.style
+
+
+def _checked_style_id(tokenizer: Tokenizer, name: str) -> int:
+    try:
+        return tokenizer.style_id(name)
+    except UserError as e:
+        raise UserError(f"{e}; the base does not know the data's style: set style.name to "
+                        "one of them") from e
+
+
 def _adapt_base(cfg: DictConfig) -> tuple[Path, Tokenizer, MusicTransformerConfig]:
     """The checkpoint to adapt, its tokenizer and architecture, checked."""
     if cfg.init is None:
@@ -161,7 +185,9 @@ def _adapt_base(cfg: DictConfig) -> tuple[Path, Tokenizer, MusicTransformerConfi
         raise UserError(f"init {base} is itself an adapter; merge it first (mehldau-merge "
                         "ckpt=... out=DIR) and adapt the merged checkpoint")
     tokenizer = load_tokenizer(base / "tokenizer.json")
-    wanted = build_tokenizer(cfg.branch.tokenizer.name, cfg.branch.tokenizer.config)
+    wanted = build_tokenizer(cfg.branch.tokenizer.name, {
+        **OmegaConf.to_container(cfg.branch.tokenizer.config, resolve=True),
+        "styles": tokenizer.styles})
     if wanted != tokenizer:
         raise UserError(f"branch.tokenizer differs from the tokenizer of init {base}; adapting "
                         "uses the base's tokenizer, so drop the branch.tokenizer override")
@@ -257,7 +283,13 @@ def generate(cfg: DictConfig, ckpt: Path) -> list[Path]:
     device = _device(cfg.device)
     model, tokenizer = load_model(ckpt, device, force=bool(cfg.get("force", False)))
     sp = tokenizer.special_tokens
-    prompt = np.array([sp["bos"]], dtype=np.int64)
+    prefix: list[int] = []
+    if cfg.get("style") is not None:
+        prefix = [tokenizer.style_id(str(cfg.style))]
+    elif tokenizer.styles:
+        raise UserError(f"this model is style-conditioned: add style=NAME, one of: "
+                        f"{', '.join(tokenizer.styles)}")
+    prompt = np.array([*prefix, sp["bos"]], dtype=np.int64)
     if cfg.prompt is not None:
         prompt = np.concatenate([prompt, prompt_tokens(tokenizer, cfg.prompt, cfg.prompt_seconds)])
     try:
@@ -274,7 +306,9 @@ def generate(cfg: DictConfig, ckpt: Path) -> list[Path]:
                                                          dtype=torch.float32, device=device),
         max_seconds=float(cfg.seconds), use_cache=bool(cfg.use_cache), progress=True,
         # The user asked for a duration: never end early, never emit structural tokens.
-        banned_ids=(sp["pad"], sp["bos"], sp["eos"]),
+        banned_ids=(sp["pad"], sp["bos"], sp["eos"], *range(
+            tokenizer.vocab_size - len(tokenizer.styles), tokenizer.vocab_size)),
+        prefix_len=len(prefix),
     )
     scores = [tokenizer.decode(row.cpu().numpy()) for row in seqs]
     paths = _out_paths(cfg.out, len(scores))

@@ -60,13 +60,16 @@ def sample_tokens(
     use_cache: bool = True,
     progress: bool = False,
     banned_ids: tuple[int, ...] = (),
+    prefix_len: int = 0,
 ) -> torch.Tensor:
     """Sample up to `max_new_tokens` after `prompt`; returns (B, P + n) including the prompt.
 
     Stops when every row has emitted `eos_id` or covered `max_seconds` of music; `banned_ids`
     are never sampled (e.g. PAD and BOS, or EOS when a duration was asked for). Past the
     context, the cached path keeps the last half of the window and recomputes its cache with
-    one forward (the window the model trained on), then continues one token at a time.
+    one forward (the window the model trained on), then continues one token at a time. The
+    first `prefix_len` tokens (a style token) stay at the start of every window, as in
+    training.
     """
     device = prompt.device
     seqs = prompt.clone()
@@ -74,18 +77,23 @@ def sample_tokens(
     elapsed = torch.zeros(prompt.size(0), device=device)
     past = None
     keep = max(context_len // 2, 1)
+
+    def window(n: int) -> torch.Tensor:  # the last n tokens, behind the pinned prefix
+        if prefix_len == 0 or seqs.size(1) <= n:
+            return seqs[:, -n:]
+        return torch.cat([seqs[:, :prefix_len], seqs[:, -(n - prefix_len):]], dim=1)
+
     banned = torch.tensor(banned_ids, dtype=torch.long, device=device)
     bar = tqdm(total=max_new_tokens, desc="sample", unit="tok", disable=not progress, leave=False)
     for _ in range(max_new_tokens):
         if use_cache:
             if past is None or past[0][0].size(2) >= context_len:
-                window = seqs[:, -(keep if past is not None else context_len):]
-                out = model(window, use_cache=True)
+                out = model(window(keep if past is not None else context_len), use_cache=True)
             else:
                 out = model(seqs[:, -1:], past_key_values=past, use_cache=True)
             past = out.past_key_values
         else:
-            out = model(seqs[:, -context_len:])
+            out = model(window(context_len))
         logits = out.logits[:, -1]
         if banned_ids:
             logits = logits.index_fill(-1, banned, float("-inf"))

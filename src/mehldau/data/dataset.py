@@ -25,13 +25,22 @@ def add_bos_eos(seq: np.ndarray, tokenizer: Tokenizer) -> np.ndarray:
     return np.concatenate([[sp["bos"]], seq, [sp["eos"]]]).astype(np.int64)
 
 
-def _pad_pair(window: np.ndarray, length: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """Inputs/labels of `length` from a window of up to `length + 1` tokens, padded."""
+def _pad_pair(window: np.ndarray, length: int, pad_id: int, prefix: np.ndarray | None = None
+              ) -> dict[str, torch.Tensor]:
+    """Inputs/labels of `length` from `prefix + window` (up to `length + 1` tokens), padded.
+
+    The prefix (a style token) conditions every window; the token right after it is not a
+    target, since it was the previous window's last target (or a crop's arbitrary start).
+    """
+    p = 0 if prefix is None else len(prefix)
+    if p:
+        window = np.concatenate([prefix, window[: length + 1 - p]])
     x = np.full(length, pad_id, dtype=np.int64)
     y = np.full(length, IGNORE_INDEX, dtype=np.int64)
     n = max(len(window) - 1, 0)
     x[:n] = window[:n]
     y[:n] = window[1 : n + 1]
+    y[:p] = IGNORE_INDEX
     return {"input_ids": torch.from_numpy(x), "labels": torch.from_numpy(y)}
 
 
@@ -52,10 +61,12 @@ class RandomCropDataset(Dataset):
         seed: int = 0,
         transpose: int = 0,
         stretch: tuple[float, float] = (1.0, 1.0),
+        prefixes: Sequence[np.ndarray] | None = None,
     ) -> None:
         if not sequences:
             raise ValueError("RandomCropDataset needs at least one sequence")
         self.sequences = list(sequences)
+        self.prefixes = list(prefixes) if prefixes is not None else None
         self.context_len = context_len
         self.tokenizer = tokenizer
         self.seed = seed
@@ -70,8 +81,10 @@ class RandomCropDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, index])
-        seq = self.sequences[rng.choice(len(self.sequences), p=self.probs)]
-        want = self.context_len + 1
+        k = rng.choice(len(self.sequences), p=self.probs)
+        seq = self.sequences[k]
+        prefix = self.prefixes[k] if self.prefixes is not None else None
+        want = self.context_len + 1 - (0 if prefix is None else len(prefix))
         augmenting = self.transpose > 0 or self.stretch != (1.0, 1.0)
         take = int(np.ceil(want / self.stretch[0])) + 8 if augmenting else want
         start = int(rng.integers(0, max(len(seq) - take, 0) + 1))
@@ -80,25 +93,29 @@ class RandomCropDataset(Dataset):
             shift = int(rng.integers(-self.transpose, self.transpose + 1))
             factor = float(rng.uniform(*self.stretch))
             window = self.tokenizer.augment(window, transpose=shift, stretch=factor)
-        return _pad_pair(window[:want], self.context_len, self.pad_id)
+        return _pad_pair(window[:want], self.context_len, self.pad_id, prefix)
 
 
 class WindowDataset(Dataset):
     """Non-overlapping windows for evaluation: every token is predicted exactly once."""
 
-    def __init__(self, sequences: Sequence[np.ndarray], context_len: int, pad_id: int) -> None:
+    def __init__(self, sequences: Sequence[np.ndarray], context_len: int, pad_id: int,
+                 prefixes: Sequence[np.ndarray] | None = None) -> None:
         self.context_len = context_len
         self.pad_id = pad_id
-        self.windows: list[np.ndarray] = []
-        for s in sequences:
-            for start in range(0, max(len(s) - 1, 1), context_len):
-                self.windows.append(s[start : start + context_len + 1])
+        self.windows: list[tuple[np.ndarray, np.ndarray | None]] = []
+        for i, s in enumerate(sequences):
+            prefix = prefixes[i] if prefixes is not None else None
+            step = context_len - (0 if prefix is None else len(prefix))
+            for start in range(0, max(len(s) - 1, 1), step):
+                self.windows.append((s[start : start + step + 1], prefix))
 
     def __len__(self) -> int:
         return len(self.windows)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return _pad_pair(self.windows[index], self.context_len, self.pad_id)
+        window, prefix = self.windows[index]
+        return _pad_pair(window, self.context_len, self.pad_id, prefix)
 
 
 class CounterSampler(Sampler[int]):

@@ -84,7 +84,7 @@ def folder_source(
             group = rel.as_posix()
         else:
             group = tune_key(p.stem, group_regex)
-        pieces.append(Piece(id=rel.as_posix(), path=p, group=group, style=top))
+        pieces.append(Piece(id=rel.as_posix(), path=p, group=group, style=top or root.name))
     return pieces
 
 

@@ -70,6 +70,19 @@ class Tokenizer(ABC):
             return tokens
         raise NotImplementedError(f"{self.name} does not support augmentation")
 
+    @property
+    def styles(self) -> list[str]:
+        """Style (pianist) names with an id each, by convention the last ids of the vocabulary."""
+        return list(getattr(self.config, "styles", []) or [])
+
+    def style_id(self, name: str) -> int:
+        known = self.styles
+        if not known:
+            raise UserError("this model was trained without style conditioning; drop style=")
+        if name not in known:
+            raise UserError(f"unknown style '{name}'; known styles: {', '.join(known)}")
+        return self.vocab_size - len(known) + known.index(name)
+
     def seconds_per_id(self) -> np.ndarray | None:
         """For 1-D ids: seconds of music each id advances (length `vocab_size`), else None.
 

@@ -39,7 +39,7 @@ never released; such a press lasts to the end of the piece here.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -71,6 +71,9 @@ class PerformanceConfig:
     # and guitar of a trio arrangement do not enter the piano stream; otherwise every non-drum
     # track is kept (files that put a piano on another program still read).
     piano_only: bool = True
+    # Style (pianist) tokens, one id each after the velocity bins; prepended to training
+    # sequences when style conditioning is on. Never produced by `encode`, ignored by `decode`.
+    styles: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_pitch <= self.max_pitch <= 127:
@@ -107,11 +110,12 @@ class PerformanceTokenizer(Tokenizer):
         self.note_off_offset = self.note_on_offset + self.num_pitches
         self.time_shift_offset = self.note_off_offset + self.num_pitches
         self.velocity_offset = self.time_shift_offset + c.max_shift_steps
-        self._vocab_size = self.velocity_offset + c.num_velocity_bins
+        self.style_offset = self.velocity_offset + c.num_velocity_bins
+        self._vocab_size = self.style_offset + len(c.styles)
         self.note_on_range = range(self.note_on_offset, self.note_off_offset)
         self.note_off_range = range(self.note_off_offset, self.time_shift_offset)
         self.time_shift_range = range(self.time_shift_offset, self.velocity_offset)
-        self.velocity_range = range(self.velocity_offset, self._vocab_size)
+        self.velocity_range = range(self.velocity_offset, self.style_offset)
         # Magenta's binning: bins of ceil(127 / n) velocities starting at 1.
         self.velocity_bin_size = math.ceil(127 / c.num_velocity_bins)
         # Decoded MIDI: 120 BPM, and a tick grid on which one step is a whole number of ticks.
@@ -324,7 +328,7 @@ class PerformanceTokenizer(Tokenizer):
             ids = ids.astype(np.int64).reshape(-1)
         except (TypeError, ValueError, OverflowError):
             return np.zeros(0, np.int64)
-        return ids[(ids >= _NUM_SPECIAL) & (ids < self._vocab_size)]
+        return ids[(ids >= _NUM_SPECIAL) & (ids < self.style_offset)]
 
     def decode(self, tokens: np.ndarray) -> symusic.Score:
         """Ids -> one-track piano Score (ticks, 120 BPM, one step = `ticks_per_step` ticks).
