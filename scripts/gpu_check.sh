@@ -19,4 +19,6 @@ log=${OUT:-/tmp}/gpu_check.log
   python3 -m pytest -q -p no:cacheprovider -m cuda tests/ 2>&1 | tail -15
   echo "== benchmark (bf16)"
   python3 benchmarks/production.py --device cuda --dtype bf16
+  echo "== adapters benchmark (bf16)"
+  python3 benchmarks/adapters.py --device cuda --dtype bf16
 } 2>&1 | tee "$log"

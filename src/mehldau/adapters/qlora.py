@@ -24,7 +24,9 @@ def import_bnb():
     try:
         import bitsandbytes as bnb
     except Exception as e:  # ImportError, or a broken native library
-        raise UserError(f"adapter=qlora needs bitsandbytes, which cannot load here ({e}); "
+        # A native-library failure can span many lines; a UserError is printed as one.
+        reason = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise UserError(f"adapter=qlora needs bitsandbytes, which cannot load here ({reason}); "
                         "use adapter=lora or install bitsandbytes for this platform") from e
     return bnb
 
