@@ -1,10 +1,9 @@
 """Music Transformer (Huang et al. 2018, arXiv 1809.04281): a decoder-only Transformer whose
 self-attention adds a learned relative-position term, computed by skewing.
 
-Pre-LN blocks (more stable than the paper's post-LN at small batch sizes), GELU or SwiGLU
-feed-forward, dropout on embeddings and residual branches (attention-probability dropout is
-optional and off by default), untied input/output embeddings as in the reference
-hyper-parameters.
+Pre-LN blocks (`mehldau.nn.blocks`), GELU or SwiGLU feed-forward, dropout on embeddings and
+residual branches (attention-probability dropout is optional and off by default), untied
+input/output embeddings as in the reference hyper-parameters.
 
 Unlike the reference, no absolute sinusoidal signal is added: with positions only relative,
 a cached key means the same thing wherever the window starts, which keeps KV-cached sampling
@@ -19,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mehldau.nn.relative_attention import RelativeSelfAttention
+from mehldau.nn.blocks import Block
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -64,41 +63,6 @@ class CausalLMOutput:
     past_key_values: KVCache | None = None
 
 
-class MLP(nn.Module):
-    def __init__(self, cfg: MusicTransformerConfig) -> None:
-        super().__init__()
-        self.swiglu = cfg.activation == "swiglu"
-        if self.swiglu:
-            self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
-        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.silu(self.gate_proj(x)) * self.up_proj(x) if self.swiglu else F.gelu(self.up_proj(x))
-        return self.down_proj(h)
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: MusicTransformerConfig) -> None:
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.d_model)
-        self.attn = RelativeSelfAttention(
-            cfg.d_model, cfg.n_heads, cfg.max_relative_position, dropout=cfg.attn_dropout,
-            impl=cfg.attn_impl,
-        )
-        self.ln_2 = nn.LayerNorm(cfg.d_model)
-        self.mlp = MLP(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
-
-    def forward(
-        self, x: torch.Tensor, past_kv: tuple[torch.Tensor, torch.Tensor] | None, use_cache: bool
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-        h, present = self.attn(self.ln_1(x), past_kv=past_kv, use_cache=use_cache)
-        x = x + self.drop(h)
-        x = x + self.drop(self.mlp(self.ln_2(x)))
-        return x, present
-
-
 class MusicTransformer(nn.Module):
     branch = "production"
 
@@ -107,7 +71,9 @@ class MusicTransformer(nn.Module):
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(
+            Block(cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.max_relative_position, cfg.dropout,
+                  cfg.attn_dropout, cfg.activation, cfg.attn_impl) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.apply(self._init_weights)

@@ -212,9 +212,13 @@ class RelativeSelfAttention(nn.Module):
         x: Tensor,
         past_kv: tuple[Tensor, Tensor] | None = None,
         use_cache: bool = False,
+        key_keep: Tensor | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         """x: (B, T, C). past_kv: (k, v), each (B, H, P, Dh), for positions 0..P-1.
 
+        With `past_kv` this is also causal cross-attention from T queries at positions
+        P..P+T-1 to P+T keys (Perceiver AR's first layer). `key_keep` (B, P+T) bool, with
+        `past_kv` only: keys to attend to (False drops a key, e.g. prefix dropout).
         Returns (y (B, T, C), present (k, v) each (B, H, P+T, Dh) if use_cache else None).
         """
         B, T, C = x.shape
@@ -237,6 +241,8 @@ class RelativeSelfAttention(nn.Module):
             causal = torch.arange(P + T, device=x.device)[None, :] <= q_pos[:, None]  # (T, P+T)
             mask = (s_rel * scale).expand(B, self.n_heads, T, P + T).masked_fill(
                 ~causal, float("-inf"))  # (B, H, T, P+T)
+            if key_keep is not None:
+                mask = mask.masked_fill(~key_keep[:, None, None, :], float("-inf"))
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         else:
             impl = self._resolve_impl(x)
