@@ -24,7 +24,7 @@ import torch
 
 from branches.production.model import MusicTransformer, MusicTransformerConfig
 from mehldau.nn.relative_attention import relative_logits_naive, relative_logits_skew
-from mehldau.sampling import SamplingConfig, sample_tokens
+from mehldau.sampling import KVCacheDecoder, SamplingConfig, sample_tokens
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -101,12 +101,12 @@ def sampling_tokens_per_s(cfg: MusicTransformerConfig, n: int, use_cache: bool, 
     model = MusicTransformer(cfg).to(device=device, dtype=dtype).eval()
     prompt = torch.ones(1, 1, dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(0)
-    sample_tokens(model, prompt, 8, cfg.max_seq_len, SamplingConfig(), generator=gen,
-                  use_cache=use_cache)  # warm-up
+    sample_tokens(KVCacheDecoder(model, cfg.max_seq_len, use_cache), prompt, 8,
+                  SamplingConfig(), generator=gen)  # warm-up
     sync(device)
     t0 = time.perf_counter()
-    out = sample_tokens(model, prompt, n, cfg.max_seq_len, SamplingConfig(), generator=gen,
-                        use_cache=use_cache)
+    out = sample_tokens(KVCacheDecoder(model, cfg.max_seq_len, use_cache), prompt, n,
+                        SamplingConfig(), generator=gen)
     sync(device)
     assert out.shape[1] == n + 1
     return n / (time.perf_counter() - t0)

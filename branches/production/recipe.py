@@ -1,341 +1,50 @@
-"""The production branch's two workflows: train a Music Transformer, and generate MIDI with it.
-
-`train(cfg)` wires the core together in this order, each step needing the one before:
-tokenizer (the cache is keyed by its config) -> model config (its vocabulary comes from the
-tokenizer; checked before anything is written) -> pieces -> run directory (so skipped.tsv and
-the split manifest have a home) -> corpus (validated, tokenized, split by group) -> model ->
-datasets -> the shared trainer.
+"""The production branch: a Music Transformer trained, adapted and sampled by the core's
+autoregressive recipe (`mehldau.recipes.autoregressive`). What is specific to this branch:
+its model, plain random crops of `max_seq_len` tokens for training, non-overlapping windows
+for evaluation, and a KV-cache decoder that re-prefills half a window past the context.
 """
 
 from __future__ import annotations
 
-import json
-import sys
-from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 import torch
-from accelerate.utils import set_seed
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from branches.production.model import MusicTransformer, MusicTransformerConfig
-from mehldau.adapters import (
-    AdapterConfig,
-    apply_lora,
-    load_adapter,
-    merge,
-    qlora,
-    read_base_pointer,
-    save_adapter,
-    trainable_parameters,
+from mehldau.data.dataset import RandomCropDataset, WindowDataset
+from mehldau.recipes import autoregressive as ar
+from mehldau.sampling import KVCacheDecoder
+
+SPEC = ar.ModelSpec(
+    branch="production",
+    recipe=__name__,
+    model_class=MusicTransformer,
+    config_class=MusicTransformerConfig,
+    config_keys=("n_layers", "d_model", "n_heads", "d_ff", "max_seq_len",
+                 "max_relative_position", "dropout", "attn_dropout", "activation", "attn_impl"),
+    train_dataset=lambda seqs, mcfg, tok, seed, aug, prefixes: RandomCropDataset(
+        seqs, mcfg.max_seq_len, tok, seed=seed, transpose=aug.transpose,
+        stretch=(aug.stretch_min, aug.stretch_max), prefixes=prefixes),
+    eval_dataset=lambda seqs, mcfg, pad_id, prefixes: WindowDataset(
+        seqs, mcfg.max_seq_len, pad_id, prefixes),
+    decoder=lambda model, use_cache, prefix_len: KVCacheDecoder(
+        model, model.config.max_seq_len, use_cache, prefix_len),
 )
-from mehldau.data.corpus import BadMidi, build_corpus, read_score, unigram_entropy
-from mehldau.data.dataset import RandomCropDataset, WindowDataset, add_bos_eos
-from mehldau.data.sources import pieces_from_config
-from mehldau.errors import UserError
-from mehldau.io import atomic_dir, atomic_write_midi
-from mehldau.sampling import SamplingConfig, sample_tokens
-from mehldau.tokenize.base import Tokenizer, build_tokenizer, load_tokenizer
-from mehldau.train.checkpoint import (
-    WEIGHTS,
-    checkpoint_dirs,
-    load_weights,
-    read_meta,
-    resolve_checkpoint,
-    save_weights,
-)
-from mehldau.train.loggers import MetricsFile, make_logger
-from mehldau.train.trainer import TrainConfig, evaluate, fit, make_accelerator
-
-BRANCH = "production"
-MODEL_KEYS = ("n_layers", "d_model", "n_heads", "d_ff", "max_seq_len", "max_relative_position",
-              "dropout", "attn_dropout", "activation", "attn_impl")
-
-
-def model_config(cfg: DictConfig, vocab_size: int) -> MusicTransformerConfig:
-    try:
-        return MusicTransformerConfig(vocab_size=vocab_size,
-                                      **{k: cfg.model[k] for k in MODEL_KEYS if k in cfg.model})
-    except ValueError as e:
-        raise UserError(f"bad model config: {e}") from e
 
 
 def train(cfg: DictConfig) -> Path:
-    try:
-        tcfg = TrainConfig(**OmegaConf.to_container(cfg.train, resolve=True))
-    except TypeError as e:
-        raise UserError(f"bad train config: {e}; see configs/train/default.yaml") from e
-    run_dir = Path(cfg.run_dir or f"runs/{BRANCH}/{datetime.now():%Y%m%d-%H%M%S}").expanduser()
-    if checkpoint_dirs(run_dir) and not tcfg.resume:
-        raise UserError(f"{run_dir} already has checkpoints; add train.resume=true to continue "
-                        "it or choose another run_dir")
-    if cfg.stage not in ("pretrain", "adapt"):
-        raise UserError(f"unknown stage '{cfg.stage}'; use stage=pretrain or stage=adapt")
-    adapt = cfg.stage == "adapt"
-    base_ckpt = None
-    pieces = pieces_from_config(cfg.data, cfg.cache_dir)
-    styles = sorted({_style_of(p, cfg) for p in pieces}) if cfg.style.enabled else []
-    if adapt:
-        base_ckpt, tokenizer, mcfg = _adapt_base(cfg)
-        acfg = AdapterConfig(**OmegaConf.to_container(cfg.adapter, resolve=True))
-        if acfg.kind == "qlora":
-            qlora.import_bnb()  # fail before anything is written
-        if tokenizer.styles:  # the base is style-conditioned: every piece needs a known style
-            for name in {_style_of(p, cfg) for p in pieces}:
-                _checked_style_id(tokenizer, name)
-        elif cfg.style.enabled:
-            raise UserError(f"init {base_ckpt} was trained without style conditioning; drop "
-                            "style.enabled")
-    else:
-        if cfg.init is not None:
-            raise UserError("init= is for stage=adapt; add stage=adapt adapter=lora|qlora")
-        tok_cfg = OmegaConf.to_container(cfg.branch.tokenizer.config, resolve=True)
-        tokenizer = build_tokenizer(cfg.branch.tokenizer.name,
-                                    {**tok_cfg, "styles": styles} if styles else tok_cfg)
-        mcfg = model_config(cfg, tokenizer.vocab_size)  # validated before anything is written
-    run_dir.mkdir(parents=True, exist_ok=True)
-    corpus = build_corpus(pieces, tokenizer, run_dir, cfg.cache_dir,
-                          tuple(cfg.split.ratios), cfg.split.seed)
-    seqs = {s: [add_bos_eos(x, tokenizer) for x in corpus.sequences(s)] for s in corpus.splits}
-    if not seqs["train"]:
-        raise UserError("the training split is empty; use more files or change split.ratios")
-    metrics = MetricsFile(run_dir / "metrics.jsonl")
-    fresh = not tcfg.resume or not metrics.path.exists()
-    if fresh:
-        all_seqs = [x for s in corpus.splits for x in corpus.sequences(s)]
-        metrics.write(
-            {"step": 0, "split": "corpus", "unigram_entropy": unigram_entropy(
-                all_seqs, tokenizer.vocab_size), "tokens": int(sum(len(x) for x in all_seqs)),
-             "pieces": len(all_seqs), "skipped": len(corpus.skipped)})
-
-    set_seed(cfg.seed)
-    model = MusicTransformer(mcfg)
-    if base_ckpt is not None:
-        load_weights(model, base_ckpt, BRANCH)
-    print(f"model: {BRANCH}, {model.num_parameters() / 1e6:.2f}M parameters"
-          + (f", adapting {base_ckpt}" if adapt else ""), file=sys.stderr)
-    prefixes = {s: [np.array([tokenizer.style_id(_style_of(p, cfg))]) for p, _ in pairs]
-                if tokenizer.styles else None for s, pairs in corpus.splits.items()}
-    aug = cfg.augment
-    train_ds = RandomCropDataset(seqs["train"], mcfg.max_seq_len, tokenizer, seed=cfg.seed,
-                                 transpose=aug.transpose,
-                                 stretch=(aug.stretch_min, aug.stretch_max),
-                                 prefixes=prefixes["train"])
-    val_ds = WindowDataset(seqs["val"], mcfg.max_seq_len, tokenizer.special_tokens["pad"],
-                           prefixes["val"]) if seqs["val"] else None
-    if val_ds is None:
-        print("train: no validation split (fewer than 3 groups); no val loss", file=sys.stderr)
-
-    accelerator = make_accelerator(tcfg.mixed_precision)
-    hooks: dict = {}
-    if adapt:
-        if cfg.report_base_loss and val_ds is not None and fresh:
-            base_val = evaluate(model.to(accelerator.device), val_ds, accelerator,
-                                tcfg.eval_batch_size, tcfg.eval_max_batches)
-            metrics.write({"step": 0, "split": "val", "loss": round(base_val, 5),
-                           "model": "base"})
-            print(f"base val loss before adapting: {base_val:.4f} nats/token", file=sys.stderr)
-        model, hooks = _with_adapter(model, acfg, base_ckpt, accelerator.device)
-
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-
-    def write_extra(d: Path) -> None:
-        OmegaConf.save(OmegaConf.create(resolved), d / "config.yaml")
-        tokenizer.save(d / "tokenizer.json")
-        (d / "model_config.json").write_text(json.dumps(mcfg.to_dict(), indent=2))
-
-    meta = {"branch": BRANCH, "recipe": "branches.production.recipe",
-            "model": MusicTransformer.__name__, "stage": cfg.stage}
-    if adapt:
-        meta["adapter"] = acfg.kind
-    logger = make_logger(cfg.logger, run_dir, resolved, resume=tcfg.resume)
-    try:
-        last = fit(model, train_ds, val_ds, tcfg, run_dir, meta, write_extra, logger,
-                   accelerator=accelerator, **hooks)
-    finally:
-        logger.finish()
-    if "val_loss" in last:
-        print(f"final val loss {last['val_loss']:.4f} nats/token", file=sys.stderr)
-    return run_dir
-
-
-def _style_of(piece, cfg: DictConfig) -> str:
-    return cfg.style.name if cfg.style.get("name") else piece.style
-
-
-def _checked_style_id(tokenizer: Tokenizer, name: str) -> int:
-    try:
-        return tokenizer.style_id(name)
-    except UserError as e:
-        raise UserError(f"{e}; the base does not know the data's style: set style.name to "
-                        "one of them") from e
-
-
-def _adapt_base(cfg: DictConfig) -> tuple[Path, Tokenizer, MusicTransformerConfig]:
-    """The checkpoint to adapt, its tokenizer and architecture, checked."""
-    if cfg.init is None:
-        raise UserError("stage=adapt needs init=<a production run or checkpoint directory>")
-    base = resolve_checkpoint(cfg.init)
-    meta = read_meta(base)
-    if meta.get("branch") != BRANCH:
-        raise UserError(f"init {base} is a '{meta.get('branch')}' checkpoint; the {BRANCH} "
-                        f"branch adapts {BRANCH} checkpoints")
-    if meta.get("stage") == "adapt":
-        raise UserError(f"init {base} is itself an adapter; merge it first (mehldau-merge "
-                        "ckpt=... out=DIR) and adapt the merged checkpoint")
-    tokenizer = load_tokenizer(base / "tokenizer.json")
-    wanted = build_tokenizer(cfg.branch.tokenizer.name, {
-        **OmegaConf.to_container(cfg.branch.tokenizer.config, resolve=True),
-        "styles": tokenizer.styles})
-    if wanted != tokenizer:
-        raise UserError(f"branch.tokenizer differs from the tokenizer of init {base}; adapting "
-                        "uses the base's tokenizer, so drop the branch.tokenizer override")
-    return base, tokenizer, read_model_config(base)
-
-
-def _with_adapter(model: MusicTransformer, acfg: AdapterConfig, base_ckpt: Path,
-                  device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """Freeze the base (in 4-bit for QLoRA), add LoRA; hooks so the trainer saves adapters."""
-    if acfg.kind == "qlora":
-        compute = torch.bfloat16 if device.type == "cuda" else torch.float32
-        qlora.quantize_4bit(model, compute, device)
-    model = apply_lora(model, acfg)
-    trainable, total = trainable_parameters(model)
-    print(f"adapter {acfg.kind}: {trainable:,} trainable of {total:,} parameters "
-          f"({100 * trainable / total:.2f} %)", file=sys.stderr)
-
-    def write_weights(m: torch.nn.Module, d: Path) -> None:
-        save_adapter(m, d, base_ckpt, WEIGHTS)
-
-    def read_weights(m: torch.nn.Module, d: Path) -> None:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        set_peft_model_state_dict(m, load_file(str(d / "adapter" / "adapter_model.safetensors")))
-
-    hooks: dict = {"write_weights": write_weights, "read_weights": read_weights}
-    if acfg.kind == "qlora":
-        hooks["make_optimizer"] = lambda m, c: qlora.make_optimizer(
-            [p for p in m.parameters() if p.requires_grad], c.lr, c.weight_decay,
-            (c.beta1, c.beta2), device)
-    return model, hooks
-
-
-# --- generation ---------------------------------------------------------------------------
-def read_model_config(ckpt: Path) -> MusicTransformerConfig:
-    try:
-        return MusicTransformerConfig(**json.loads((ckpt / "model_config.json").read_text()))
-    except (OSError, ValueError, TypeError) as e:
-        raise UserError(f"{ckpt} has no usable model_config.json ({e}); it is not a "
-                        f"{BRANCH} checkpoint") from e
-
-
-def load_model(ckpt: Path, device: torch.device | str = "cpu", force: bool = False
-               ) -> tuple[MusicTransformer, Tokenizer]:
-    """A plain model from a checkpoint; an adapter checkpoint is loaded onto its base and
-    merged (the adapter is checked against the base's recorded hash unless `force`)."""
-    if read_meta(ckpt).get("stage") == "adapt":
-        base = read_base_pointer(ckpt, WEIGHTS, force=force)
-        model, tokenizer = load_model(base, "cpu")
-        model = merge(load_adapter(model, ckpt))
-        return model.to(device).eval(), tokenizer
-    tokenizer = load_tokenizer(ckpt / "tokenizer.json")
-    model = MusicTransformer(read_model_config(ckpt))
-    load_weights(model, ckpt, BRANCH)
-    return model.to(device).eval(), tokenizer
-
-
-def prompt_tokens(tokenizer: Tokenizer, path: str | Path, seconds: float) -> np.ndarray:
-    """The first `seconds` of a MIDI file as tokens: notes that start before the cut, ending
-    at the cut at the latest."""
-    try:
-        score = read_score(path)
-    except BadMidi as e:
-        raise UserError(f"prompt {path}: {e}; pass a MIDI file with notes") from e
-    clipped = score.to("second").clip(0, float(seconds), clip_end=False)
-    for track in clipped.tracks:
-        for note in track.notes:
-            note.duration = min(note.duration, float(seconds) - note.time)
-    tokens = tokenizer.encode(clipped)
-    if len(tokens) == 0:
-        raise UserError(f"prompt {path} has no piano notes in its first {seconds} s; "
-                        "raise prompt_seconds or use another file")
-    return tokens
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("device=cuda but no CUDA GPU is visible; use device=cpu")
-    return torch.device(name)
-
-
-def _out_paths(out: str | Path, n: int) -> list[Path]:
-    out = Path(out).expanduser()
-    if n == 1:
-        return [out]
-    return [out.with_name(f"{out.stem}_{i + 1}{out.suffix}") for i in range(n)]
+    return ar.train(SPEC, cfg)
 
 
 def generate(cfg: DictConfig, ckpt: Path) -> list[Path]:
-    device = _device(cfg.device)
-    model, tokenizer = load_model(ckpt, device, force=bool(cfg.get("force", False)))
-    sp = tokenizer.special_tokens
-    prefix: list[int] = []
-    if cfg.get("style") is not None:
-        prefix = [tokenizer.style_id(str(cfg.style))]
-    elif tokenizer.styles:
-        raise UserError(f"this model is style-conditioned: add style=NAME, one of: "
-                        f"{', '.join(tokenizer.styles)}")
-    prompt = np.array([*prefix, sp["bos"]], dtype=np.int64)
-    if cfg.prompt is not None:
-        prompt = np.concatenate([prompt, prompt_tokens(tokenizer, cfg.prompt, cfg.prompt_seconds)])
-    try:
-        scfg = SamplingConfig(cfg.temperature, cfg.top_k, cfg.top_p)
-    except ValueError as e:
-        raise UserError(str(e)) from e
-    max_tokens = cfg.max_tokens or int(200 * cfg.seconds)
-    gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
-    torch.manual_seed(int(cfg.seed))
-    batch = torch.as_tensor(prompt, device=device)[None].repeat(int(cfg.num_samples), 1)
-    seqs = sample_tokens(
-        model, batch, max_tokens, model.config.max_seq_len, scfg, generator=gen,
-        eos_id=sp["eos"], seconds_per_id=torch.as_tensor(tokenizer.seconds_per_id(),
-                                                         dtype=torch.float32, device=device),
-        max_seconds=float(cfg.seconds), use_cache=bool(cfg.use_cache), progress=True,
-        # The user asked for a duration: never end early, never emit structural tokens.
-        banned_ids=(sp["pad"], sp["bos"], sp["eos"], *range(
-            tokenizer.vocab_size - len(tokenizer.styles), tokenizer.vocab_size)),
-        prefix_len=len(prefix),
-    )
-    scores = [tokenizer.decode(row.cpu().numpy()) for row in seqs]
-    paths = _out_paths(cfg.out, len(scores))
-    for score, path in zip(scores, paths):
-        atomic_write_midi(score, path)
-    for score, path in zip(scores, paths):
-        print(f"{path}: {score.note_num()} notes, {score.to('second').end():.1f} s",
-              file=sys.stderr)
-    return paths
+    return ar.generate(SPEC, cfg, ckpt)
 
 
-# --- merging --------------------------------------------------------------------------------
 def merge_checkpoint(cfg: DictConfig, ckpt: Path) -> Path:
-    """Base + adapter folded into one plain checkpoint that loads without peft."""
-    if read_meta(ckpt).get("stage") != "adapt":
-        raise UserError(f"{ckpt} is not an adapter checkpoint; nothing to merge")
-    out = Path(cfg.out).expanduser()
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} exists and is not empty; choose a new out= directory")
-    model, tokenizer = load_model(ckpt, "cpu", force=bool(cfg.force))
-    meta = {**read_meta(ckpt), "stage": "pretrain", "merged_from": str(ckpt.resolve())}
-    meta.pop("adapter", None)
-    with atomic_dir(out) as tmp:
-        save_weights(model, tmp, meta)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        tokenizer.save(tmp / "tokenizer.json")
-        (tmp / "model_config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
-        if (ckpt / "config.yaml").is_file():
-            (tmp / "config.yaml").write_text((ckpt / "config.yaml").read_text())
-    return out
+    return ar.merge_checkpoint(SPEC, cfg, ckpt)
+
+
+def load_model(ckpt: Path, device: torch.device | str = "cpu", force: bool = False
+               ) -> tuple[MusicTransformer, object]:
+    return ar.load_model(SPEC, ckpt, device, force)

@@ -1,14 +1,15 @@
 """Autoregressive sampling shared by the id-based branches: temperature, top-k, nucleus.
 
-The loop talks to a model through one call, `model(input_ids, past_key_values=...,
-use_cache=...)` returning `.logits` and `.past_key_values` (the production and perceiver
-models both speak it). With the cache, each step feeds one token; without it, each step
-re-runs the window, which is the reference the cached path is tested against.
+The loop talks to a model through a `Decoder` (prefill a prompt, then one token per step),
+so each architecture keeps its own cache rules: `KVCacheDecoder` here for the Music
+Transformer, Perceiver AR's decoder in `nn/perceiver_ar.py`. Each decoder has an uncached
+mode that re-runs the window, the reference its cached path is tested against.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -46,59 +47,87 @@ def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     return logits
 
 
+class Decoder(Protocol):
+    """Incremental next-token logits for a batch of sequences; holds its own caches."""
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (B, P): the whole prompt. Returns the next token's logits (B, V)."""
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """token (B,): appended to every row. Returns the next token's logits (B, V)."""
+
+
+class KVCacheDecoder:
+    """For models called as `model(ids, past_key_values=..., use_cache=...)` (the production
+    Music Transformer): one token per step against a KV cache. Past the context, the cache is
+    rebuilt by one forward over the last half-window, the window the model trained on.
+    `use_cache=False` re-runs the last `context_len` tokens each step: the reference. The
+    first `prefix_len` tokens (a style token) stay at the start of every window."""
+
+    def __init__(self, model: nn.Module, context_len: int, use_cache: bool = True,
+                 prefix_len: int = 0) -> None:
+        self.model, self.context_len = model, context_len
+        self.use_cache, self.prefix_len = use_cache, prefix_len
+        self.keep = max(context_len // 2, 1)
+        self.seqs: torch.Tensor | None = None
+        self.past = None
+
+    def _window(self, n: int) -> torch.Tensor:  # the last n tokens, behind the pinned prefix
+        if self.prefix_len == 0 or self.seqs.size(1) <= n:
+            return self.seqs[:, -n:]
+        return torch.cat([self.seqs[:, :self.prefix_len],
+                          self.seqs[:, -(n - self.prefix_len):]], dim=1)
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        self.seqs, self.past = ids, None
+        return self._next()
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        self.seqs = torch.cat([self.seqs, token[:, None]], dim=1)
+        return self._next()
+
+    def _next(self) -> torch.Tensor:
+        if not self.use_cache:
+            return self.model(self._window(self.context_len)).logits[:, -1]
+        if self.past is None or self.past[0][0].size(2) >= self.context_len:
+            n = self.keep if self.past is not None else self.context_len
+            out = self.model(self._window(n), use_cache=True)
+        else:
+            out = self.model(self.seqs[:, -1:], past_key_values=self.past, use_cache=True)
+        self.past = out.past_key_values
+        return out.logits[:, -1]
+
+
 @torch.no_grad()
 def sample_tokens(
-    model: nn.Module,
+    decoder: Decoder,
     prompt: torch.Tensor,  # (B, P) ids, P >= 1
     max_new_tokens: int,
-    context_len: int,
     cfg: SamplingConfig,
     generator: torch.Generator | None = None,
     eos_id: int | None = None,
     seconds_per_id: torch.Tensor | None = None,  # (V,) time each id advances, for `max_seconds`
     max_seconds: float | None = None,
-    use_cache: bool = True,
     progress: bool = False,
     banned_ids: tuple[int, ...] = (),
-    prefix_len: int = 0,
 ) -> torch.Tensor:
     """Sample up to `max_new_tokens` after `prompt`; returns (B, P + n) including the prompt.
 
-    Stops when every row has emitted `eos_id` or covered `max_seconds` of music; `banned_ids`
-    are never sampled (e.g. PAD and BOS, or EOS when a duration was asked for). Past the
-    context, the cached path keeps the last half of the window and recomputes its cache with
-    one forward (the window the model trained on), then continues one token at a time. The
-    first `prefix_len` tokens (a style token) stay at the start of every window, as in
-    training.
+    Stops when every row has emitted `eos_id` or covered `max_seconds` of music; a finished
+    row is padded with `eos_id`. `banned_ids` are never sampled (PAD and BOS, style ids, or
+    EOS when a duration was asked for).
     """
     device = prompt.device
     seqs = prompt.clone()
     done = torch.zeros(prompt.size(0), dtype=torch.bool, device=device)
     elapsed = torch.zeros(prompt.size(0), device=device)
-    past = None
-    keep = max(context_len // 2, 1)
-
-    def window(n: int) -> torch.Tensor:  # the last n tokens, behind the pinned prefix
-        if prefix_len == 0 or seqs.size(1) <= n:
-            return seqs[:, -n:]
-        return torch.cat([seqs[:, :prefix_len], seqs[:, -(n - prefix_len):]], dim=1)
-
     banned = torch.tensor(banned_ids, dtype=torch.long, device=device)
     bar = tqdm(total=max_new_tokens, desc="sample", unit="tok", disable=not progress, leave=False)
-    for _ in range(max_new_tokens):
-        if use_cache:
-            if past is None or past[0][0].size(2) >= context_len:
-                out = model(window(keep if past is not None else context_len), use_cache=True)
-            else:
-                out = model(seqs[:, -1:], past_key_values=past, use_cache=True)
-            past = out.past_key_values
-        else:
-            out = model(window(context_len))
-        logits = out.logits[:, -1]
+    logits = decoder.prefill(prompt)
+    for i in range(max_new_tokens):
         if banned_ids:
             logits = logits.index_fill(-1, banned, float("-inf"))
-        logits = filter_logits(logits, cfg)
-        nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)  # (B, 1)
+        nxt = torch.multinomial(filter_logits(logits, cfg).softmax(-1), 1, generator=generator)
         if eos_id is not None:
             nxt = nxt.masked_fill(done[:, None], eos_id)
             done |= nxt[:, 0] == eos_id
@@ -107,7 +136,10 @@ def sample_tokens(
         if seconds_per_id is not None and max_seconds is not None:
             elapsed += seconds_per_id[nxt[:, 0]]
             done |= elapsed >= max_seconds
-        if bool(done.all()):
+        # One host sync every 16 tokens, not every token, to see whether all rows are done.
+        if (i % 16 == 15 or i == max_new_tokens - 1) and bool(done.all()):
             break
+        if i < max_new_tokens - 1:
+            logits = decoder.step(nxt[:, 0])
     bar.close()
     return seqs

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from branches.production.model import MusicTransformer, MusicTransformerConfig
-from mehldau.sampling import SamplingConfig, filter_logits, sample_tokens
+from mehldau.sampling import KVCacheDecoder, SamplingConfig, filter_logits, sample_tokens
 
 
 def tiny(**kw) -> MusicTransformer:
@@ -37,7 +37,7 @@ def test_kv_cache_gives_full_recompute_logits_at_every_step() -> None:
     torch.manual_seed(1)
     prompt = torch.randint(3, 40, (2, 1))
     gen = torch.Generator().manual_seed(0)
-    seqs = sample_tokens(model, prompt, 63, context_len=128, cfg=SamplingConfig(), generator=gen)
+    seqs = sample_tokens(KVCacheDecoder(model, 128), prompt, 63, SamplingConfig(), gen)
     assert seqs.shape == (2, 64)
     with torch.no_grad():
         full = model(seqs).logits  # (B, 64, V)
@@ -52,16 +52,16 @@ def test_kv_cache_gives_full_recompute_logits_at_every_step() -> None:
 def test_cached_and_uncached_sampling_agree_within_context() -> None:
     model = tiny()
     prompt = torch.randint(3, 40, (3, 5))
-    runs = [sample_tokens(model, prompt, 40, 128, SamplingConfig(top_k=10),
-                          generator=torch.Generator().manual_seed(3), use_cache=c)
+    runs = [sample_tokens(KVCacheDecoder(model, 128, use_cache=c), prompt, 40,
+                          SamplingConfig(top_k=10), generator=torch.Generator().manual_seed(3))
             for c in (True, False)]
     assert torch.equal(runs[0], runs[1])
 
 
 def test_sampling_past_the_context_refills_the_cache() -> None:
     model = tiny()
-    seqs = sample_tokens(model, torch.ones(1, 1, dtype=torch.long), 100, context_len=24,
-                         cfg=SamplingConfig(), generator=torch.Generator().manual_seed(0))
+    seqs = sample_tokens(KVCacheDecoder(model, 24), torch.ones(1, 1, dtype=torch.long), 100,
+                         SamplingConfig(), generator=torch.Generator().manual_seed(0))
     assert seqs.shape == (1, 101)
 
 
@@ -69,7 +69,8 @@ def test_eos_and_seconds_stop_sampling() -> None:
     model = tiny()
     secs = torch.zeros(40)
     secs[10:20] = 0.5
-    out = sample_tokens(model, torch.ones(4, 1, dtype=torch.long), 500, 128, SamplingConfig(),
+    out = sample_tokens(KVCacheDecoder(model, 128), torch.ones(4, 1, dtype=torch.long), 500,
+                        SamplingConfig(),
                         generator=torch.Generator().manual_seed(0), eos_id=2,
                         seconds_per_id=secs, max_seconds=2.0)
     assert out.shape[1] < 501

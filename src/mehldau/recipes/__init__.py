@@ -1,0 +1,1 @@
+"""Workflows the branches compose from the core (pretrain, adapt, generate, merge)."""
