@@ -70,7 +70,9 @@ def _one_line_hydra_error(msg: str) -> str:
     m = re.search(r"Could not find '([^/']+)/([^']+)'", msg)
     if m:
         group, option = m.groups()
-        opts = re.findall(r"^\t(\S+)$", msg, flags=re.M)
+        # `<branch>_default` entries only point each branch at its default preset.
+        opts = [o for o in re.findall(r"^\t(\S+)$", msg, flags=re.M)
+                if not o.endswith("_default")]
         known = f"; choose one of: {', '.join(opts)}" if opts else ""
         return f"unknown {group} '{option}'{known}"
     key = re.search(r"Could not override '([^']+)'", msg) or \
