@@ -21,4 +21,6 @@ log=${OUT:-/tmp}/gpu_check.log
   python3 benchmarks/production.py --device cuda --dtype bf16
   echo "== adapters benchmark (bf16)"
   python3 benchmarks/adapters.py --device cuda --dtype bf16
+  echo "== perceiver benchmark (bf16)"
+  python3 benchmarks/perceiver.py --device cuda --dtype bf16 --d-model 512 --layers 8 --batch 4 --steps 5 --plain-max 8192
 } 2>&1 | tee "$log"

@@ -95,7 +95,8 @@ def test_generate_continues_the_prompt(trained: Path, tmp_path: Path) -> None:
 # --- bad input: one line, exit 2, no traceback, nothing half-written -----------------------
 @pytest.mark.parametrize("args, message", [
     (["branch=nope"], "unknown branch 'nope'"),
-    (["model=huge"], "unknown model 'huge'; choose one of: base, perceiver_base, perceiver_tiny, tiny"),
+    (["model=huge"],
+     "unknown model 'huge'; choose one of: base, perceiver_base, perceiver_tiny, tiny"),
     (["data=folder"], "data.root is required"),
     (["data=folder", "data.root=/no/such/folder"], "data folder not found"),
     (["train.max_steps=0"], "train.max_steps must be positive"),
