@@ -72,6 +72,14 @@ def test_generate_writes_piano_midi(trained: Path, tmp_path: Path) -> None:
     assert sum(len(i.notes) for i in pm.instruments) > 0
 
 
+def test_generate_caps_unreleased_notes(trained: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cap.mid"
+    assert generate([f"ckpt={trained}", f"out={out}", "seconds=20", "seed=1",
+                     "max_note_seconds=0.5"]) == 0
+    notes = pretty_midi.PrettyMIDI(str(out)).instruments[0].notes
+    assert notes and max(n.end - n.start for n in notes) <= 0.5 + 1e-3
+
+
 def test_generate_num_samples_writes_one_file_each(trained: Path, tmp_path: Path) -> None:
     ckpt = trained / "checkpoints" / "step_0000004"  # a checkpoint dir works as well
     assert generate([f"ckpt={ckpt}", f"out={tmp_path / 's.mid'}", "seconds=2",

@@ -280,6 +280,18 @@ def prompt_tokens(tokenizer: Tokenizer, path: str | Path, seconds: float) -> np.
     return tokens
 
 
+def _cap_durations(score, max_seconds: float | None):
+    """Cut notes longer than `max_seconds` (Magenta's `max_note_duration`): a small model
+    sometimes never emits a note's note-off, which would otherwise ring to the end."""
+    if not max_seconds:
+        return score
+    secs = score.to("second")
+    for track in secs.tracks:
+        for note in track.notes:
+            note.duration = min(note.duration, float(max_seconds))
+    return secs.to("tick")
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -326,7 +338,8 @@ def generate(spec: ModelSpec, cfg: DictConfig, ckpt: Path) -> list[Path]:
         banned_ids=(sp["pad"], sp["bos"], sp["eos"], *range(
             tokenizer.vocab_size - len(tokenizer.styles), tokenizer.vocab_size)),
     )
-    scores = [tokenizer.decode(row.cpu().numpy()) for row in seqs]
+    scores = [_cap_durations(tokenizer.decode(row.cpu().numpy()), cfg.get("max_note_seconds"))
+              for row in seqs]
     paths = _out_paths(cfg.out, len(scores))
     for score, path in zip(scores, paths):
         atomic_write_midi(score, path)
