@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mehldau.nn.blocks import Block
+from mehldau.nn.blocks import Block, CausalLMOutput, init_weights
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -56,13 +56,6 @@ class MusicTransformerConfig:
         return asdict(self)
 
 
-@dataclass
-class CausalLMOutput:
-    logits: torch.Tensor  # (B, T, V)
-    loss: torch.Tensor | None = None  # mean cross-entropy over labelled tokens, nats
-    past_key_values: KVCache | None = None
-
-
 class MusicTransformer(nn.Module):
     branch = "production"
 
@@ -76,18 +69,7 @@ class MusicTransformer(nn.Module):
                   cfg.attn_dropout, cfg.activation, cfg.attn_impl) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.apply(self._init_weights)
-        # GPT-2's scaled init of residual projections keeps early activations bounded.
-        for name, p in self.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, std=0.02 / (2 * cfg.n_layers) ** 0.5)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                nn.init.zeros_(m.bias)
+        init_weights(self, cfg.n_layers)
 
     def forward(
         self,

@@ -7,6 +7,8 @@ the residual branches. Blocks take plain arguments, never a branch's config.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -14,6 +16,28 @@ import torch.nn.functional as F
 from mehldau.nn.relative_attention import RelativeSelfAttention
 
 KV = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class CausalLMOutput:
+    """What the id-based models return: the shape the trainer and the decoders expect."""
+
+    logits: torch.Tensor  # (B, T, V): the positions with predictions
+    loss: torch.Tensor | None = None  # mean cross-entropy over labelled positions, nats
+    past_key_values: list[KV] | None = None
+
+
+def init_weights(model: nn.Module, n_layers: int) -> None:
+    """GPT-2's init: normal(0.02) weights, zero biases, and residual output projections
+    scaled by 1/sqrt(2 * n_layers) so early activations stay bounded with depth."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+    for name, p in model.named_parameters():
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            nn.init.normal_(p, std=0.02 / (2 * n_layers) ** 0.5)
 
 
 class MLP(nn.Module):

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from mehldau.nn.blocks import Block
+from mehldau.nn.blocks import Block, CausalLMOutput, init_weights
 from mehldau.tokenize.base import Tokenizer
 
 IGNORE_INDEX = -100  # as in mehldau.data.dataset
@@ -97,13 +97,6 @@ class PerceiverARConfig:
         return asdict(self)
 
 
-@dataclass
-class CausalLMOutput:  # same shape as the production model's; the core never imports a branch
-    logits: Tensor  # (B, N', V): the latent positions only
-    loss: Tensor | None = None  # mean cross-entropy over labelled latent positions, nats
-    past_key_values: KVCache | None = None
-
-
 class PerceiverAR(nn.Module):
     branch = "perceiver_mt"
 
@@ -118,18 +111,7 @@ class PerceiverAR(nn.Module):
                   cfg.attn_dropout, cfg.activation, cfg.attn_impl) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.apply(self._init_weights)
-        # GPT-2's scaled init of residual projections keeps early activations bounded.
-        for name, p in self.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, std=0.02 / (2 * cfg.n_layers) ** 0.5)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                nn.init.zeros_(m.bias)
+        init_weights(self, cfg.n_layers)
 
     def _key_keep(self, attention_mask: Tensor | None, n_latents: int, x: Tensor
                   ) -> Tensor | None:
