@@ -16,6 +16,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,7 +190,7 @@ def fit(
         for micro in range(cfg.grad_accum):
             batch = {k: v.to(accelerator.device) for k, v in next(batches).items()}
             sync = micro == cfg.grad_accum - 1
-            ctx = accelerator.no_sync(model) if not sync else _nullcontext()
+            ctx = accelerator.no_sync(model) if not sync else nullcontext()
             with ctx, accelerator.autocast():
                 loss = model(**batch).loss
                 accelerator.backward(loss / cfg.grad_accum)
@@ -231,14 +232,6 @@ def _own_generator() -> torch.Generator:
     """A DataLoader draws a seed from the global RNG when iterated unless given a generator;
     that draw would shift dropout's random stream and break exact resume."""
     return torch.Generator().manual_seed(0)
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _restore(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
