@@ -1,0 +1,527 @@
+"""Moonbeam (Guo & Dixon 2025, arXiv 2505.15559): a MIDI foundation model over compound
+tokens (onset, duration, octave, pitch class, instrument, velocity), weights-compatible with
+the released `moonbeam_309M.pt` / `moonbeam_839M.pt` checkpoints.
+
+Pieces, following `/work/shared/specs/moonbeam.md` (section numbers below refer to it):
+- Fundamental Music Embedding (FME) per numeric attribute, a word embedding for the
+  instrument, concatenated (not summed) and passed through a supplementary MLP (§3.2);
+- Multidimensional Relative Attention (MRA): a LLaMA backbone with no sequence-index
+  position at all; the 12 query heads form 6 groups (with GQA, one KV head each) and each
+  group is rotated by one attribute of the token with its own RoPE base (§3.3);
+- a GRU sub-decoder that emits the 6 attributes of the next token one after another over
+  a flat vocabulary, teacher-forced in training (§3.5).
+
+Hand-written rather than imported because the public code runs only through a vendored fork
+of transformers 4.42; parameter names and shapes are kept exactly those of the released
+state_dict so `load_released` can load it with `strict=True`.
+
+Deviation from the reference numerics (§3.7): the FME angles and the rotary tables are always
+computed in fp32 from the exact integer values, and the rotation itself is done in fp32, even
+when the weights are bf16. The reference casts the FME input and `inv_freq` to bf16 (onsets
+above 256 get quantised), so outputs are more accurate but not bit-identical to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mehldau.errors import UserError
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+ATTRIBUTES = ("onset", "dur", "octave", "pitch", "instrument", "velocity")  # input columns
+FME_ATTRIBUTES = ("onset", "dur", "octave", "pitch", "velocity")
+SOS, EOS, PAD = -1, -2, -3  # special values of a whole input row (detected on onset only)
+EOS_POSITION = 2**15  # every rotary position of an EOS row (§3.3 step 2)
+
+
+@dataclass
+class MoonbeamConfig:
+    name: str = "custom"  # for error messages only
+    hidden_size: int = 1536  # H; 6 attribute embeddings of H // 6 are concatenated
+    intermediate_size: int = 5376
+    num_hidden_layers: int = 9
+    num_attention_heads: int = 12  # 6 MRA groups of 2 query heads
+    num_key_value_heads: int = 6  # one KV head per MRA group
+    rms_norm_eps: float = 1e-5
+    onset_vocab_size: int = 1026  # T: output classes of Δonset (2 top ones = SOS/EOS)
+    dur_vocab_size: int = 1026  # D
+    octave_vocab_size: int = 13
+    pitch_class_vocab_size: int = 14
+    instrument_vocab_size: int = 131  # also the input instrument embedding's rows
+    velocity_vocab_size: int = 130
+    decode_vocab_size: int = 2341  # V = 1 + T + D + 13 + 14 + 131 + 130
+    decoder_hidden_size: int = 1024  # G
+    decoder_num_hidden_layers: int = 2
+    # RoPE base per attribute; the instrument group is rotated by onset (§3.3 step 4).
+    rope_theta_onset: float = 199999.0
+    rope_theta_dur: float = 1031.0
+    rope_theta_octave: float = 19.0
+    rope_theta_pitch: float = 20.0
+    rope_theta_velocity: float = 131.0
+    # FME bases (§3.2). The spec gives their values, not their JSON keys, so `from_json`
+    # keeps these defaults (equal to both released configs).
+    fme_base_onset: float = 199999.0
+    fme_base_dur: float = 1031.0
+    fme_base_octave: float = 19.0
+    fme_base_pitch: float = 20.0
+    fme_base_velocity: float = 131.0
+    max_len: int = 1024  # generation length cap of the reference sampler
+
+    def __post_init__(self) -> None:
+        H, nh, nkv = self.hidden_size, self.num_attention_heads, self.num_key_value_heads
+        if H <= 0 or H % 6 or (H // 6) % 2:
+            raise ValueError(f"hidden_size must be a positive multiple of 12, got {H}")
+        if nkv != 6 or nh % nkv:
+            raise ValueError(
+                f"MRA needs 6 KV heads (one per attribute group) and a multiple of 6 query "
+                f"heads, got {nh} / {nkv}"
+            )
+        if H % nh or (H // nh) % 2:
+            raise ValueError(f"hidden_size {H} must split into {nh} heads of even size")
+        expected_v = 1 + sum(
+            (
+                self.onset_vocab_size,
+                self.dur_vocab_size,
+                self.octave_vocab_size,
+                self.pitch_class_vocab_size,
+                self.instrument_vocab_size,
+                self.velocity_vocab_size,
+            )
+        )
+        if self.decode_vocab_size != expected_v:
+            raise ValueError(
+                f"decode_vocab_size {self.decode_vocab_size} != 1 + sum of the attribute "
+                f"vocab sizes = {expected_v}"
+            )
+        for f in ("intermediate_size", "num_hidden_layers", "decoder_hidden_size",
+                  "decoder_num_hidden_layers"):
+            if getattr(self, f) <= 0:
+                raise ValueError(f"{f} must be positive, got {getattr(self, f)}")
+
+    @property
+    def attribute_dim(self) -> int:  # d
+        return self.hidden_size // 6
+
+    @property
+    def head_dim(self) -> int:  # hd
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rope_bases(self) -> tuple[float, ...]:  # per MRA group g = 0..5
+        return (self.rope_theta_onset, self.rope_theta_dur, self.rope_theta_octave,
+                self.rope_theta_pitch, self.rope_theta_onset, self.rope_theta_velocity)
+
+    @property
+    def vocab_offsets(self) -> dict[str, int]:
+        """Offset of each attribute in the flat output vocabulary (§3.6); sos_out is id 0."""
+        sizes = (("onset", self.onset_vocab_size), ("dur", self.dur_vocab_size),
+                 ("octave", self.octave_vocab_size), ("pitch", self.pitch_class_vocab_size),
+                 ("instrument", self.instrument_vocab_size),
+                 ("velocity", self.velocity_vocab_size))
+        out, off = {}, 1
+        for a, n in sizes:
+            out[a] = off
+            off += n
+        return out
+
+    @classmethod
+    def moonbeam_309m(cls) -> MoonbeamConfig:
+        """`model_config_small.json`: fits `moonbeam_309M.pt` (309,424,128 params)."""
+        return cls(name="309M")
+
+    @classmethod
+    def moonbeam_839m(cls) -> MoonbeamConfig:
+        """`model_config.json`: fits `moonbeam_839M.pt` (838,847,744 params)."""
+        return cls(name="839M", hidden_size=1920, intermediate_size=6720,
+                   num_hidden_layers=15, onset_vocab_size=4099, dur_vocab_size=4099,
+                   decode_vocab_size=8487, decoder_hidden_size=1536,
+                   decoder_num_hidden_layers=4)
+
+    @classmethod
+    def tiny(cls) -> MoonbeamConfig:
+        """A few-thousand-parameter model for CPU tests; not a released config."""
+        return cls(name="tiny", hidden_size=96, intermediate_size=128, num_hidden_layers=2,
+                   onset_vocab_size=34, dur_vocab_size=34, decode_vocab_size=357,
+                   decoder_hidden_size=32, decoder_num_hidden_layers=2, max_len=64)
+
+    @classmethod
+    def released(cls, name: str) -> MoonbeamConfig:
+        if name not in RELEASED_CONFIGS:
+            raise UserError(f"unknown Moonbeam config {name!r}; choose one of "
+                            f"{', '.join(RELEASED_CONFIGS)} or pass a JSON config file")
+        return RELEASED_CONFIGS[name]()
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> MoonbeamConfig:
+        """Read the reference's config format (a HF LlamaConfig JSON with the Moonbeam keys
+        and a `decoder` sub-dict); keys it has but this model does not use are ignored."""
+        try:
+            with open(path) as f:
+                raw = json.load(f)
+        except FileNotFoundError:
+            raise UserError(f"Moonbeam config {path} does not exist") from None
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"cannot read Moonbeam config {path}: {e}") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"Moonbeam config {path} is not a JSON object")
+        decoder = raw.get("decoder")
+        if not isinstance(decoder, dict):
+            raise UserError(f"Moonbeam config {path} has no `decoder` object (GRU settings)")
+        if raw.get("rope_scaling") is not None:
+            raise UserError(f"Moonbeam config {path}: rope_scaling must be null for MRA")
+        for key, want in (("attention_bias", False), ("mlp_bias", False),
+                          ("tie_word_embeddings", False), ("hidden_act", "silu")):
+            if key in raw and raw[key] != want:
+                raise UserError(f"Moonbeam config {path}: {key} must be {want!r}, "
+                                f"got {raw[key]!r}")
+        if decoder.get("_attn_implementation", "GRU") != "GRU":
+            raise UserError(f"Moonbeam config {path}: only the GRU sub-decoder is supported")
+        kwargs: dict = {"name": os.path.basename(os.fspath(path))}
+        own = {f.name for f in fields(cls)} - {"name"}
+        for key in own:
+            if key in raw:
+                kwargs[key] = raw[key]
+        try:
+            kwargs["decoder_hidden_size"] = decoder["hidden_size"]
+            kwargs["decoder_num_hidden_layers"] = decoder["num_hidden_layers"]
+            for key in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                        "onset_vocab_size", "dur_vocab_size", "decode_vocab_size"):
+                kwargs[key] = raw[key]
+        except KeyError as e:
+            raise UserError(f"Moonbeam config {path} lacks the key {e.args[0]!r}") from None
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"Moonbeam config {path} is invalid: {e}") from None
+
+
+RELEASED_CONFIGS = {"309M": MoonbeamConfig.moonbeam_309m, "839M": MoonbeamConfig.moonbeam_839m}
+
+
+@dataclass
+class MoonbeamOutput:
+    summary: torch.Tensor  # (B, L, G): sub-decoder initial state per position (ref: `logits`)
+    logits: torch.Tensor | None = None  # (B, L-1, 6, V): teacher-forced, only with labels
+    loss: torch.Tensor | None = None  # mean cross-entropy over the B*(L-1)*6 targets, nats
+    past_key_values: list[KV] | None = None
+
+
+def fme_encoding(x: torch.Tensor, d: int, base: float) -> torch.Tensor:
+    """The FME's sinusoid in fp32: (...,) integers -> (..., d), with sin at even and cos at
+    odd j (interleaved, unlike RoPE's halves) and rate_j = base^(-2*floor(j/2)/d)."""
+    j = torch.arange(d, device=x.device)
+    rate = torch.pow(torch.tensor(float(base), dtype=torch.float64, device=x.device),
+                     -(2 * (j // 2)).double() / d).float()  # (d,)
+    angle = x.float()[..., None] * rate  # (..., d)
+    return torch.where(j % 2 == 0, torch.sin(angle), torch.cos(angle))
+
+
+class FundamentalMusicEmbedding(nn.Module):
+    def __init__(self, d: int, base: float) -> None:
+        super().__init__()
+        self.d, self.base = d, base
+        self.translation_bias = nn.Parameter(torch.zeros(1, d))
+        self.linear_fme = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, L) int -> (B, L, d)
+        pe = fme_encoding(x, self.d, self.base) + self.translation_bias.float()
+        return self.linear_fme(pe.to(self.linear_fme.weight.dtype))
+
+
+class InstrumentEmbedding(nn.Module):
+    """Only a wrapper so the key is `instrument_embedding.embedding.weight`."""
+
+    def __init__(self, n: int, d: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(n, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embedding(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rotary_positions(input_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L, 6) tokens -> (B, L, 6) rotary positions: SOS rows -> 0, EOS rows -> 2^15,
+    specials detected on the onset column only; other rows (pads included) as they are."""
+    onset = input_ids[..., :1]
+    pos = torch.where(onset == SOS, torch.zeros_like(input_ids), input_ids)
+    return torch.where(onset == EOS, torch.full_like(input_ids, EOS_POSITION), pos)
+
+
+def mra_rotary(positions: torch.Tensor, head_dim: int,
+               bases: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L, 6) positions -> cos, sin of shape (B, 6, L, hd) in fp32, group g rotated by
+    column (0, 1, 2, 3, 0, 5)[g] with base bases[g]; HF rotate-half layout."""
+    cols = positions[..., [0, 1, 2, 3, 0, 5]].float()  # (B, L, 6); exact below 2^24
+    base = torch.tensor(bases, dtype=torch.float64, device=positions.device)  # (6,)
+    exps = torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim
+    inv_freq = base[:, None].pow(-exps).float()  # (6, hd/2)
+    freqs = cols.transpose(1, 2)[..., None] * inv_freq[None, :, None, :]  # (B,6,L,hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, 6, L, hd)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate in fp32 (see module docstring) and cast back; cos/sin broadcast to x."""
+    h = x.float()
+    return (h * cos + rotate_half(h) * sin).to(x.dtype)
+
+
+class MRAttention(nn.Module):
+    def __init__(self, config: MoonbeamConfig) -> None:
+        super().__init__()
+        H, self.n_heads, self.n_kv = (config.hidden_size, config.num_attention_heads,
+                                      config.num_key_value_heads)
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(H, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(H, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(H, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, H, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, past: KV | None = None) -> tuple[torch.Tensor, KV]:
+        B, L, _ = x.shape
+        rep = self.n_heads // self.n_kv
+        q = self.q_proj(x).view(B, L, self.n_kv, rep, self.head_dim).permute(0, 2, 3, 1, 4)
+        k = self.k_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)  # (B,6,L,hd)
+        v = self.v_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
+        # Q heads {2g, 2g+1} and KV head g share group g's rotation.
+        q = apply_rotary(q, cos[:, :, None], sin[:, :, None]).reshape(B, self.n_heads, L, -1)
+        k = apply_rotary(k, cos, sin)
+        if past is not None:  # the cache holds rotated keys
+            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
+        present = (k, v)
+        k = k.repeat_interleave(rep, dim=1)  # KV head g serves Q heads 2g, 2g+1
+        v = v.repeat_interleave(rep, dim=1)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=L > 1)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, L, -1)), present  # (B, L, H)
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: MoonbeamConfig) -> None:
+        super().__init__()
+        self.self_attn = MRAttention(config)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, past: KV | None = None) -> tuple[torch.Tensor, KV]:
+        a, present = self.self_attn(self.input_layernorm(x), cos, sin, mask, past)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), present
+
+
+class MoonbeamModel(nn.Module):
+    """The backbone: compound embedding + MRA LLaMA layers + final norm (keys `model.*`)."""
+
+    def __init__(self, config: MoonbeamConfig) -> None:
+        super().__init__()
+        self.config = config
+        d, H = config.attribute_dim, config.hidden_size
+        self.onset_embedding = FundamentalMusicEmbedding(d, config.fme_base_onset)
+        self.dur_embedding = FundamentalMusicEmbedding(d, config.fme_base_dur)
+        self.octave_embedding = FundamentalMusicEmbedding(d, config.fme_base_octave)
+        self.pitch_embedding = FundamentalMusicEmbedding(d, config.fme_base_pitch)
+        self.instrument_embedding = InstrumentEmbedding(config.instrument_vocab_size, d)
+        self.velocity_embedding = FundamentalMusicEmbedding(d, config.fme_base_velocity)
+        self.supplementary_embedding = nn.Embedding(2, H)  # row 0 SOS, row 1 EOS
+        self.supplementary_MLP = nn.Sequential(
+            nn.Linear(H, H // 2), nn.ReLU(), nn.Linear(H // 2, H)
+        )
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(H, config.rms_norm_eps)
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B,L,6) -> (B,L,H)
+        onset = input_ids[..., :1]
+        is_sos, is_eos = onset == SOS, onset == EOS  # (B, L, 1)
+        ids = input_ids.masked_fill(is_sos | is_eos, 0)  # keep the lookups valid
+        parts = [
+            self.onset_embedding(ids[..., 0]),
+            self.dur_embedding(ids[..., 1]),
+            self.octave_embedding(ids[..., 2]),
+            self.pitch_embedding(ids[..., 3]),
+            self.instrument_embedding(ids[..., 4]),
+            self.velocity_embedding(ids[..., 5]),
+        ]
+        x = torch.cat(parts, dim=-1)  # concatenated, not summed
+        sup = self.supplementary_embedding.weight.to(x.dtype)
+        x = torch.where(is_sos, sup[0], x)
+        x = torch.where(is_eos, sup[1], x)
+        return self.supplementary_MLP(x)  # every position, specials included; no residual
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                past_key_values: list[KV] | None = None,
+                ) -> tuple[torch.Tensor, list[KV]]:
+        B, L, _ = input_ids.shape
+        x = self.embed_tokens(input_ids)
+        cos, sin = mra_rotary(rotary_positions(input_ids), self.config.head_dim,
+                              self.config.rope_bases)
+        past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        mask = None
+        if attention_mask is not None:
+            if past_len:
+                raise ValueError("attention_mask (packed sample ids) is for training; "
+                                 "it cannot be combined with a KV cache")
+            # Packed training: attend within the same sample id, causally.
+            same = attention_mask[:, :, None] == attention_mask[:, None, :]  # (B, L, L)
+            causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+            mask = (same & causal)[:, None]  # (B, 1, L, L)
+        elif past_len and L > 1:
+            mask = torch.ones(L, past_len + L, dtype=torch.bool, device=x.device).tril(past_len)
+        presents = []
+        for i, layer in enumerate(self.layers):
+            x, present = layer(x, cos, sin, mask,
+                               None if past_key_values is None else past_key_values[i])
+            presents.append(present)
+        return self.norm(x), presents
+
+
+class OutputGRU(nn.Module):
+    """Keys `decoder.gru.*`, `decoder.fc_out.*`."""
+
+    def __init__(self, hidden: int, num_layers: int) -> None:
+        super().__init__()
+        self.gru = nn.GRU(hidden, hidden, num_layers=num_layers, batch_first=True)
+        self.fc_out = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out, h = self.gru(x, h)  # (N, k, G), (NG, N, G)
+        return self.fc_out(out), h  # no activation before lm_head
+
+
+class MoonbeamForCausalLM(nn.Module):
+    def __init__(self, config: MoonbeamConfig) -> None:
+        super().__init__()
+        self.config = config
+        G, V = config.decoder_hidden_size, config.decode_vocab_size
+        self.model = MoonbeamModel(config)
+        self.decoder = OutputGRU(G, config.decoder_num_hidden_layers)
+        self.decoder_embedding = nn.Embedding(V, G)
+        self.summary_projection = nn.Linear(config.hidden_size, G, bias=False)
+        self.lm_head = nn.Linear(G, V, bias=False)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # HF Llama's init (normal 0.02, zero biases); the GRU keeps PyTorch's own.
+        for name, m in self.named_modules():
+            if name.startswith("decoder.gru"):
+                continue
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+                if isinstance(m, nn.Linear) and m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def decode(self, summary: torch.Tensor, ids: torch.Tensor,
+               h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the GRU over flat ids: summary (N, G) is the initial state of every layer
+        (used only when h is None), ids (N, k) -> logits (N, k, V) and the new state, so a
+        sampler can feed one id at a time starting from id 0 (`sos_out`)."""
+        if h is None:
+            h = summary[None].expand(self.config.decoder_num_hidden_layers, -1, -1).contiguous()
+        x = self.decoder_embedding(ids)  # (N, k, G)
+        out, h = self.decoder(x, h.to(x.dtype))
+        return self.lm_head(out), h
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None,
+                past_key_values: list[KV] | None = None,
+                use_cache: bool = False) -> MoonbeamOutput:
+        """input_ids (B, L, 6) raw values (also the MRA positions); labels (B, L, 7) flat ids
+        [0, Δonset, dur, oct, pc, instr, vel]; attention_mask (B, L) packed sample ids."""
+        h, presents = self.model(input_ids, attention_mask, past_key_values)
+        summary = self.summary_projection(h)  # (B, L, G)
+        out = MoonbeamOutput(summary=summary, past_key_values=presents if use_cache else None)
+        if labels is None:
+            return out
+        B, L, _ = input_ids.shape
+        nxt = labels[:, 1:]  # position t predicts the attributes of token t+1
+        s = summary[:, :-1].reshape(B * (L - 1), -1)
+        logits, _ = self.decode(s, nxt[..., :6].reshape(B * (L - 1), 6))  # teacher forcing
+        out.logits = logits.view(B, L - 1, 6, -1)
+        # No ignore index: pads (all-zero labels) count, as in the reference.
+        out.loss = F.cross_entropy(out.logits.float().flatten(0, 2), nxt[..., 1:].reshape(-1))
+        return out
+
+
+def load_released(path: str | os.PathLike, config: MoonbeamConfig | str,
+                  dtype: torch.dtype | None = None) -> MoonbeamForCausalLM:
+    """Load a released (or same-format) checkpoint strictly into a model of `config` (a
+    `MoonbeamConfig` or "309M" / "839M"), on the CPU, in fp32 by default (the stored bf16
+    tensors are upcast, as the reference loader does) or in `dtype`. Raises `UserError` for
+    a missing or unreadable file and for the first key whose shape the config does not fit."""
+    if isinstance(config, str):
+        config = MoonbeamConfig.released(config)
+    if not os.path.isfile(path):
+        raise UserError(f"Moonbeam checkpoint {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors have no common base class
+        raise UserError(f"cannot read Moonbeam checkpoint {path}: {e}") from None
+    sd = obj.get("model_state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(sd, dict):
+        raise UserError(f"{path} holds no state_dict (expected a dict or `model_state_dict`)")
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    # Built on meta and then given the file's tensors: no init pass, no second fp32 copy.
+    with torch.device("meta"):
+        model = MoonbeamForCausalLM(config)
+    expected = model.state_dict()
+    for k, want in expected.items():
+        if k not in sd:
+            raise UserError(f"{path} lacks {k}, which the {config.name} config expects; "
+                            f"is it a Moonbeam checkpoint of that size?")
+        got = sd[k]
+        if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            raise UserError(f"{path}: {k} has shape {shape} but the {config.name} config "
+                            f"expects {tuple(want.shape)}; pick the config that matches")
+    extra = sorted(set(sd) - set(expected))
+    if extra:
+        raise UserError(f"{path} has {len(extra)} key(s) the {config.name} config lacks, "
+                        f"first {extra[0]}")
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.to(torch.float32 if dtype is None else dtype).eval()
+
+
+__all__ = [
+    "MoonbeamConfig", "MoonbeamForCausalLM", "MoonbeamModel", "MoonbeamOutput",
+    "FundamentalMusicEmbedding", "RELEASED_CONFIGS", "fme_encoding", "load_released",
+    "mra_rotary", "rotary_positions",
+]
