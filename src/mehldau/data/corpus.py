@@ -10,9 +10,7 @@ second run over the same folder tokenizes nothing; skip verdicts are cached the 
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,14 +70,6 @@ def file_hash(path: Path) -> str:
     return h.hexdigest()[:24]
 
 
-def _save_npy_atomic(arr: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, arr)
-    os.replace(tmp, path)
-
-
 def tokenize_pieces(
     pieces: list[Piece], tokenizer: Tokenizer, cache_dir: str | Path | None, desc: str = "tokenize"
 ) -> tuple[list[tuple[Piece, np.ndarray]], list[tuple[Piece, str]], int]:
@@ -110,7 +100,8 @@ def tokenize_pieces(
                         f.write(str(e) + "\n")
                 raise
             if npy is not None:
-                _save_npy_atomic(tokens, npy)
+                with atomic_file(npy, "wb") as f:
+                    np.save(f, tokens)
             ok.append((piece, tokens))
         except BadMidi as e:
             skipped.append((piece, str(e)))
