@@ -9,8 +9,9 @@ grows with M, linearly). Each case runs in a fresh subprocess; CPU memory is the
 of the step above the RSS after building the model (Linux VmHWM), CUDA memory is
 `max_memory_allocated` above the model.
 
-    python benchmarks/perceiver.py                     # CPU: d=128, 4 layers (a few minutes)
-    python benchmarks/perceiver.py --device cuda --dtype bf16 --d-model 512 --layers 8
+    python benchmarks/perceiver.py                     # CPU: the base preset's d=512, 8 layers
+    python benchmarks/perceiver.py --d-model 128 --layers 4    # the tiny width
+    python benchmarks/perceiver.py --device cuda --dtype bf16 --plain-max 8192
 """
 
 from __future__ import annotations
@@ -77,12 +78,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     ap.add_argument("--latents", type=int, default=512)
-    ap.add_argument("--d-model", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--d-model", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--contexts", default="1024,2048,4096,8192")
-    ap.add_argument("--plain-max", type=int, default=4096,
+    ap.add_argument("--plain-max", type=int, default=2048,
                     help="largest context for the plain Transformer (memory grows as M^2)")
     a = ap.parse_args()
     ctx = [int(c) for c in a.contexts.split(",")]

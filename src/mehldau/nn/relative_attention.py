@@ -148,6 +148,33 @@ def _flex_relative_attention(q: Tensor, k: Tensor, v: Tensor, rel_emb: Tensor) -
     return attend(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
 
 
+def _prefix_relative_attention(q: Tensor, k: Tensor, v: Tensor, rel_emb: Tensor, q_pos: Tensor,
+                               allowed: Tensor, dropout_p: float = 0.0) -> Tensor:
+    """Queries at positions `q_pos` attend to keys 0..S-1 (a KV cache, or Perceiver AR's prefix).
+
+    q: (B, H, T, Dh); k, v: (B, H, S, Dh); allowed: bool, broadcastable to (B, 1, T, S).
+    Written out rather than through SDPA: SDPA would need the relative term as a dense float
+    mask over all S keys, and a mask that needs a gradient sends CPU SDPA to its unfused math
+    path, which allocates about twice as many (B, H, T, S) tensors as this. Here the relative
+    term is added only on the band of keys it can reach (distances < R; beyond the table it is
+    zero), fused into that band's q.k product.
+    """
+    S, R = k.shape[-2], rel_emb.shape[-2]
+    scale = q.shape[-1] ** -0.5
+    q = q * scale
+    lo = max(0, int(q_pos[0]) - (R - 1))  # keys before lo are out of every query's reach
+    band = relative_logits_gather(q, rel_emb, q_pos - lo, S - lo)  # (B, H, T, S-lo)
+    near = torch.baddbmm(band.flatten(0, 1), q.flatten(0, 1), k[:, :, lo:].flatten(0, 1).mT)
+    scores = near.view(band.shape)  # (B, H, T, S-lo)
+    if lo > 0:  # far keys: q.k only; one concatenation, sliced (not copied) by its backward
+        scores = torch.cat([q @ k[:, :, :lo].transpose(-2, -1), scores], dim=-1)  # (B,H,T,S)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    att = scores.softmax(dim=-1)  # (B, H, T, S)
+    if dropout_p > 0.0:
+        att = F.dropout(att, p=dropout_p)
+    return att @ v  # (B, H, T, Dh)
+
+
 # ----------------------------------------------------------------------------------------------
 # The module
 
@@ -241,15 +268,10 @@ class RelativeSelfAttention(nn.Module):
             allowed = allowed.unsqueeze(-3)  # (B or 1, 1, T, S): the same for every head
             if self.impl == "sdpa":
                 mask = torch.zeros(allowed.shape, device=x.device, dtype=q.dtype)
+                mask = mask.masked_fill(~allowed, float("-inf"))
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
             else:
-                # Keys R or more before the first query get no relative term (zero beyond the
-                # table), so the gather only covers the band of the last T + R - 1 keys: at a
-                # Perceiver AR context of 8k keys and R = 1k that is ~5x less work.
-                lo = max(0, P - (self.max_relative_position - 1))
-                band = relative_logits_gather(q, self.rel_emb, q_pos - lo, S - lo)  # (B,H,T,S-lo)
-                mask = F.pad(band * scale, (lo, 0))  # (B, H, T, S)
-            mask = mask.masked_fill(~allowed, float("-inf"))  # (B, H, T, S)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+                y = _prefix_relative_attention(q, k, v, self.rel_emb, q_pos, allowed, dropout_p)
         else:
             impl = self._resolve_impl(x)
             if impl == "flex":
