@@ -382,9 +382,21 @@ def test_teacher_forced_loss_and_gru_inputs() -> None:
     B, L = ids.shape[:2]
     assert out.summary.shape == (B, L, c.decoder_hidden_size)
     assert out.logits.shape == (B, L - 1, 6, c.decode_vocab_size)
-    want = torch.nn.functional.cross_entropy(out.logits.flatten(0, 2),
-                                             labels[:, 1:, 1:].reshape(-1))
-    torch.testing.assert_close(out.loss, want)
+    # Nats per event = the sum over the six attributes of each one's cross-entropy.
+    per_attr = [torch.nn.functional.cross_entropy(out.logits[:, :, a].flatten(0, 1),
+                                                  labels[:, 1:, 1 + a].reshape(-1))
+                for a in range(6)]
+    torch.testing.assert_close(out.loss, sum(per_attr))
+    torch.testing.assert_close(out.attribute_loss, torch.stack(per_attr))
+    # Ignored rows (padding) change nothing: the loss of the first 4 positions alone.
+    masked = labels.clone()
+    masked[:, 5:] = -100
+    with torch.no_grad():
+        part = model(ids, labels=masked)
+    want = sum(torch.nn.functional.cross_entropy(out.logits[:, :4, a].flatten(0, 1),
+                                                 labels[:, 1:5, 1 + a].reshape(-1))
+               for a in range(6))
+    torch.testing.assert_close(part.loss, want)
     # Feeding the GRU one id at a time (as a sampler does) gives the same logits.
     s = out.summary[0, 2:3]  # position 2 predicts token 3
     h, steps = None, []

@@ -34,8 +34,8 @@ SPEC = ar.ModelSpec(
     train_dataset=lambda seqs, mcfg, tok, seed, aug, prefixes: PerceiverCropDataset(
         seqs, mcfg.max_seq_len, mcfg.num_latents, tok, seed=seed, transpose=aug.transpose,
         stretch=(aug.stretch_min, aug.stretch_max), prefixes=prefixes),
-    eval_dataset=lambda seqs, mcfg, pad_id, prefixes: PerceiverWindowDataset(
-        seqs, mcfg.max_seq_len, mcfg.num_latents, pad_id, prefixes),
+    eval_dataset=lambda seqs, mcfg, tok, prefixes: PerceiverWindowDataset(
+        seqs, mcfg.max_seq_len, mcfg.num_latents, tok.special_tokens["pad"], prefixes),
     decoder=lambda model, use_cache, prefix_len: PerceiverDecoder(model, use_cache, prefix_len),
 )
 

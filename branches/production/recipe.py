@@ -26,8 +26,8 @@ SPEC = ar.ModelSpec(
     train_dataset=lambda seqs, mcfg, tok, seed, aug, prefixes: RandomCropDataset(
         seqs, mcfg.max_seq_len, tok, seed=seed, transpose=aug.transpose,
         stretch=(aug.stretch_min, aug.stretch_max), prefixes=prefixes),
-    eval_dataset=lambda seqs, mcfg, pad_id, prefixes: WindowDataset(
-        seqs, mcfg.max_seq_len, pad_id, prefixes),
+    eval_dataset=lambda seqs, mcfg, tok, prefixes: WindowDataset(
+        seqs, mcfg.max_seq_len, tok.special_tokens["pad"], prefixes),
     decoder=lambda model, use_cache, prefix_len: KVCacheDecoder(
         model, model.config.max_seq_len, use_cache, prefix_len),
 )

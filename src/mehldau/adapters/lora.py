@@ -9,8 +9,10 @@ refuse an adapter whose base changed on disk.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +82,14 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, remembered per (path, size, mtime): every checkpoint of an adapter run
+    records its base's hash, and a released Moonbeam base is over a gigabyte."""
+    st = os.stat(path)
+    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -87,11 +97,17 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _base_file(base: Path, base_weights: str) -> Path:
+    """The file whose hash identifies a base: its weights file, or the base itself when it is
+    a single file (`init=FILE`, e.g. a released Moonbeam .pt)."""
+    return base if base.is_file() else base / base_weights
+
+
 def save_adapter(model: nn.Module, ckpt_dir: Path, base_ckpt: Path, base_weights: str) -> None:
     """peft's adapter files into `ckpt_dir/adapter`, and the base pointer beside them."""
     model.save_pretrained(str(ckpt_dir / ADAPTER_DIR))
     pointer = {"path": str(Path(base_ckpt).resolve()),
-               "sha256": file_sha256(Path(base_ckpt) / base_weights)}
+               "sha256": file_sha256(_base_file(Path(base_ckpt), base_weights))}
     (ckpt_dir / BASE_POINTER).write_text(json.dumps(pointer, indent=2))
 
 
@@ -103,10 +119,11 @@ def read_base_pointer(ckpt_dir: Path, base_weights: str, force: bool = False) ->
         raise UserError(f"{ckpt_dir} has no readable {BASE_POINTER}; it is not an adapter "
                         "checkpoint") from e
     base = Path(pointer["path"])
-    if not (base / base_weights).is_file():
+    weights = _base_file(base, base_weights)
+    if not weights.is_file():
         raise UserError(f"the base checkpoint of adapter {ckpt_dir} is gone: {base}; restore it "
                         "or retrain the adapter")
-    if file_sha256(base / base_weights) != pointer["sha256"]:
+    if file_sha256(weights) != pointer["sha256"]:
         msg = (f"the base weights at {base} changed since adapter {ckpt_dir} was trained on "
                "them; retrain the adapter, or pass force=true to use it anyway")
         if not force:

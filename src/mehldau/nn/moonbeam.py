@@ -39,6 +39,7 @@ ATTRIBUTES = ("onset", "dur", "octave", "pitch", "instrument", "velocity")  # in
 FME_ATTRIBUTES = ("onset", "dur", "octave", "pitch", "velocity")
 SOS, EOS, PAD = -1, -2, -3  # special values of a whole input row (detected on onset only)
 EOS_POSITION = 2**15  # every rotary position of an EOS row (§3.3 step 2)
+IGNORE_INDEX = -100  # label rows without a target (the trainer's convention)
 
 
 @dataclass
@@ -209,7 +210,8 @@ RELEASED_CONFIGS = {"309M": MoonbeamConfig.moonbeam_309m, "839M": MoonbeamConfig
 class MoonbeamOutput:
     summary: torch.Tensor  # (B, L, G): sub-decoder initial state per position (ref: `logits`)
     logits: torch.Tensor | None = None  # (B, L-1, 6, V): teacher-forced, only with labels
-    loss: torch.Tensor | None = None  # mean cross-entropy over the B*(L-1)*6 targets, nats
+    loss: torch.Tensor | None = None  # nats per event: the sum of attribute_loss
+    attribute_loss: torch.Tensor | None = None  # (6,) mean cross-entropy of each attribute
     past_key_values: list[KV] | None = None
 
 
@@ -465,7 +467,8 @@ class MoonbeamForCausalLM(nn.Module):
                 past_key_values: list[KV] | None = None,
                 use_cache: bool = False) -> MoonbeamOutput:
         """input_ids (B, L, 6) raw values (also the MRA positions); labels (B, L, 7) flat ids
-        [0, Δonset, dur, oct, pc, instr, vel]; attention_mask (B, L) packed sample ids."""
+        [0, Δonset, dur, oct, pc, instr, vel], rows of IGNORE_INDEX (-100) have no target
+        (padding, a packed sample's SOS); attention_mask (B, L) packed sample ids."""
         h, presents = self.model(input_ids, attention_mask, past_key_values)
         summary = self.summary_projection(h)  # (B, L, G)
         out = MoonbeamOutput(summary=summary, past_key_values=presents if use_cache else None)
@@ -474,10 +477,18 @@ class MoonbeamForCausalLM(nn.Module):
         B, L, _ = input_ids.shape
         nxt = labels[:, 1:]  # position t predicts the attributes of token t+1
         s = summary[:, :-1].reshape(B * (L - 1), -1)
-        logits, _ = self.decode(s, nxt[..., :6].reshape(B * (L - 1), 6))  # teacher forcing
+        gru_in = nxt[..., :6].clamp(min=0).reshape(B * (L - 1), 6)  # ignored rows feed id 0
+        logits, _ = self.decode(s, gru_in)  # teacher forcing
         out.logits = logits.view(B, L - 1, 6, -1)
-        # No ignore index: pads (all-zero labels) count, as in the reference.
-        out.loss = F.cross_entropy(out.logits.float().flatten(0, 2), nxt[..., 1:].reshape(-1))
+        target = nxt[..., 1:]  # (B, L-1, 6)
+        ce = F.cross_entropy(out.logits.float().flatten(0, 2), target.reshape(-1),
+                             ignore_index=IGNORE_INDEX, reduction="none").view_as(target)
+        # Nats per event: the sum of the six attributes' mean cross-entropies over the rows
+        # that have targets (the reference instead averages over all 6 * B * (L-1) targets,
+        # pads included: a sixth of this, diluted by padding).
+        valid = (target != IGNORE_INDEX).float()  # (B, L-1, 6)
+        out.attribute_loss = (ce * valid).sum((0, 1)) / valid.sum((0, 1)).clamp(min=1)  # (6,)
+        out.loss = out.attribute_loss.sum()
         return out
 
 

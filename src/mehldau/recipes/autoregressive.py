@@ -64,18 +64,38 @@ class ModelSpec:
     config_keys: tuple[str, ...]  # the keys of cfg.model passed to config_class
     # (sequences, model config, tokenizer, seed, cfg.augment, style prefixes) -> training set
     train_dataset: Callable[..., Dataset]
-    # (sequences, model config, pad id, style prefixes) -> evaluation windows
+    # (sequences, model config, tokenizer, style prefixes) -> evaluation windows
     eval_dataset: Callable[..., Dataset]
     # (model, use_cache, prefix_len) -> incremental decoder for sampling
-    decoder: Callable[[torch.nn.Module, bool, int], Decoder]
+    decoder: Callable[[torch.nn.Module, bool, int], Decoder] | None = None
+    # Hooks for a model whose tokens are not one id each (Moonbeam's compound rows):
+    # (cfg) -> the tokenizer's config (default: cfg.branch.tokenizer.config)
+    tokenizer_config: Callable[[DictConfig], dict] | None = None
+    # (cfg, tokenizer) -> model config (default: cfg.model's config_keys + the vocab size)
+    build_config: Callable[[DictConfig, Tokenizer], Any] | None = None
+    # (piece's tokens, tokenizer) -> the sequence the datasets see (default: BOS + EOS added)
+    frame: Callable[[np.ndarray, Tokenizer], np.ndarray] | None = None
+    # (sequences, tokenizer) -> the unigram baseline, nats per target (metrics.jsonl line 1)
+    baseline: Callable[[list[np.ndarray], Tokenizer], float] | None = None
+    # (file, model config) -> model: `init=FILE` names a base in a foreign format (the
+    # released Moonbeam .pt) instead of one of our checkpoint directories
+    load_foreign: Callable[[Path, Any], torch.nn.Module] | None = None
 
 
-def model_config(spec: ModelSpec, cfg: DictConfig, vocab_size: int) -> Any:
+def model_config(spec: ModelSpec, cfg: DictConfig, tokenizer: Tokenizer) -> Any:
     try:
-        return spec.config_class(vocab_size=vocab_size,
+        if spec.build_config is not None:
+            return spec.build_config(cfg, tokenizer)
+        return spec.config_class(vocab_size=tokenizer.vocab_size,
                                  **{k: cfg.model[k] for k in spec.config_keys if k in cfg.model})
     except ValueError as e:
         raise UserError(f"bad model config: {e}") from e
+
+
+def _tokenizer_config(spec: ModelSpec, cfg: DictConfig) -> dict:
+    if spec.tokenizer_config is not None:
+        return spec.tokenizer_config(cfg)
+    return OmegaConf.to_container(cfg.branch.tokenizer.config, resolve=True)
 
 
 def train(spec: ModelSpec, cfg: DictConfig) -> Path:
@@ -107,29 +127,35 @@ def train(spec: ModelSpec, cfg: DictConfig) -> Path:
     else:
         if cfg.init is not None:
             raise UserError("init= is for stage=adapt; add stage=adapt adapter=lora|qlora")
-        tok_cfg = OmegaConf.to_container(cfg.branch.tokenizer.config, resolve=True)
+        tok_cfg = _tokenizer_config(spec, cfg)
         tokenizer = build_tokenizer(cfg.branch.tokenizer.name,
                                     {**tok_cfg, "styles": styles} if styles else tok_cfg)
-        mcfg = model_config(spec, cfg, tokenizer.vocab_size)  # validated before anything is written
+        mcfg = model_config(spec, cfg, tokenizer)  # validated before anything is written
     run_dir.mkdir(parents=True, exist_ok=True)
     corpus = build_corpus(pieces, tokenizer, run_dir, cfg.cache_dir,
                           tuple(cfg.split.ratios), cfg.split.seed)
-    seqs = {s: [add_bos_eos(x, tokenizer) for x in corpus.sequences(s)] for s in corpus.splits}
+    frame = spec.frame or add_bos_eos
+    seqs = {s: [frame(x, tokenizer) for x in corpus.sequences(s)] for s in corpus.splits}
     if not seqs["train"]:
         raise UserError("the training split is empty; use more files or change split.ratios")
     metrics = MetricsFile(run_dir / "metrics.jsonl")
     fresh = not tcfg.resume or not metrics.path.exists()
     if fresh:
         all_seqs = [x for s in corpus.splits for x in corpus.sequences(s)]
+        baseline = (spec.baseline(all_seqs, tokenizer) if spec.baseline is not None
+                    else unigram_entropy(all_seqs, tokenizer.vocab_size))
         metrics.write(
-            {"step": 0, "split": "corpus", "unigram_entropy": unigram_entropy(
-                all_seqs, tokenizer.vocab_size), "tokens": int(sum(len(x) for x in all_seqs)),
+            {"step": 0, "split": "corpus", "unigram_entropy": baseline,
+             "tokens": int(sum(len(x) for x in all_seqs)),
              "pieces": len(all_seqs), "skipped": len(corpus.skipped)})
 
     set_seed(cfg.seed)
-    model = spec.model_class(mcfg)
-    if base_ckpt is not None:
-        load_weights(model, base_ckpt, spec.branch)
+    if base_ckpt is not None and base_ckpt.is_file():
+        model = spec.load_foreign(base_ckpt, mcfg)
+    else:
+        model = spec.model_class(mcfg)
+        if base_ckpt is not None:
+            load_weights(model, base_ckpt, spec.branch)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {spec.branch}, {n_params / 1e6:.2f}M parameters"
           + (f", adapting {base_ckpt}" if adapt else ""), file=sys.stderr)
@@ -138,7 +164,7 @@ def train(spec: ModelSpec, cfg: DictConfig) -> Path:
     aug = cfg.augment
     train_ds = spec.train_dataset(seqs["train"], mcfg, tokenizer, cfg.seed, aug,
                                   prefixes["train"])
-    val_ds = spec.eval_dataset(seqs["val"], mcfg, tokenizer.special_tokens["pad"],
+    val_ds = spec.eval_dataset(seqs["val"], mcfg, tokenizer,
                                prefixes["val"]) if seqs["val"] else None
     if val_ds is None:
         print("train: no validation split (fewer than 3 groups); no val loss", file=sys.stderr)
@@ -191,7 +217,11 @@ def _checked_style_id(tokenizer: Tokenizer, name: str) -> int:
 def _adapt_base(spec: ModelSpec, cfg: DictConfig) -> tuple[Path, Tokenizer, Any]:
     """The checkpoint to adapt, its tokenizer and architecture, checked."""
     if cfg.init is None:
-        raise UserError("stage=adapt needs init=<a production run or checkpoint directory>")
+        raise UserError(f"stage=adapt needs init=<a {spec.branch} run or checkpoint directory>")
+    if spec.load_foreign is not None and Path(str(cfg.init)).expanduser().is_file():
+        base = Path(str(cfg.init)).expanduser().resolve()  # e.g. a released Moonbeam .pt
+        tokenizer = build_tokenizer(cfg.branch.tokenizer.name, _tokenizer_config(spec, cfg))
+        return base, tokenizer, model_config(spec, cfg, tokenizer)
     base = resolve_checkpoint(cfg.init)
     meta = read_meta(base)
     if meta.get("branch") != spec.branch:
@@ -202,8 +232,8 @@ def _adapt_base(spec: ModelSpec, cfg: DictConfig) -> tuple[Path, Tokenizer, Any]
                         "ckpt=... out=DIR) and adapt the merged checkpoint")
     tokenizer = load_tokenizer(base / "tokenizer.json")
     wanted = build_tokenizer(cfg.branch.tokenizer.name, {
-        **OmegaConf.to_container(cfg.branch.tokenizer.config, resolve=True),
-        "styles": tokenizer.styles})
+        **_tokenizer_config(spec, cfg), **({"styles": tokenizer.styles} if tokenizer.styles
+                                          else {})})
     if wanted != tokenizer:
         raise UserError(f"branch.tokenizer differs from the tokenizer of init {base}; adapting "
                         "uses the base's tokenizer, so drop the branch.tokenizer override")
@@ -253,7 +283,11 @@ def load_model(spec: ModelSpec, ckpt: Path, device: torch.device | str = "cpu",
     merged (the adapter is checked against the base's recorded hash unless `force`)."""
     if read_meta(ckpt).get("stage") == "adapt":
         base = read_base_pointer(ckpt, WEIGHTS, force=force)
-        model, tokenizer = load_model(spec, base, "cpu")
+        if base.is_file():  # a foreign base (init=FILE): our tokenizer and config are here
+            model = spec.load_foreign(base, read_model_config(spec, ckpt))
+            tokenizer = load_tokenizer(ckpt / "tokenizer.json")
+        else:
+            model, tokenizer = load_model(spec, base, "cpu")
         model = merge(load_adapter(model, ckpt))
         return model.to(device).eval(), tokenizer
     tokenizer = load_tokenizer(ckpt / "tokenizer.json")
@@ -280,7 +314,7 @@ def prompt_tokens(tokenizer: Tokenizer, path: str | Path, seconds: float) -> np.
     return tokens
 
 
-def _cap_durations(score, max_seconds: float | None):
+def cap_durations(score, max_seconds: float | None):
     """Cut notes longer than `max_seconds` (Magenta's `max_note_duration`): a small model
     sometimes never emits a note's note-off, which would otherwise ring to the end."""
     if not max_seconds:
@@ -292,7 +326,7 @@ def _cap_durations(score, max_seconds: float | None):
     return secs.to("tick")
 
 
-def _device(name: str) -> torch.device:
+def device_for(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -300,7 +334,7 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _out_paths(out: str | Path, n: int) -> list[Path]:
+def out_paths(out: str | Path, n: int) -> list[Path]:
     out = Path(out).expanduser()
     if n == 1:
         return [out]
@@ -308,7 +342,7 @@ def _out_paths(out: str | Path, n: int) -> list[Path]:
 
 
 def generate(spec: ModelSpec, cfg: DictConfig, ckpt: Path) -> list[Path]:
-    device = _device(cfg.device)
+    device = device_for(cfg.device)
     model, tokenizer = load_model(spec, ckpt, device, force=bool(cfg.get("force", False)))
     sp = tokenizer.special_tokens
     prefix: list[int] = []
@@ -338,9 +372,9 @@ def generate(spec: ModelSpec, cfg: DictConfig, ckpt: Path) -> list[Path]:
         banned_ids=(sp["pad"], sp["bos"], sp["eos"], *range(
             tokenizer.vocab_size - len(tokenizer.styles), tokenizer.vocab_size)),
     )
-    scores = [_cap_durations(tokenizer.decode(row.cpu().numpy()), cfg.get("max_note_seconds"))
+    scores = [cap_durations(tokenizer.decode(row.cpu().numpy()), cfg.get("max_note_seconds"))
               for row in seqs]
-    paths = _out_paths(cfg.out, len(scores))
+    paths = out_paths(cfg.out, len(scores))
     for score, path in zip(scores, paths):
         atomic_write_midi(score, path)
     for score, path in zip(scores, paths):

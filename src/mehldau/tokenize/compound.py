@@ -201,6 +201,41 @@ class CompoundTokenizer(Tokenizer):
         dur = np.maximum(np.rint((end - start) * tps).astype(np.int64), 1)
         return np.stack([onset, dur, pitch // 12, pitch % 12, instr, np.clip(vel, 1, 127)], 1)
 
+    def augment(self, tokens: np.ndarray, transpose: int = 0, stretch: float = 1.0) -> np.ndarray:
+        """Transpose by semitones and stretch time on (T, 6) rows (training crops).
+
+        Events pushed out of the piano's 21..108 (drums are never transposed) are dropped;
+        onsets and durations are multiplied by `stretch` and rounded, durations kept >= 1 and
+        <= max_dur, and a Δonset that would exceed max_shift is shortened to it, so the result
+        always has valid labels. SOS/EOS/PAD rows are kept as they are.
+        """
+        if transpose == 0 and stretch == 1.0:
+            return tokens
+        if not (np.isfinite(stretch) and stretch > 0):
+            raise ValueError(f"stretch must be a positive finite number, got {stretch}")
+        rows = np.array(tokens, dtype=np.int64).reshape(-1, NUM_ATTRIBUTES)
+        event = rows[:, 0] >= 0
+        drum = rows[:, 4] == DRUM_INSTRUMENT
+        pitch = rows[:, 2] * 12 + rows[:, 3] + np.where(drum, 0, int(transpose))
+        keep = ~event | drum | ((pitch >= 21) & (pitch <= 108))
+        rows[event, 2], rows[event, 3] = pitch[event] // 12, pitch[event] % 12
+        rows[event, 1] = np.clip(np.rint(rows[event, 1] * stretch), 1, self.max_dur)
+        rows = rows[keep]
+        event = rows[:, 0] >= 0
+        onset = np.rint(rows[:, 0] * stretch).astype(np.int64)
+        # Re-cap every Δonset within its sample (the base restarts at 0 after an SOS).
+        sample = np.cumsum(rows[:, 0] == SOS)
+        idx = np.flatnonzero(event)
+        prev = np.zeros(len(idx), np.int64)
+        same = np.zeros(len(idx), bool)
+        same[1:] = sample[idx[1:]] == sample[idx[:-1]]
+        prev[1:] = onset[idx[:-1]]
+        delta = np.minimum(onset[idx] - np.where(same, prev, 0), self.max_shift)
+        total = np.cumsum(delta)  # restarted at each sample's first event:
+        before = (total - delta)[np.flatnonzero(~same)]
+        rows[idx, 0] = total - before[np.cumsum(~same) - 1]
+        return rows
+
     # --- labels --------------------------------------------------------------------------
     def to_labels(self, rows: np.ndarray) -> np.ndarray:
         """(T, 6) rows -> (T, 7) flat ids `[sos_out, Δonset, dur, oct, pc, instr, vel]`.
