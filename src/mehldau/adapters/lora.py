@@ -105,7 +105,8 @@ def _base_file(base: Path, base_weights: str) -> Path:
 
 def save_adapter(model: nn.Module, ckpt_dir: Path, base_ckpt: Path, base_weights: str) -> None:
     """peft's adapter files into `ckpt_dir/adapter`, and the base pointer beside them."""
-    model.save_pretrained(str(ckpt_dir / ADAPTER_DIR))
+    # LoRA on an embedding never resizes it: no need for peft to store the whole table.
+    model.save_pretrained(str(ckpt_dir / ADAPTER_DIR), save_embedding_layers=False)
     pointer = {"path": str(Path(base_ckpt).resolve()),
                "sha256": file_sha256(_base_file(Path(base_ckpt), base_weights))}
     (ckpt_dir / BASE_POINTER).write_text(json.dumps(pointer, indent=2))

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -105,6 +105,9 @@ class MoonbeamConfig:
                   "decoder_num_hidden_layers"):
             if getattr(self, f) <= 0:
                 raise ValueError(f"{f} must be positive, got {getattr(self, f)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
     @property
     def attribute_dim(self) -> int:  # d

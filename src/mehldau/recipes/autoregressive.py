@@ -92,6 +92,14 @@ def model_config(spec: ModelSpec, cfg: DictConfig, tokenizer: Tokenizer) -> Any:
         raise UserError(f"bad model config: {e}") from e
 
 
+def adapter_config(cfg: DictConfig) -> AdapterConfig:
+    """`adapter` (lora|qlora) over the branch's defaults: a null there (alpha, targets) takes
+    `branch.adapter`, so `adapter=qlora` adapts each model where its paper does."""
+    given = OmegaConf.to_container(cfg.adapter, resolve=True)
+    defaults = OmegaConf.to_container(cfg.branch.get("adapter") or {}, resolve=True)
+    return AdapterConfig(**{**defaults, **{k: v for k, v in given.items() if v is not None}})
+
+
 def _tokenizer_config(spec: ModelSpec, cfg: DictConfig) -> dict:
     if spec.tokenizer_config is not None:
         return spec.tokenizer_config(cfg)
@@ -115,7 +123,7 @@ def train(spec: ModelSpec, cfg: DictConfig) -> Path:
     styles = sorted({_style_of(p, cfg) for p in pieces}) if cfg.style.enabled else []
     if adapt:
         base_ckpt, tokenizer, mcfg = _adapt_base(spec, cfg)
-        acfg = AdapterConfig(**OmegaConf.to_container(cfg.adapter, resolve=True))
+        acfg = adapter_config(cfg)
         if acfg.kind == "qlora":
             qlora.import_bnb()  # fail before anything is written
         if tokenizer.styles:  # the base is style-conditioned: every piece needs a known style

@@ -1,0 +1,151 @@
+"""The moonbeam_lora branch: Moonbeam (Guo & Dixon 2025) from its released weights, fine-tuned
+on Mehldau with LoRA (or trained from scratch when no `init` is given: the tiny preset).
+
+Composed from the core: the compound tokenizer (`mehldau.tokenize.compound`), the model and
+its loader (`mehldau.nn.moonbeam`), packed crops (`mehldau.data.packing`), the per-attribute
+sampler (`mehldau.sampling_compound`) and the autoregressive recipe's train / adapt / merge.
+What is specific here: the model preset fixes the tokenizer's vocabulary, `init=FILE.pt`
+means "adapt this released checkpoint" (no `stage=adapt` needed), and generation samples
+events rather than ids. `context_len` of the preset is stored as the config's `max_len`.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from mehldau.data.packing import EventWindowDataset, PackedCropDataset, split_samples
+from mehldau.errors import UserError
+from mehldau.io import atomic_write_midi
+from mehldau.nn.moonbeam import MoonbeamConfig, MoonbeamForCausalLM, load_released
+from mehldau.recipes import autoregressive as ar
+from mehldau.sampling import SamplingConfig
+from mehldau.sampling_compound import EventSampling, sample_events
+from mehldau.tokenize.compound import EOS, NUM_ATTRIBUTES, CompoundTokenizer
+
+_FIELDS = {f.name for f in fields(MoonbeamConfig)} - {"name", "max_len"}
+
+
+def model_config(cfg: DictConfig) -> MoonbeamConfig:
+    """The preset's architecture: a released one, a reference JSON, or the keys given."""
+    m = cfg.model
+    if m.get("config_json"):
+        mcfg = MoonbeamConfig.from_json(Path(str(m.config_json)).expanduser())
+    elif m.get("released"):
+        mcfg = MoonbeamConfig.released(str(m.released))
+    else:
+        mcfg = MoonbeamConfig(name=str(m.get("preset", "custom")),
+                              **{k: m[k] for k in _FIELDS if k in m})
+    mcfg.max_len = int(m.get("context_len", mcfg.max_len))
+    if mcfg.max_len < 4:
+        raise ValueError(f"context_len must be >= 4, got {mcfg.max_len}")
+    return mcfg
+
+
+def _tokenizer_config(cfg: DictConfig) -> dict:
+    mcfg = model_config(cfg)
+    return {**OmegaConf.to_container(cfg.branch.tokenizer.config, resolve=True),
+            "onset_vocab_size": mcfg.onset_vocab_size, "dur_vocab_size": mcfg.dur_vocab_size}
+
+
+def _frame(tokens: np.ndarray, tokenizer: CompoundTokenizer) -> np.ndarray:
+    return tokens  # the compound tokenizer already writes [SOS] events [EOS] per sample
+
+
+def unigram_baseline(sequences: list[np.ndarray], tokenizer: CompoundTokenizer) -> float:
+    """Nats per event of a model that knows only each attribute's frequencies (Δonset, dur,
+    octave, pc, program, velocity): the sum of the six entropies, the unit of our loss."""
+    labels = np.concatenate([tokenizer.to_labels(np.concatenate(
+        [np.full((1, NUM_ATTRIBUTES), -1), ev])) [1:, 1:] for ev in split_samples(sequences)])
+    total = 0.0
+    for a in range(NUM_ATTRIBUTES):
+        p = np.bincount(labels[:, a]).astype(np.float64)
+        p = p[p > 0] / p.sum()
+        total += float(-(p * np.log(p)).sum())
+    return total
+
+
+def _load_released(path: Path, mcfg: MoonbeamConfig) -> MoonbeamForCausalLM:
+    model = load_released(path, mcfg)
+    model.config.max_len = mcfg.max_len
+    return model
+
+
+SPEC = ar.ModelSpec(
+    branch="moonbeam_lora",
+    recipe=__name__,
+    model_class=MoonbeamForCausalLM,
+    config_class=MoonbeamConfig,
+    config_keys=(),
+    train_dataset=lambda seqs, mcfg, tok, seed, aug, prefixes: PackedCropDataset(
+        seqs, mcfg.max_len, tok, seed=seed, transpose=aug.transpose,
+        stretch=(aug.stretch_min, aug.stretch_max)),
+    eval_dataset=lambda seqs, mcfg, tok, prefixes: EventWindowDataset(seqs, mcfg.max_len, tok),
+    tokenizer_config=_tokenizer_config,
+    build_config=lambda cfg, tok: model_config(cfg),
+    frame=_frame,
+    baseline=unigram_baseline,
+    load_foreign=_load_released,
+)
+
+
+def train(cfg: DictConfig) -> Path:
+    if cfg.style.enabled:
+        raise UserError("the moonbeam_lora branch has no style conditioning; drop style.enabled")
+    if cfg.init is not None and cfg.stage == "pretrain":
+        with open_dict(cfg):
+            cfg.stage = "adapt"  # `init=` here always means: adapt that base with LoRA
+        print(f"moonbeam_lora: adapting {cfg.init} (stage=adapt)", file=sys.stderr)
+    return ar.train(SPEC, cfg)
+
+
+def load_model(ckpt: Path, device: torch.device | str = "cpu", force: bool = False
+               ) -> tuple[MoonbeamForCausalLM, CompoundTokenizer]:
+    return ar.load_model(SPEC, ckpt, device, force)
+
+
+def merge_checkpoint(cfg: DictConfig, ckpt: Path) -> Path:
+    return ar.merge_checkpoint(SPEC, cfg, ckpt)
+
+
+def prompt_rows(tokenizer: CompoundTokenizer, path: str | Path, seconds: float) -> np.ndarray:
+    """[SOS] + the events of a MIDI file's first `seconds` (its first sample, no EOS)."""
+    rows = ar.prompt_tokens(tokenizer, path, seconds)
+    end = np.flatnonzero(rows[:, 0] == EOS)
+    return rows[: end[0] if len(end) else len(rows)]
+
+
+def generate(cfg: DictConfig, ckpt: Path) -> list[Path]:
+    device = ar.device_for(cfg.device)
+    model, tokenizer = load_model(ckpt, device, force=bool(cfg.get("force", False)))
+    if cfg.get("style") is not None:
+        raise UserError("moonbeam_lora models have no style conditioning; drop style=")
+    tps = tokenizer.config.ticks_per_second
+    start = 0.0
+    rows = np.full((1, NUM_ATTRIBUTES), -1, np.int64)  # a bare SOS
+    if cfg.prompt is not None:
+        rows, start = prompt_rows(tokenizer, cfg.prompt, cfg.prompt_seconds), cfg.prompt_seconds
+    try:
+        opts = EventSampling(SamplingConfig(cfg.temperature, cfg.top_k, cfg.top_p),
+                             instrument=cfg.get("instrument", 0))
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
+    prompt = torch.as_tensor(rows, device=device)[None].repeat(int(cfg.num_samples), 1, 1)
+    samples = sample_events(
+        model, tokenizer, prompt, int(cfg.max_tokens or 60 * cfg.seconds), opts,
+        model.config.max_len, generator=gen, max_ticks=round((start + cfg.seconds) * tps),
+        use_cache=bool(cfg.use_cache), progress=True)
+    scores = [ar.cap_durations(tokenizer.decode(r), cfg.get("max_note_seconds")) for r in samples]
+    paths = ar.out_paths(cfg.out, len(scores))
+    for score, path in zip(scores, paths):
+        atomic_write_midi(score, path)
+    for score, path in zip(scores, paths):
+        print(f"{path}: {score.note_num()} notes, {score.to('second').end():.1f} s",
+              file=sys.stderr)
+    return paths

@@ -1,0 +1,139 @@
+"""Packed training contexts and evaluation windows of compound rows (Moonbeam's tokens).
+
+The reference (spec 4.3) packs whole samples `[SOS] events [EOS]` greedily into a context and
+truncates the ones that do not fit, which would keep only the first minute of a ten-minute
+Mehldau performance. Here every sample is cut into crops that fit, at a random place, so the
+whole performance is seen over training; short samples (and the tail of a context) are
+packed as in the reference, each with its own id in `attention_mask` so the model's
+block-diagonal causal mask keeps them apart.
+
+Deviations, each because the reference's choice trains on nothing useful:
+- each crop's onsets are re-based so its first event is at 0 (what the reference's
+  `--ts_threshold` chunks do), so a crop looks like a sample start and onsets stay small;
+- a crop gets an EOS row only where its sample really ends;
+- a sample's SOS row has no target (the reference trains the previous sample's last
+  position to predict it, across the boundary), and padding has none (the reference trains
+  pads to predict id 0).
+
+Item `i` of the training set is a pure function of `(seed, i)`, like the other datasets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mehldau.data.dataset import IGNORE_INDEX
+from mehldau.tokenize.compound import EOS, NUM_ATTRIBUTES, SOS, CompoundTokenizer
+
+_SOS_ROW = np.full((1, NUM_ATTRIBUTES), SOS, np.int64)
+_EOS_ROW = np.full((1, NUM_ATTRIBUTES), EOS, np.int64)
+
+
+def split_samples(sequences: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """`[SOS] events [EOS] [SOS] ...` arrays -> the (n, 6) events of each non-empty sample."""
+    out = []
+    for seq in sequences:
+        seq = np.asarray(seq, np.int64).reshape(-1, NUM_ATTRIBUTES)
+        starts = np.flatnonzero(seq[:, 0] == SOS)
+        for a, b in zip(starts, [*starts[1:], len(seq)]):
+            events = seq[a + 1 : b]
+            events = events[events[:, 0] >= 0]
+            if len(events):
+                out.append(events)
+    return out
+
+
+def crop_rows(events: np.ndarray, start: int, n: int) -> np.ndarray:
+    """`[SOS] + events[start:start+n]` re-based to onset 0, `+ [EOS]` if the sample ends there."""
+    crop = events[start : start + n].copy()
+    crop[:, 0] -= crop[0, 0]
+    tail = [_EOS_ROW] if start + n >= len(events) else []
+    return np.concatenate([_SOS_ROW, crop, *tail])
+
+
+def _labels(tokenizer: CompoundTokenizer, rows: np.ndarray) -> np.ndarray:
+    labels = tokenizer.to_labels(rows)
+    labels[rows[:, 0] == SOS] = IGNORE_INDEX
+    return labels
+
+
+def _item(parts: list[tuple[np.ndarray, np.ndarray]], context_len: int) -> dict[str, torch.Tensor]:
+    ids = np.zeros((context_len, NUM_ATTRIBUTES), np.int64)  # pads: the reference's [0]*6
+    labels = np.full((context_len, NUM_ATTRIBUTES + 1), IGNORE_INDEX, np.int64)
+    sample = np.zeros(context_len, np.int64)  # 0 = padding, 1.. = packed samples
+    at = 0
+    for k, (rows, lab) in enumerate(parts, start=1):
+        ids[at : at + len(rows)], labels[at : at + len(rows)] = rows, lab
+        sample[at : at + len(rows)] = k
+        at += len(rows)
+    return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
+            "attention_mask": torch.from_numpy(sample)}
+
+
+class PackedCropDataset(Dataset):
+    """Training contexts of `context_len` rows: random crops, packed, augmented per crop.
+
+    A sample is drawn with probability proportional to its length, then a crop of it that
+    fits the room left (at most `context_len - 2` events, so SOS and EOS fit); crops are
+    added until fewer than `min_crop + 2` rows are free.
+    """
+
+    def __init__(self, sequences: Sequence[np.ndarray], context_len: int,
+                 tokenizer: CompoundTokenizer, seed: int = 0, transpose: int = 0,
+                 stretch: tuple[float, float] = (1.0, 1.0), min_crop: int = 16) -> None:
+        self.samples = split_samples(sequences)
+        if not self.samples:
+            raise ValueError("PackedCropDataset needs at least one sample with events")
+        if context_len < 3:
+            raise ValueError(f"context_len must be >= 3, got {context_len}")
+        lengths = np.array([len(s) for s in self.samples], np.float64)
+        self.probs = lengths / lengths.sum()
+        self.context_len, self.tokenizer, self.seed = context_len, tokenizer, seed
+        self.transpose, self.stretch = transpose, stretch
+        self.min_crop = max(1, min(min_crop, context_len - 2))
+
+    def __len__(self) -> int:
+        return 2**62  # indexed by a global sample counter, never exhausted
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, index])
+        parts: list[tuple[np.ndarray, np.ndarray]] = []
+        room = self.context_len
+        while room >= self.min_crop + 2:
+            events = self.samples[rng.choice(len(self.samples), p=self.probs)]
+            n = min(len(events), room - 2)
+            rows = crop_rows(events, int(rng.integers(0, len(events) - n + 1)), n)
+            if self.transpose > 0 or self.stretch != (1.0, 1.0):
+                rows = self.tokenizer.augment(
+                    rows, transpose=int(rng.integers(-self.transpose, self.transpose + 1)),
+                    stretch=float(rng.uniform(*self.stretch)))
+            if len(rows) < 2:  # every event transposed off the keyboard
+                continue
+            parts.append((rows, _labels(self.tokenizer, rows)))
+            room -= len(rows)
+        return _item(parts, self.context_len)
+
+
+class EventWindowDataset(Dataset):
+    """Evaluation: each sample cut into consecutive windows of up to `context_len - 2`
+    events, one window per item (not packed), so every event is predicted exactly once."""
+
+    def __init__(self, sequences: Sequence[np.ndarray], context_len: int,
+                 tokenizer: CompoundTokenizer) -> None:
+        self.context_len = context_len
+        self.windows = []
+        step = context_len - 2
+        for events in split_samples(sequences):
+            for start in range(0, len(events), step):
+                rows = crop_rows(events, start, step)
+                self.windows.append((rows, _labels(tokenizer, rows)))
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return _item([self.windows[index]], self.context_len)
