@@ -21,7 +21,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mehldau.data.packing import EventWindowDataset, PackedCropDataset, split_samples
 from mehldau.errors import UserError
-from mehldau.io import atomic_write_midi
 from mehldau.nn.moonbeam import MoonbeamConfig, MoonbeamForCausalLM, load_released
 from mehldau.recipes import autoregressive as ar
 from mehldau.sampling import SamplingConfig
@@ -142,10 +141,4 @@ def generate(cfg: DictConfig, ckpt: Path) -> list[Path]:
         model.config.max_len, generator=gen, max_ticks=round((start + cfg.seconds) * tps),
         use_cache=bool(cfg.use_cache), progress=True)
     scores = [ar.cap_durations(tokenizer.decode(r), cfg.get("max_note_seconds")) for r in samples]
-    paths = ar.out_paths(cfg.out, len(scores))
-    for score, path in zip(scores, paths):
-        atomic_write_midi(score, path)
-    for score, path in zip(scores, paths):
-        print(f"{path}: {score.note_num()} notes, {score.to('second').end():.1f} s",
-              file=sys.stderr)
-    return paths
+    return ar.write_scores(scores, cfg.out)

@@ -382,7 +382,12 @@ def generate(spec: ModelSpec, cfg: DictConfig, ckpt: Path) -> list[Path]:
     )
     scores = [cap_durations(tokenizer.decode(row.cpu().numpy()), cfg.get("max_note_seconds"))
               for row in seqs]
-    paths = out_paths(cfg.out, len(scores))
+    return write_scores(scores, cfg.out)
+
+
+def write_scores(scores: list, out: str | Path) -> list[Path]:
+    """Each score to its file (FILE.mid, or FILE_1.mid, ... for several), all or none."""
+    paths = out_paths(out, len(scores))
     for score, path in zip(scores, paths):
         atomic_write_midi(score, path)
     for score, path in zip(scores, paths):
