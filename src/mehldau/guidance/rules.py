@@ -1,0 +1,218 @@
+"""Rule functions for Stochastic Control Guidance (Huang et al., ICML 2024, arXiv 2402.14285).
+
+SCG scores each candidate x0 by plain, non-differentiable rules: score = -sum_r w_r loss_r
+(reference weights in `REFERENCE_WEIGHTS`). Here every rule is a pair (extract, loss) in
+`RULES`: `extract(rolls, window, fps)` maps rolls `(n, 2, T, 88)` (channel 0 velocity / 127,
+channel 1 onset, as `roll_to_tensor` makes them) to features `(n, ...)`, and `loss(features,
+target)` gives `(n,)`. All work on a whole batch of candidates at once, on any device.
+
+What a rule sees is what `PianoRollTokenizer.decode` would play: frames and onsets come from
+`pianoroll.quantize` (a frame sounds iff channel 0 >= 0.5 / 127; onset flags > 0.5), and a note
+starts at a sounding frame with an onset flag or after a silent frame, the decoder's rule.
+Windows are `window` frames (128 = 1.28 s at 100 fps, the reference's, 8 per 10.24 s sample);
+a last, shorter window counts its own frames.
+
+- `pitch_histogram`: 12-bin pitch-class histogram of sounding frames (so a note counts by its
+  duration), normalised to sum 1 (all zero for silence); loss: MSE over the 12 bins. The
+  reference sums velocities instead of counting frames; counting makes the histogram a property
+  of the notes, not of how loudly they are played.
+- `note_density`: per window, vertical = mean number of sounding keys per frame, horizontal =
+  frames in which at least one note starts, per second; features `(2, W)`; loss: MSE over
+  them. The reference counts the same frames per 1.28 s window and divides by 5, i.e. it
+  reports 0.256 x our onsets per second: weights tuned on it need rescaling.
+- `chord`: per window, a chord label from our own template matcher; loss: the fraction of
+  windows whose label differs from the target's. The reference runs music21 key analysis and
+  Roman numerals and keeps only the scale degree, which jazz defeats twice: key detection is
+  unreliable over ii-V-I chains, and quality and sevenths (the point of jazz harmony) are
+  dropped. We name the chord itself, key-free: 12 roots x `QUALITIES` (triads, the four
+  common sevenths, diminished seventh, sus4), label = root * len(QUALITIES) + quality, -1 for a
+  silent window. The window's chroma (sounding frames per pitch class) is matched to binary
+  templates by cosine similarity, which prefers the template that covers the notes without
+  extra tones (C-E-G is C, not Cmaj7; C-E-G-B is Cmaj7, not Em). Ties go to the lowest label.
+  Sets that are equal as pitch classes read as one chord (A-C-E-G is Am7, there is no C6), and
+  a rootless voicing reads as the chord it spells (F-A-C-E is Fmaj7, not Dm9): target and
+  candidates go through the same matcher, so the loss still compares like with like.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from mehldau.tokenize.pianoroll import (
+    MIN_PITCH,
+    NUM_KEYS,
+    PianoRollTokenizer,
+    crop,
+    quantize,
+    roll_to_tensor,
+)
+
+WINDOW = 128  # frames per window: the reference's 1.28 s at 100 fps
+FPS = 100.0
+REFERENCE_WEIGHTS = {"pitch_histogram": 40.0, "note_density": 1.0, "chord": 1.0}
+ROOTS = ("C", "Db", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B")
+QUALITIES: dict[str, tuple[int, ...]] = {  # chord-symbol suffix -> intervals above the root
+    "": (0, 4, 7), "m": (0, 3, 7), "dim": (0, 3, 6), "sus4": (0, 5, 7),
+    "7": (0, 4, 7, 10), "maj7": (0, 4, 7, 11), "m7": (0, 3, 7, 10), "m7b5": (0, 3, 6, 10),
+    "dim7": (0, 3, 6, 9),
+}
+NO_CHORD = -1
+_NATURALS = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
+
+
+# --- shared views of a roll ------------------------------------------------------------------
+def _frames(rolls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, 2, T, 88) -> sounding (n, T, 88) and note starts (n, T, 88), as `decode` reads them."""
+    if rolls.dim() != 4 or rolls.shape[1] != 2 or rolls.shape[3] != NUM_KEYS:
+        raise ValueError(f"rules take rolls of shape (n, 2, T, {NUM_KEYS}), got "
+                         f"{tuple(rolls.shape)}")
+    velocity, onset = quantize(rolls)
+    active = velocity > 0
+    prev = torch.zeros_like(active)
+    prev[:, 1:] = active[:, :-1]
+    return active, active & (onset | ~prev)
+
+
+def _windows(x: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, T, ...) -> (n, W, window, ...) zero-padded, and each window's frame count (W,)."""
+    n_frames = x.shape[1]
+    if n_frames == 0 or window < 1:
+        raise ValueError(f"need at least one frame and window >= 1, got T={n_frames}, "
+                         f"window={window}")
+    n_windows = math.ceil(n_frames / window)
+    pad = torch.zeros((x.shape[0], n_windows * window - n_frames, *x.shape[2:]),
+                      dtype=x.dtype, device=x.device)
+    x = torch.cat([x, pad], 1).view(x.shape[0], n_windows, window, *x.shape[2:])
+    lengths = (n_frames - torch.arange(n_windows, device=x.device) * window).clamp(max=window)
+    return x, lengths
+
+
+def _chroma(active: torch.Tensor) -> torch.Tensor:
+    """(..., 88) sounding counts -> (..., 12) per pitch class (integers, exact in float32)."""
+    pitch_class = (torch.arange(NUM_KEYS, device=active.device) + MIN_PITCH) % 12
+    one_hot = torch.nn.functional.one_hot(pitch_class, 12).float()  # (88, 12)
+    return active.float() @ one_hot
+
+
+# --- rules: features -------------------------------------------------------------------------
+def pitch_histogram(rolls: torch.Tensor, window: int = WINDOW, fps: float = FPS) -> torch.Tensor:
+    """(n, 2, T, 88) -> (n, 12) pitch-class share of sounding frames (window, fps unused)."""
+    active, _ = _frames(rolls)
+    hist = _chroma(active.sum(1))  # (n, 12)
+    return hist / hist.sum(-1, keepdim=True).clamp_min(1.0)
+
+
+def note_density(rolls: torch.Tensor, window: int = WINDOW, fps: float = FPS) -> torch.Tensor:
+    """(n, 2, T, 88) -> (n, 2, W): mean sounding keys per frame, onset frames per second."""
+    active, starts = _frames(rolls)
+    active, lengths = _windows(active, window)  # (n, W, window, 88), (W,)
+    starts, _ = _windows(starts.any(-1), window)  # (n, W, window)
+    vertical = active.sum((2, 3)) / lengths
+    horizontal = starts.sum(2) / (lengths / fps)
+    return torch.stack([vertical, horizontal], 1).float()
+
+
+def _templates(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(12 * Q, 12) binary chord templates, root-major, and 1 / their norms (12 * Q,)."""
+    base = torch.zeros(len(QUALITIES), 12)
+    for q, intervals in enumerate(QUALITIES.values()):
+        base[q, list(intervals)] = 1.0
+    templates = torch.stack([base.roll(root, -1) for root in range(12)]).view(-1, 12)
+    return templates.to(device), templates.sum(-1).rsqrt().to(device)
+
+
+def chords(rolls: torch.Tensor, window: int = WINDOW, fps: float = FPS) -> torch.Tensor:
+    """(n, 2, T, 88) -> (n, W) int64 chord labels (`chord_name`), NO_CHORD when silent."""
+    active, _ = _frames(rolls)
+    active, _ = _windows(active, window)
+    chroma = _chroma(active.sum(2))  # (n, W, 12)
+    templates, inv_norm = _templates(rolls.device)
+    # Cosine up to the chroma's own norm, which is the same for every template of a window;
+    # integer dot products keep ties exact whatever the batch size.
+    label = (chroma @ templates.T * inv_norm).argmax(-1)  # (n, W)
+    return torch.where(chroma.sum(-1) > 0, label, torch.full_like(label, NO_CHORD))
+
+
+def chord_name(label: int) -> str:
+    """Chord label -> symbol ("C", "Am", "G7", "Bm7b5"), "N" for NO_CHORD."""
+    if label < 0:
+        return "N"
+    root, quality = divmod(int(label), len(QUALITIES))
+    return ROOTS[root] + list(QUALITIES)[quality]
+
+
+def chord_label(name: str) -> int:
+    """Chord symbol -> label, the inverse of `chord_name` ("F#m7" and "Gbm7" alike), for
+    targets written by hand: `torch.tensor([chord_label(c) for c in ("Dm7", "G7", "Cmaj7")])`."""
+    if name == "N":
+        return NO_CHORD
+    accidental = {"b": -1, "#": 1}.get(name[1:2], 0)
+    root, quality = name[:1], name[1 + (accidental != 0):]
+    if root not in _NATURALS or quality not in QUALITIES:
+        raise ValueError(f"unknown chord '{name}': a root A..G, maybe b or #, then one of "
+                         f"{', '.join(repr(q) for q in QUALITIES)}; or N")
+    return (_NATURALS[root] + accidental) % 12 * len(QUALITIES) + list(QUALITIES).index(quality)
+
+
+# --- rules: losses ---------------------------------------------------------------------------
+def _mse(features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (features - target).pow(2).flatten(1).mean(1)
+
+
+def _mismatch(features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (features != target).float().flatten(1).mean(1)
+
+
+class Rule(NamedTuple):
+    extract: Callable[[torch.Tensor, int, float], torch.Tensor]  # rolls -> (n, ...) features
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # features, target -> (n,)
+
+
+RULES: dict[str, Rule] = {
+    "pitch_histogram": Rule(pitch_histogram, _mse),
+    "note_density": Rule(note_density, _mse),
+    "chord": Rule(chords, _mismatch),
+}
+
+
+def _rule(name: str) -> Rule:
+    if name not in RULES:
+        raise ValueError(f"unknown rule '{name}'; known: {', '.join(RULES)}")
+    return RULES[name]
+
+
+def extract_targets(roll: torch.Tensor, rules: Sequence[str] = tuple(RULES),
+                    window: int = WINDOW, fps: float = FPS) -> dict[str, torch.Tensor]:
+    """One reference roll (2, T, 88) -> {rule: target features}, for `rule_losses`."""
+    return {name: _rule(name).extract(roll[None], window, fps)[0] for name in rules}
+
+
+def rule_losses(rolls: torch.Tensor, targets: dict[str, torch.Tensor],
+                rules: Sequence[str] | None = None, window: int = WINDOW, fps: float = FPS
+                ) -> dict[str, torch.Tensor]:
+    """Rolls (n, 2, T, 88) -> {rule: (n,) loss against its target}; `rules` defaults to all
+    targets. Rolls must be as long as the target's roll and use the same window and fps."""
+    out = {}
+    for name in rules if rules is not None else targets:
+        rule = _rule(name)
+        features = rule.extract(rolls, window, fps)
+        target = targets[name].to(features.device)
+        if features.shape[1:] != target.shape:
+            raise ValueError(f"rule '{name}': features {tuple(features.shape[1:])} do not match "
+                             f"the target's {tuple(target.shape)}; same length and window?")
+        out[name] = rule.loss(features, target)
+    return out
+
+
+def targets_from_midi(path: str | Path, tokenizer: PianoRollTokenizer, seconds: float,
+                      rules: Sequence[str] = tuple(RULES), start: float = 0.0,
+                      window: int = WINDOW) -> dict[str, torch.Tensor]:
+    """Targets of the excerpt `start .. start + seconds` of a MIDI file (silence past its end)."""
+    fps = tokenizer.config.fps
+    roll = crop(tokenizer.encode_file(path), round(start * fps), round(seconds * fps))
+    return extract_targets(roll_to_tensor(roll), rules, window, fps)

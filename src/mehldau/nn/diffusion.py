@@ -1,0 +1,144 @@
+"""Gaussian diffusion on latents: DDPM training (Ho et al. 2020, arXiv 2006.11239) and DDIM
+sampling (Song et al. 2020, arXiv 2010.02502).
+
+Conventions: t indexes the schedule's steps 0..T-1 (t = 0 is the least noisy); x_t =
+sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps; the model predicts eps (the reference's objective:
+eps-prediction, MSE, linear betas, T = 1000). A *denoiser* is any callable `(x_t, t) -> eps`
+with t a (B,) long tensor; `conditional` turns a label-conditioned model into one, with
+classifier-free guidance (Ho & Salimans 2022, arXiv 2207.12598) in one batched call.
+
+DDIM with eta = 1 is the ancestral DDPM sampler with the posterior ("fixed small") variance;
+the reference's DDPM tables use the "fixed large" variance beta_t, which only differs there.
+Randomness: `ddim_sample` draws x_T from `generator` first, then one normal tensor of the
+sample's shape per step whose sigma is > 0 (none when eta = 0, and none on the last step,
+whose sigma is always 0), so a seed fixes the whole trajectory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Denoiser = Callable[[Tensor, Tensor], Tensor]  # (x_t (B, ...), t (B,) long) -> eps (B, ...)
+# (x_t, t, t_prev) -> (x_{t_prev}, x0_pred), or None to let the sampler take its own step.
+StepHook = Callable[[Tensor, int, int], "tuple[Tensor, Tensor] | None"]
+
+
+class NoiseSchedule:
+    """Betas and cumulative alphas for `steps` diffusion steps, stored in float64 on the CPU
+    (indexed with Python ints while sampling; `q_sample` moves what it gathers)."""
+
+    def __init__(self, kind: str = "linear", steps: int = 1000, beta_start: float = 1e-4,
+                 beta_end: float = 0.02, cosine_s: float = 0.008) -> None:
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if kind == "linear":
+            # Scaled so any number of steps spans the same noise range as 1000 (improved-DDPM's
+            # convention); at steps=1000 these are Ho et al.'s 1e-4 .. 0.02.
+            scale = 1000 / steps
+            betas = torch.linspace(scale * beta_start, scale * beta_end, steps, dtype=torch.float64)
+        elif kind == "cosine":  # Nichol & Dhariwal 2021, arXiv 2102.09672, eq. 17
+            f = torch.cos((torch.arange(steps + 1, dtype=torch.float64) / steps + cosine_s)
+                          / (1 + cosine_s) * math.pi / 2) ** 2
+            betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)  # the clip keeps the end finite
+        else:
+            raise ValueError(f"kind must be linear or cosine, got {kind}")
+        if not ((betas > 0) & (betas < 1)).all():
+            raise ValueError("betas must lie in (0, 1)")
+        self.kind, self.steps = kind, steps
+        self.betas = betas  # (T,)
+        self.alphas_cumprod = torch.cumprod(1 - betas, dim=0)  # (T,): abar_t
+
+    def abar(self, t: int) -> float:
+        """abar_t, with abar_{-1} = 1 (the clean end of the chain)."""
+        return 1.0 if t < 0 else float(self.alphas_cumprod[t])
+
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """Closed-form q(x_t | x_0): sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, t (B,) long."""
+        a = self.alphas_cumprod.to(x0.device)[t].to(x0.dtype)  # (B,)
+        a = a.view(-1, *([1] * (x0.dim() - 1)))  # (B, 1, ...)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def ddim_timesteps(self, steps: int) -> list[int]:
+        """`steps` timesteps from T-1 down to 0, evenly spaced (both ends included)."""
+        if not 1 <= steps <= self.steps:
+            raise ValueError(f"steps must be in [1, {self.steps}], got {steps}")
+        if steps == 1:
+            return [self.steps - 1]
+        ts = torch.linspace(self.steps - 1, 0, steps, dtype=torch.float64).round().long()
+        return ts.tolist()
+
+    def ddim_mean_std(self, x_t: Tensor, eps: Tensor, t: int, t_prev: int, eta: float
+                      ) -> tuple[Tensor, float, Tensor]:
+        """DDIM's p(x_{t_prev} | x_t) = N(mean, sigma^2 I) (arXiv 2010.02502 eq. 12, 16), and the
+        Tweedie/eps estimate x0_pred. t_prev = -1 is the final step to x_0 (sigma = 0)."""
+        a, a_prev = self.abar(t), self.abar(t_prev)
+        x0 = (x_t - math.sqrt(1 - a) * eps) / math.sqrt(a)
+        sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+        mean = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps
+        return mean, sigma, x0
+
+    def ddim_step(self, x_t: Tensor, eps: Tensor, t: int, t_prev: int, eta: float = 0.0,
+                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """One DDIM step -> (x_{t_prev}, x0_pred). Draws noise only when sigma > 0."""
+        mean, sigma, x0 = self.ddim_mean_std(x_t, eps, t, t_prev, eta)
+        if sigma == 0.0:
+            return mean, x0
+        noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        return mean + sigma * noise, x0
+
+
+def ddpm_loss(model: Callable[..., Tensor], schedule: NoiseSchedule, x0: Tensor,
+              cond: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """Ho et al.'s simple loss: MSE between eps and model(x_t, t[, cond]), t ~ U{0..T-1}.
+    Label dropout for classifier-free guidance is the model's job (DiT does it in training)."""
+    B = x0.size(0)
+    t = torch.randint(0, schedule.steps, (B,), generator=generator, device=x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    x_t = schedule.q_sample(x0, t, noise)
+    eps = model(x_t, t) if cond is None else model(x_t, t, cond)
+    return F.mse_loss(eps, noise)
+
+
+def conditional(model: Callable[..., Tensor], y: Tensor, scale: float = 1.0,
+                null_label: int | None = None) -> Denoiser:
+    """A denoiser from model(x, t, y) with labels y (B,). A batch that is k * B long (SCG's
+    candidates, candidate-major) gets y tiled k times. scale != 1 applies classifier-free
+    guidance eps_u + scale (eps_c - eps_u), conditional and null label in one model call."""
+    if scale != 1.0 and null_label is None:
+        raise ValueError("classifier-free guidance needs null_label")
+
+    def denoise(x: Tensor, t: Tensor) -> Tensor:
+        yy = y.repeat(x.size(0) // y.size(0))  # (N,)
+        if scale == 1.0:
+            return model(x, t, yy)
+        eps_c, eps_u = model(torch.cat([x, x]), torch.cat([t, t]),
+                             torch.cat([yy, torch.full_like(yy, null_label)])).chunk(2)
+        return eps_u + scale * (eps_c - eps_u)
+
+    return denoise
+
+
+@torch.no_grad()
+def ddim_sample(denoiser: Denoiser, schedule: NoiseSchedule, shape: tuple[int, ...],
+                steps: int = 50, eta: float = 0.0, generator: torch.Generator | None = None,
+                x_T: Tensor | None = None, device: torch.device | str | None = None,
+                step_hook: StepHook | None = None) -> Tensor:
+    """Sample x_0 of `shape` in `steps` DDIM steps (steps = T and eta = 1: ancestral DDPM).
+
+    x_T is drawn from `generator` unless given. `step_hook(x_t, t, t_prev)` may take any step
+    itself (SCG does) by returning (x_{t_prev}, x0_pred); returning None runs the plain step.
+    """
+    x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T
+    ts = schedule.ddim_timesteps(steps)
+    for t, t_prev in zip(ts, ts[1:] + [-1]):
+        out = step_hook(x, t, t_prev) if step_hook is not None else None
+        if out is None:
+            eps = denoiser(x, torch.full((x.size(0),), t, dtype=torch.long, device=x.device))
+            out = schedule.ddim_step(x, eps, t, t_prev, eta, generator)
+        x = out[0]
+    return x
