@@ -417,3 +417,21 @@ def test_backward_reaches_every_parameter() -> None:
     # supplementary_embedding row use depends on SOS/EOS presence; the batch has both.
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert missing == []
+
+
+def test_random_init_lets_a_small_model_fit_one_batch() -> None:
+    # From-scratch training depends on the init: with the reference's std 0.02 for every
+    # linear layer this small width barely learns (measured here: 35.3 -> 18.7 nats/event
+    # after 100 steps); with fan_in^-1/2 it memorises the batch (35.6 -> 0.39).
+    torch.manual_seed(0)
+    model = MoonbeamForCausalLM(MoonbeamConfig.tiny()).train()
+    ids, labels = random_batch(model.config, B=4, L=34, seed=3)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(101):
+        loss = model(ids, labels=labels).loss
+        first = first if first is not None else loss.item()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert loss.item() < 0.1 * first, (first, loss.item())
