@@ -265,3 +265,23 @@ def test_pedal_ignored_by_default_folded_on_request(tmp_path):
 def test_empty_labels(tok):
     assert tok.to_labels(np.zeros((0, 6), np.int64)).shape == (0, 7)
     assert tok.from_labels(np.zeros((0, 7), np.int64)).shape == (0, 6)
+
+
+def test_a_piece_split_at_a_long_silence_is_reported(tmp_path, capsys) -> None:
+    from conftest import write_midi
+
+    from mehldau.data.corpus import build_corpus
+    from mehldau.data.sources import folder_source
+
+    tok = CompoundTokenizer(CompoundConfig(onset_vocab_size=1026, dur_vocab_size=1026))  # 309M
+    notes = [(60 + i, 0.5 * i, 0.4, 80) for i in range(6)]
+    write_midi(tmp_path / "data" / "gap.mid", notes + [(64, 20.0 + i, 0.5, 80) for i in range(3)])
+    write_midi(tmp_path / "data" / "plain.mid", notes)
+    corpus = build_corpus(folder_source(tmp_path / "data", group_by="file"), tok,
+                          tmp_path / "run", None, (1.0, 0.0, 0.0))
+    err = capsys.readouterr().err
+    assert "skipped 0; 1 kept but changed, e.g. split at 1 silence(s) longer than 10.23 s into 2" \
+        in err
+    rows = (tmp_path / "run" / "changed.tsv").read_text().splitlines()
+    assert len(rows) == 2 and rows[1].endswith("into 2 samples") and "gap.mid" in rows[1]
+    assert sum(len(s) for s in corpus.sequences("train")) == (9 + 2 * 2) + (6 + 2)  # SOS, EOS

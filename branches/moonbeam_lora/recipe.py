@@ -125,6 +125,7 @@ def generate(cfg: DictConfig, ckpt: Path) -> list[Path]:
     if cfg.get("style") is not None:
         raise UserError("moonbeam_lora models have no style conditioning; drop style=")
     tps = tokenizer.config.ticks_per_second
+    seconds = ar.generate_seconds(cfg)
     start = 0.0
     rows = np.full((1, NUM_ATTRIBUTES), -1, np.int64)  # a bare SOS
     if cfg.prompt is not None:
@@ -137,8 +138,8 @@ def generate(cfg: DictConfig, ckpt: Path) -> list[Path]:
     gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
     prompt = torch.as_tensor(rows, device=device)[None].repeat(int(cfg.num_samples), 1, 1)
     samples = sample_events(
-        model, tokenizer, prompt, int(cfg.max_tokens or 60 * cfg.seconds), opts,
-        model.config.max_len, generator=gen, max_ticks=round((start + cfg.seconds) * tps),
+        model, tokenizer, prompt, int(cfg.max_tokens or 60 * seconds), opts,
+        model.config.max_len, generator=gen, max_ticks=round((start + seconds) * tps),
         use_cache=bool(cfg.use_cache), progress=True)
     scores = [ar.cap_durations(tokenizer.decode(r), cfg.get("max_note_seconds")) for r in samples]
     return ar.write_scores(scores, cfg.out)

@@ -133,14 +133,21 @@ def build_corpus(
     seqs = {p.id: s for p, s in ok}
     splits = split_by_group([p for p, _ in ok], ratios=ratios, seed=split_seed)
     corpus = Corpus({k: [(p, seqs[p.id]) for p in v] for k, v in splits.items()}, skipped, hits)
+    notes = [(p, n) for p, s in ok if (n := tokenizer.encode_note(s)) is not None]
     if run_dir is not None:
         run_dir = Path(run_dir)
         write_skipped(skipped, run_dir / "skipped.tsv")
         write_manifest(splits, run_dir / "splits.json")
+        if notes:  # kept, but changed by the tokenizer (e.g. split at long silences)
+            write_skipped(notes, run_dir / "changed.tsv")
     sizes = ", ".join(f"{k} {len(v)}" for k, v in corpus.splits.items())
     msg = f"data: {len(ok)} pieces ({hits} from cache; {sizes}), skipped {len(skipped)}"
     if skipped and run_dir is not None:
         msg += f" (see {Path(run_dir) / 'skipped.tsv'})"
+    if notes:
+        msg += f"; {len(notes)} kept but changed, e.g. {notes[0][1]}"
+        if run_dir is not None:
+            msg += f" (see {Path(run_dir) / 'changed.tsv'})"
     print(msg, file=sys.stderr)
     return corpus
 

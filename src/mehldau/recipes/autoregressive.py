@@ -185,7 +185,8 @@ def train(spec: ModelSpec, cfg: DictConfig) -> Path:
                                 tcfg.eval_batch_size, tcfg.eval_max_batches)
             metrics.write({"step": 0, "split": "val", "loss": round(base_val, 5),
                            "model": "base"})
-            print(f"base val loss before adapting: {base_val:.4f} nats/token", file=sys.stderr)
+            print(f"base val loss before adapting: {base_val:.4f} nats/{tokenizer.step_name}",
+                  file=sys.stderr)
         model, hooks = _with_adapter(model, acfg, base_ckpt, accelerator.device)
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -202,11 +203,12 @@ def train(spec: ModelSpec, cfg: DictConfig) -> Path:
     logger = make_logger(cfg.logger, run_dir, resolved, resume=tcfg.resume)
     try:
         last = fit(model, train_ds, val_ds, tcfg, run_dir, meta, write_extra, logger,
-                   accelerator=accelerator, **hooks)
+                   accelerator=accelerator, loss_unit=f"nats/{tokenizer.step_name}",
+                   **hooks)
     finally:
         logger.finish()
     if "val_loss" in last:
-        print(f"final val loss {last['val_loss']:.4f} nats/token", file=sys.stderr)
+        print(f"final val loss {last['val_loss']:.4f} nats/{tokenizer.step_name}", file=sys.stderr)
     return run_dir
 
 
@@ -334,6 +336,11 @@ def cap_durations(score, max_seconds: float | None):
     return secs.to("tick")
 
 
+def generate_seconds(cfg: DictConfig, default: float = 30.0) -> float:
+    """`seconds=` of mehldau-generate, or the branch's default when it is null."""
+    return float(cfg.seconds) if cfg.get("seconds") is not None else default
+
+
 def device_for(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -366,7 +373,8 @@ def generate(spec: ModelSpec, cfg: DictConfig, ckpt: Path) -> list[Path]:
         scfg = SamplingConfig(cfg.temperature, cfg.top_k, cfg.top_p)
     except ValueError as e:
         raise UserError(str(e)) from e
-    max_tokens = cfg.max_tokens or int(200 * cfg.seconds)
+    seconds = generate_seconds(cfg)
+    max_tokens = cfg.max_tokens or int(200 * seconds)
     gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
     torch.manual_seed(int(cfg.seed))
     batch = torch.as_tensor(prompt, device=device)[None].repeat(int(cfg.num_samples), 1)
@@ -375,7 +383,7 @@ def generate(spec: ModelSpec, cfg: DictConfig, ckpt: Path) -> list[Path]:
         generator=gen, eos_id=sp["eos"],
         seconds_per_id=torch.as_tensor(tokenizer.seconds_per_id(), dtype=torch.float32,
                                        device=device),
-        max_seconds=float(cfg.seconds), progress=True,
+        max_seconds=seconds, progress=True,
         # The user asked for a duration: never end early, never emit structural tokens.
         banned_ids=(sp["pad"], sp["bos"], sp["eos"], *range(
             tokenizer.vocab_size - len(tokenizer.styles), tokenizer.vocab_size)),

@@ -5,7 +5,7 @@ shape of one step differs by representation, and nothing downstream assumes 1-D 
 
 - performance events (Music Transformer): `(T,)` int64 ids, `event_shape == ()`;
 - compound tokens (Moonbeam): `(T, 6)` int64 attributes, `event_shape == (6,)`;
-- piano rolls (diffusion): `(T, 88, C)` float32 frames, `event_shape == (88, C)`.
+- piano rolls (diffusion): `(T, 88, C)` uint8 frames, `event_shape == (88, C)`.
 
 Datasets crop and window along axis 0 only. A tokenizer is saved as JSON (its registered name,
 its config and the library versions) beside every checkpoint, as MidiTok does, and
@@ -39,6 +39,8 @@ class Tokenizer(ABC):
     name: ClassVar[str]
     # Bump when the codec changes in a way the config does not show, to invalidate caches.
     codec_version: ClassVar[int] = 1
+    # What one step of `encode` is called, for loss units ("nats/event").
+    step_name: ClassVar[str] = "token"
     config: Any  # a dataclass instance
 
     @property
@@ -88,6 +90,11 @@ class Tokenizer(ABC):
 
         Lets a sampler stop after a requested duration without decoding as it goes.
         """
+        return None
+
+    def encode_note(self, tokens: np.ndarray) -> str | None:
+        """What `encode` changed in a kept piece, worth a line in the data report (e.g. a piece
+        split at long silences), or None."""
         return None
 
     def encode_file(self, path: str | Path) -> np.ndarray:
@@ -149,4 +156,4 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 def _import_builtin() -> None:
     # Registration happens on import; keep the list here so `load_tokenizer` finds them all.
     import mehldau.tokenize.compound  # noqa: F401
-    from mehldau.tokenize import performance  # noqa: F401
+    from mehldau.tokenize import performance, pianoroll  # noqa: F401

@@ -104,6 +104,7 @@ class CompoundTokenizer(Tokenizer):
     """
 
     name: ClassVar[str] = "moonbeam"
+    step_name: ClassVar[str] = "event"
     config_class: ClassVar[type] = CompoundConfig
 
     def __init__(self, config: CompoundConfig | None = None) -> None:
@@ -140,6 +141,13 @@ class CompoundTokenizer(Tokenizer):
     def encode(self, score: symusic.Score) -> np.ndarray:
         """Score -> (T, 6) int64 rows `[SOS] chunk [EOS] ...` (see the module docstring)."""
         return self.encode_with_stats(score)[0]
+
+    def encode_note(self, tokens: np.ndarray) -> str | None:
+        chunks = int((np.asarray(tokens).reshape(-1, NUM_ATTRIBUTES)[:, 0] == SOS).sum())
+        if chunks <= 1:
+            return None
+        gap = self.max_shift / self.config.ticks_per_second
+        return f"split at {chunks - 1} silence(s) longer than {gap:.2f} s into {chunks} samples"
 
     def encode_with_stats(self, score: symusic.Score) -> tuple[np.ndarray, dict[str, int]]:
         """Like `encode`, plus counts: `chunks`, `split_gaps`, `clamped_gaps`,

@@ -5,7 +5,8 @@ clipping, validation loss in nats/token, atomic checkpoints, exact resume (model
 scheduler, RNG and data position), `metrics.jsonl`, wandb or no logger, a progress bar.
 
 The model is any `nn.Module` whose `forward(**batch)` returns an object with `.loss` (mean
-over labelled tokens); batches are dicts of tensors with `labels` (-100 = ignore). The
+over labelled tokens); batches are dicts of tensors with `labels` (-100 = ignore), or any
+keys with a `count(batch)` that says how many targets the loss averages over. The
 scheduler is stepped by hand, not through `accelerator.prepare`, because accelerate steps a
 prepared scheduler once per process, which would bend the cosine on several GPUs.
 """
@@ -98,27 +99,35 @@ def _schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig
     return SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
 
 
+def count_targets(batch: dict[str, torch.Tensor]) -> int:
+    """Labelled steps in a batch whose `labels` are (B, L, ...): a compound step with several
+    attribute labels counts once, as the loss is per step (nats/event), not per attribute."""
+    labels = batch["labels"]
+    return int((labels != IGNORE_INDEX).reshape(*labels.shape[:2], -1).any(-1).sum())
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset: Dataset, accelerator: Accelerator,
-             batch_size: int, max_batches: int = 0) -> float:
+             batch_size: int, max_batches: int = 0,
+             count: Callable[[dict[str, torch.Tensor]], int] = count_targets) -> float:
     """Mean cross-entropy in nats per labelled token over the dataset's windows."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, seen = 0.0, 0
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=_own_generator())
     for i, batch in enumerate(loader):
         if max_batches and i >= max_batches:
             break
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        n = int((batch["labels"] != IGNORE_INDEX).sum())
+        n = count(batch)
         if n == 0:
             continue
         with accelerator.autocast():
             loss = model(**batch).loss
         total += float(loss) * n
-        count += n
+        seen += n
     model.train(was_training)
-    return total / max(count, 1)
+    return total / max(seen, 1)
 
 
 def fit(
@@ -134,6 +143,8 @@ def fit(
     make_optimizer: Callable[[torch.nn.Module, TrainConfig], torch.optim.Optimizer] | None = None,
     write_weights: Callable[[torch.nn.Module, Path], None] | None = None,
     read_weights: Callable[[torch.nn.Module, Path], None] | None = None,
+    loss_unit: str = "nats/token",
+    count: Callable[[dict[str, torch.Tensor]], int] = count_targets,
 ) -> dict[str, float]:
     """Train `model` for `cfg.max_steps` optimizer steps; returns the last metrics.
 
@@ -195,7 +206,7 @@ def fit(
                 loss = model(**batch).loss
                 accelerator.backward(loss / cfg.grad_accum)
             loss_sum += float(loss.detach()) / cfg.grad_accum
-            tok_sum += int((batch["labels"] != IGNORE_INDEX).sum()) * world
+            tok_sum += count(batch) * world
         if cfg.grad_clip > 0:
             accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -216,10 +227,11 @@ def fit(
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_sum / dt:.0f}")
             loss_sum, tok_sum, t0 = 0.0, 0, time.perf_counter()
         if val_ds is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            val = evaluate(model, val_ds, accelerator, cfg.eval_batch_size, cfg.eval_max_batches)
+            val = evaluate(model, val_ds, accelerator, cfg.eval_batch_size, cfg.eval_max_batches,
+                           count)
             record({"step": step, "split": "val", "loss": round(val, 5)})
             last["val_loss"] = val
-            bar.write(f"step {step}: val loss {val:.4f} nats/token")
+            bar.write(f"step {step}: val loss {val:.4f} {loss_unit}")
             t0 = time.perf_counter()  # keep eval time out of tokens/s
         if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
             checkpoint()
