@@ -108,3 +108,19 @@ def test_moonbeam_presets_compose(capsys) -> None:
     assert "released: 309M" in out and "alpha: 32" in out
     assert train(["branch=moonbeam_lora", "model=tiny", "logger=none"]) == 2
     assert "is for branch 'production'" in capsys.readouterr().err
+
+
+def test_qlora_adapts_a_released_file_on_cpu(tmp_path: Path) -> None:
+    data = make_folder(tmp_path / "data")
+    pt = tmp_path / "moonbeam_micro.pt"
+    write_released(pt)
+    run = tmp_path / "qlora"
+    assert train([f"run_dir={run}", f"init={pt}", "adapter=qlora", "data=folder",
+                  f"data.root={data}", "train.max_steps=4", *MICRO]) == 0
+    ck = run / "checkpoints" / "step_0000004"
+    assert json.loads((ck / "meta.json").read_text())["adapter"] == "qlora"
+    lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    vals = [r["loss"] for r in lines if r["split"] == "val"]
+    assert len(vals) == 2 and all(v == v and v > 0 for v in vals)  # base, then adapted
+    assert generate([f"ckpt={run}", f"out={tmp_path / 'q.mid'}", "seconds=2"]) == 0
+    assert (tmp_path / "q.mid").is_file()
