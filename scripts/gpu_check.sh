@@ -23,4 +23,8 @@ log=${OUT:-/tmp}/gpu_check.log
   python3 benchmarks/adapters.py --device cuda --dtype bf16
   echo "== perceiver benchmark (bf16)"
   python3 benchmarks/perceiver.py --device cuda --dtype bf16 --d-model 512 --layers 8 --batch 4 --steps 5 --plain-max 8192
+  echo "== moonbeam benchmark (bf16; 309M LoRA step at context 1024, 100 sampled events)"
+  python3 benchmarks/moonbeam.py --device cuda --dtype bf16 --lora-config 309M
+  echo "== SCG benchmark (bf16, scg_base)"
+  python3 benchmarks/scg.py --device cuda --dtype bf16 --preset scg_base
 } 2>&1 | tee "$log"

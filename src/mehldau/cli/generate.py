@@ -17,6 +17,8 @@ USAGE = """usage: mehldau-generate ckpt=RUN_OR_CHECKPOINT out=FILE.mid [key=valu
 
 Options: prompt=FILE.mid prompt_seconds=S seconds=S temperature=T top_k=K top_p=P seed=N
          num_samples=N use_cache=true|false device=auto|cpu|cuda
+scg_diffusion: rules.reference=FILE.mid rules.offset=S rules.use=[pitch_histogram,...]
+         rules.targets=FILE.json scg.candidates=N sampler.steps=N sampler.eta=E
 --cfg prints the composed configuration and exits."""
 
 
@@ -26,6 +28,8 @@ def _main(args: list[str]) -> int:
         return 0
     require(cfg, "ckpt", "out")
     for key in ("seconds", "num_samples", "temperature"):
+        if key == "seconds" and cfg.seconds is None:
+            continue  # the branch's default
         if cfg[key] is None or cfg[key] <= 0:
             raise UserError(f"{key} must be positive, got {cfg[key]}")
     if cfg.prompt is not None and cfg.prompt_seconds <= 0:

@@ -1,0 +1,468 @@
+"""The scg_diffusion branch: a piano-roll VQ-VAE, a latent DiT, and Stochastic Control
+Guidance toward rules that have no gradient (Huang et al., ICML 2024, arXiv 2402.14285).
+
+Composed from the core: the pianoroll tokenizer, roll datasets (`mehldau.data.rolls`), the
+autoencoder (`mehldau.nn.vqvae`), latent diffusion (`mehldau.nn.latent_diffusion`: DiT + DDPM),
+the rules (`mehldau.guidance.rules`), SCG (`mehldau.guidance.stochastic_control_guidance`) and
+the shared trainer. Two stages, each a plain training run with its own run directory:
+
+    mehldau-train branch=scg_diffusion stage=autoencoder run_dir=runs/ae
+    mehldau-train branch=scg_diffusion stage=diffusion init=runs/ae run_dir=runs/dit
+
+The diffusion checkpoint holds the frozen autoencoder too, so `mehldau-generate ckpt=runs/dit`
+needs nothing else. Generation draws every sample twice from the same seed, with and without
+guidance, and writes the rule losses of both beside the MIDI, so the effect of SCG is measured
+on each output rather than claimed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+from omegaconf import DictConfig, OmegaConf
+
+from mehldau.data.corpus import build_corpus
+from mehldau.data.rolls import (
+    LatentCropDataset,
+    RollCropDataset,
+    RollWindowDataset,
+    count_frames,
+    count_latent_rows,
+    encode_rolls,
+)
+from mehldau.data.sources import pieces_from_config
+from mehldau.errors import UserError
+from mehldau.guidance.rules import (
+    RULES,
+    chord_label,
+    chord_name,
+    rule_losses,
+    targets_from_midi,
+)
+from mehldau.guidance.stochastic_control_guidance import SCGConfig, scg_sample
+from mehldau.io import atomic_file, atomic_write_midi
+from mehldau.nn.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
+from mehldau.nn.vqvae import VQVAE, VQVAEConfig, note_f1
+from mehldau.recipes import autoregressive as ar
+from mehldau.tokenize.base import Tokenizer, build_tokenizer, load_tokenizer
+from mehldau.tokenize.pianoroll import tensor_to_roll
+from mehldau.train.checkpoint import (
+    checkpoint_dirs,
+    load_weights,
+    read_meta,
+    resolve_checkpoint,
+)
+from mehldau.train.loggers import MetricsFile, make_logger
+from mehldau.train.trainer import TrainConfig, fit, make_accelerator
+
+BRANCH = "scg_diffusion"
+STAGES = ("autoencoder", "diffusion")
+
+
+# --- configs ---------------------------------------------------------------------------------
+def train_config(cfg: DictConfig, stage: str) -> TrainConfig:
+    """cfg.train with each null key taken from cfg.train.stages.<stage>."""
+    given = OmegaConf.to_container(cfg.train, resolve=True)
+    per_stage = (given.pop("stages", None) or {}).get(stage, {})
+    merged = {k: (per_stage.get(k) if v is None else v) for k, v in given.items()}
+    missing = [k for k, v in merged.items() if v is None]
+    if missing:
+        raise UserError(f"train.{missing[0]} is not set for stage={stage}; give "
+                        f"train.{missing[0]}=... or train.stages.{stage}.{missing[0]}=...")
+    try:
+        return TrainConfig(**merged)
+    except TypeError as e:
+        raise UserError(f"bad train config: {e}; see configs/train/default.yaml") from e
+
+
+def autoencoder_config(cfg: DictConfig) -> VQVAEConfig:
+    try:
+        return VQVAEConfig(**OmegaConf.to_container(cfg.model.autoencoder, resolve=True))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"bad model.autoencoder: {e}") from e
+
+
+def diffusion_config(cfg: DictConfig, autoencoder: VQVAEConfig) -> LatentDiffusionConfig:
+    m = cfg.model
+    try:
+        return LatentDiffusionConfig(
+            autoencoder=autoencoder.to_dict(),
+            dit=OmegaConf.to_container(m.dit, resolve=True), frames=int(m.frames),
+            schedule=str(m.get("schedule", "linear")),
+            diffusion_steps=int(m.get("diffusion_steps", 1000)),
+            velocity_floor=float(m.get("velocity_floor", 0.08)))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"bad model config: {e}") from e
+
+
+def _tokenizer(cfg: DictConfig) -> Tokenizer:
+    return build_tokenizer(cfg.branch.tokenizer.name,
+                           OmegaConf.to_container(cfg.branch.tokenizer.config, resolve=True))
+
+
+# --- training --------------------------------------------------------------------------------
+def train(cfg: DictConfig) -> Path:
+    stage = str(cfg.stage)
+    if stage not in STAGES:
+        raise UserError(f"scg_diffusion trains in two stages, not stage={stage}: first "
+                        "stage=autoencoder, then stage=diffusion init=<the autoencoder run>")
+    if cfg.style.enabled:
+        raise UserError("scg_diffusion has no style conditioning; drop style.enabled")
+    tcfg = train_config(cfg, stage)
+    run_dir = Path(cfg.run_dir or f"runs/{BRANCH}/{stage}-{datetime.now():%Y%m%d-%H%M%S}"
+                   ).expanduser()
+    if checkpoint_dirs(run_dir) and not tcfg.resume:
+        raise UserError(f"{run_dir} already has checkpoints; add train.resume=true to continue "
+                        "it or choose another run_dir")
+    if stage == "autoencoder":
+        if cfg.init is not None:
+            raise UserError("stage=autoencoder trains from scratch; drop init= (init= is for "
+                            "stage=diffusion: the autoencoder run to build on)")
+        tokenizer, ae_cfg, base = _tokenizer(cfg), autoencoder_config(cfg), None
+        frames = int(cfg.model.autoencoder_frames)
+        if frames % ae_cfg.time_factor:
+            raise UserError(f"model.autoencoder_frames={frames} must be a multiple of the "
+                            f"autoencoder's time factor {ae_cfg.time_factor}")
+    else:
+        base, tokenizer, ae_cfg = _autoencoder_run(cfg)
+        dcfg = diffusion_config(cfg, ae_cfg)  # validated before anything is written
+        frames = dcfg.frames
+
+    pieces = pieces_from_config(cfg.data, cfg.cache_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    corpus = build_corpus(pieces, tokenizer, run_dir, cfg.cache_dir,
+                          tuple(cfg.split.ratios), cfg.split.seed)
+    rolls = {s: corpus.sequences(s) for s in corpus.splits}
+    aug = cfg.augment
+    metrics = MetricsFile(run_dir / "metrics.jsonl")
+    if not tcfg.resume or not metrics.path.exists():
+        all_rolls = [r for s in corpus.splits for r in corpus.sequences(s)]
+        metrics.write({"step": 0, "split": "corpus", "frames": int(sum(map(len, all_rolls))),
+                       "pieces": len(all_rolls), "skipped": len(corpus.skipped)})
+    accelerator = make_accelerator(tcfg.mixed_precision)
+    set_seed(cfg.seed)
+    val_windows = RollWindowDataset(rolls["val"], frames) if rolls["val"] else None
+    if val_windows is not None and len(val_windows) == 0:
+        val_windows = None
+    if val_windows is None:
+        print("train: no validation split (fewer than 3 groups); no val loss", file=sys.stderr)
+    if stage == "autoencoder":
+        try:
+            train_ds = RollCropDataset(rolls["train"], frames, tokenizer, cfg.seed,
+                                       aug.transpose, (aug.stretch_min, aug.stretch_max))
+        except ValueError as e:
+            raise UserError(f"the training split has no notes ({e}); use more files") from e
+        val_ds = val_windows
+        model: torch.nn.Module = VQVAE(ae_cfg)
+        model_dict = ae_cfg.to_dict()
+        count = count_frames
+    else:
+        ae = VQVAE(ae_cfg)
+        load_weights(ae, base, BRANCH)
+        shift = cfg.model.get("latent_transpose")
+        train_ds, val_ds = _encoded_datasets(ae.to(accelerator.device).eval(), dcfg, rolls,
+                                             val_windows, tokenizer,
+                                             int(aug.transpose if shift is None else shift),
+                                             cfg.seed)
+        model = LatentDiffusion(dcfg)
+        model.autoencoder.load_state_dict(ae.state_dict())
+        model_dict = dcfg.to_dict()
+        count = count_latent_rows
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"model: {BRANCH} {stage}, {n / 1e6:.2f}M trainable parameters", file=sys.stderr)
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+
+    def write_extra(d: Path) -> None:
+        OmegaConf.save(OmegaConf.create(resolved), d / "config.yaml")
+        tokenizer.save(d / "tokenizer.json")
+        (d / "model_config.json").write_text(json.dumps(model_dict, indent=2))
+
+    meta = {"branch": BRANCH, "recipe": __name__, "model": type(model).__name__,
+            "stage": stage}
+    if base is not None:
+        meta["autoencoder"] = str(base.resolve())
+    logger = make_logger(cfg.logger, run_dir, resolved, resume=tcfg.resume)
+    try:
+        last = fit(model, train_ds, val_ds, tcfg, run_dir, meta, write_extra, logger,
+                   accelerator=accelerator, loss_unit="(reconstruction BCE + commitment)"
+                   if stage == "autoencoder" else "(noise MSE)", count=count)
+        if stage == "autoencoder" and val_ds is not None:
+            report = autoencoder_report(accelerator.unwrap_model(model), val_ds,
+                                        tcfg.eval_batch_size)
+            metrics.write({"step": int(last.get("step", tcfg.max_steps)), "split": "val",
+                           **report})
+            print(f"autoencoder on val: note F1 {report['note_f1']:.3f} (onsets within one "
+                  f"frame), codebook usage {report['codebook_usage']:.2f}", file=sys.stderr)
+    finally:
+        logger.finish()
+    if "val_loss" in last:
+        print(f"final val loss {last['val_loss']:.4f}", file=sys.stderr)
+    return run_dir
+
+
+def _autoencoder_run(cfg: DictConfig) -> tuple[Path, Tokenizer, VQVAEConfig]:
+    if cfg.init is None:
+        raise UserError("stage=diffusion needs init=<the stage=autoencoder run or checkpoint>")
+    base = resolve_checkpoint(cfg.init)
+    meta = read_meta(base)
+    if meta.get("branch") != BRANCH or meta.get("stage") != "autoencoder":
+        raise UserError(f"init {base} is a '{meta.get('branch')}' {meta.get('stage')} "
+                        "checkpoint; stage=diffusion needs an scg_diffusion autoencoder run")
+    tokenizer = load_tokenizer(base / "tokenizer.json")
+    if _tokenizer(cfg) != tokenizer:
+        raise UserError(f"branch.tokenizer differs from the tokenizer of init {base}; the "
+                        "diffusion stage uses the autoencoder's, so drop the override")
+    ae_cfg = VQVAEConfig(**json.loads((base / "model_config.json").read_text()))
+    return base, tokenizer, ae_cfg
+
+
+def _encoded_datasets(ae: VQVAE, dcfg: LatentDiffusionConfig, rolls: dict,
+                      val_windows: RollWindowDataset | None, tokenizer: Tokenizer,
+                      transpose: int, seed: int):
+    """Encode the training pieces once per transposition in [-transpose, transpose] (time
+    stretch is not applied in this stage) and the validation windows once; set latent_scale
+    from the training latents' std."""
+    device = next(ae.parameters()).device
+    t0 = time.perf_counter()
+    shifts = list(range(-transpose, transpose + 1))
+    latents = encode_rolls(ae.encode, rolls["train"], dcfg.frames, ae.config.time_factor,
+                           shifts, tokenizer, device=device)
+    std = float(torch.cat([z.flatten() for z, _ in latents]).std())
+    if not std > 0:
+        raise UserError("the autoencoder maps every training roll to one latent; train "
+                        "stage=autoencoder longer or check the data")
+    dcfg.latent_scale = 1.0 / std
+    latents = [(z * dcfg.latent_scale, a) for z, a in latents]
+    try:
+        train_ds = LatentCropDataset(latents, dcfg.latent_shape()[1], seed)
+    except ValueError as e:
+        raise UserError(f"the training split has no notes ({e}); use more files") from e
+    val_ds = None
+    if val_windows is not None:
+        with torch.no_grad():
+            z = torch.cat([ae.encode(torch.stack([val_windows[j]["x"] for j in range(
+                i, min(i + 16, len(val_windows)))]).to(device)).float().cpu()
+                for i in range(0, len(val_windows), 16)])
+        val_ds = _FixedNoise(z * dcfg.latent_scale, dcfg.diffusion_steps, seed)
+    rows = sum(z.shape[1] for z, _ in latents)
+    print(f"encoded {len(latents)} training rolls ({len(shifts)} transpositions, {rows:,} "
+          f"latent rows) in {time.perf_counter() - t0:.1f} s; latent {dcfg.latent_shape()} per "
+          f"{dcfg.frames / tokenizer.config.fps:.2f} s, scale {dcfg.latent_scale:.4f}",
+          file=sys.stderr)
+    return train_ds, val_ds
+
+
+class _FixedNoise(torch.utils.data.Dataset):
+    """Validation latents with a fixed timestep and noise each, so the DDPM loss of one
+    checkpoint is a number, not a draw."""
+
+    def __init__(self, z: torch.Tensor, steps: int, seed: int) -> None:
+        self.z, self.steps, self.seed = z, steps, seed
+
+    def __len__(self) -> int:
+        return len(self.z)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        return {"z": self.z[i], "t": torch.randint(0, self.steps, (), generator=g),
+                "noise": torch.randn(self.z[i].shape, generator=g)}
+
+
+@torch.no_grad()
+def autoencoder_report(model: VQVAE, windows: RollWindowDataset, batch_size: int
+                       ) -> dict[str, float]:
+    """Onset note F1 (within one frame) of reconstructions, and codebook usage (vq)."""
+    model.eval()
+    dev = next(model.parameters()).device
+    preds, targets = [], []
+    for i in range(0, len(windows), batch_size):
+        x = torch.stack([windows[j]["x"] for j in range(i, min(i + batch_size, len(windows)))])
+        preds.append(model(x.to(dev)).recon.cpu())
+        targets.append(x)
+    report = {"note_f1": note_f1(torch.cat(preds), torch.cat(targets), tolerance=1)}
+    if model.quantizer is not None:
+        report["codebook_usage"] = model.quantizer.codebook_usage()
+    else:
+        report["codebook_usage"] = float("nan")
+    return report
+
+
+# --- generation ------------------------------------------------------------------------------
+def load_model(ckpt: Path, device: torch.device | str = "cpu"
+               ) -> tuple[LatentDiffusion, Tokenizer]:
+    meta = read_meta(ckpt)
+    if meta.get("stage") != "diffusion":
+        raise UserError(f"checkpoint {ckpt} is the {meta.get('stage')} stage; generate from "
+                        "a stage=diffusion run (train it with init=<this run>)")
+    try:
+        dcfg = LatentDiffusionConfig(**json.loads((ckpt / "model_config.json").read_text()))
+    except (OSError, TypeError, ValueError) as e:
+        raise UserError(f"{ckpt / 'model_config.json'} is missing or damaged ({e})") from e
+    model = LatentDiffusion(dcfg)
+    load_weights(model, ckpt, BRANCH)
+    return model.to(device).eval(), load_tokenizer(ckpt / "tokenizer.json")
+
+
+def _sample_frames(cfg: DictConfig, dcfg: LatentDiffusionConfig, fps: int) -> int:
+    """`seconds` in frames, rounded up to what the model accepts; at most the trained length."""
+    longest = dcfg.frames / fps
+    seconds = ar.generate_seconds(cfg, default=longest)
+    if seconds > longest + 1e-9:
+        raise UserError(f"seconds={seconds:g} is longer than this model's {longest:g} s samples; "
+                        f"use seconds<={longest:g} (longer pieces would need stitching)")
+    m = dcfg.frame_multiple
+    return max(m, -(-round(seconds * fps) // m) * m)
+
+
+def _rule_names(cfg: DictConfig) -> list[str]:
+    use = cfg.rules.get("use")
+    names = list(RULES) if use is None else [str(u) for u in use]
+    unknown = [n for n in names if n not in RULES]
+    if unknown or not names:
+        raise UserError(f"unknown rule '{unknown[0] if unknown else ''}' in rules.use; "
+                        f"choose from {', '.join(RULES)}")
+    return names
+
+
+def targets_to_json(targets: dict[str, torch.Tensor]) -> dict:
+    """Targets as written beside each output (chords by name, e.g. "Dm7", "N" = silence)."""
+    out = {}
+    for name, t in targets.items():
+        out[name] = ([chord_name(int(v)) for v in t.tolist()] if name == "chord"
+                     else t.tolist())
+    return out
+
+
+def targets_from_json(path: str | Path, names: list[str], frames: int, window: int
+                      ) -> dict[str, torch.Tensor]:
+    try:
+        given = json.loads(Path(path).expanduser().read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"rules.targets {path}: {e}; pass a JSON file like the ones "
+                        "mehldau-generate writes") from e
+    given = given.get("targets", given) if isinstance(given, dict) else {}
+    out = {}
+    windows = -(-frames // window)
+    for name in names:
+        if name not in given:
+            raise UserError(f"rules.targets {path} has no '{name}' target; add it or drop it "
+                            "from rules.use")
+        v = given[name]
+        try:
+            t = (torch.tensor([chord_label(str(c)) for c in v]) if name == "chord"
+                 else torch.tensor(v, dtype=torch.float32))
+        except (TypeError, ValueError) as e:
+            raise UserError(f"rules.targets {path}: bad '{name}' target ({e})") from e
+        want = {"pitch_histogram": (12,), "note_density": (2, windows), "chord": (windows,)}[name]
+        if tuple(t.shape) != want:
+            raise UserError(f"rules.targets {path}: '{name}' has shape {tuple(t.shape)}, a "
+                            f"{frames}-frame sample needs {want}")
+        out[name] = t
+    return out
+
+
+def _targets(cfg: DictConfig, tokenizer: Tokenizer, names: list[str], frames: int
+             ) -> dict[str, torch.Tensor] | None:
+    r = cfg.rules
+    fps = tokenizer.config.fps
+    if r.get("reference") is not None and r.get("targets") is not None:
+        raise UserError("give rules.reference or rules.targets, not both")
+    if r.get("reference") is not None:
+        path = Path(str(r.reference)).expanduser()
+        if not path.is_file():
+            raise UserError(f"rules.reference not found: {path}")
+        try:
+            from mehldau.data.corpus import BadMidi, read_score
+
+            read_score(path)
+        except BadMidi as e:
+            raise UserError(f"rules.reference {path}: {e}; pass a MIDI file with notes") from e
+        if float(r.offset) < 0:
+            raise UserError(f"rules.offset must be >= 0, got {r.offset}")
+        targets = targets_from_midi(path, tokenizer, frames / fps, names, float(r.offset))
+        if float(targets["pitch_histogram"].sum() if "pitch_histogram" in targets else 1) == 0:
+            raise UserError(f"rules.reference {path} is silent from {r.offset} s for "
+                            f"{frames / fps:g} s; choose another rules.offset")
+        return targets
+    if r.get("targets") is not None:
+        return targets_from_json(r.targets, names, frames, window=128)
+    return None
+
+
+def generate(cfg: DictConfig, ckpt: Path) -> list[Path]:
+    device = ar.device_for(cfg.device)
+    model, tokenizer = load_model(ckpt, device)
+    dcfg = model.config
+    frames = _sample_frames(cfg, dcfg, tokenizer.config.fps)
+    names = _rule_names(cfg)
+    targets = _targets(cfg, tokenizer, names, frames)
+    weights = {k: float(v) for k, v in (cfg.rules.get("weights") or {}).items()}
+    try:
+        scg = SCGConfig(candidates=int(cfg.scg.candidates), t_start=int(cfg.scg.t_start),
+                        t_end=int(cfg.scg.t_end), every=int(cfg.scg.every),
+                        eta=float(cfg.sampler.eta))
+        dcfg.latent_shape(frames)
+    except ValueError as e:
+        raise UserError(f"bad scg/sampler option: {e}") from e
+    steps = int(cfg.sampler.steps)
+    if not 1 <= steps <= dcfg.diffusion_steps:
+        raise UserError(f"sampler.steps must be in 1..{dcfg.diffusion_steps}, got {steps}")
+    B = int(cfg.num_samples)
+    shape = (B, *dcfg.latent_shape(frames))
+
+    def losses(rolls: torch.Tensor) -> dict[str, torch.Tensor]:
+        return rule_losses(rolls, targets, names, fps=tokenizer.config.fps)
+
+    def total(rolls: torch.Tensor) -> torch.Tensor:  # (N,) weighted sum, lower is better
+        return sum(weights.get(k, 1.0) * v for k, v in losses(rolls).items())
+
+    def draw(loss_fn) -> torch.Tensor:
+        gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
+        z = scg_sample(model.dit, model.decode, loss_fn, model.schedule, shape, steps, scg,
+                       gen, device=device)
+        return model.decode(z).float().clamp(0, 1)
+
+    with torch.no_grad():
+        guided = draw(total if targets is not None else None)
+        unguided = draw(None) if targets is not None else None
+    paths = ar.write_scores([tokenizer.decode(r) for r in tensor_to_roll(guided.cpu())],
+                            cfg.out)
+    if targets is None:
+        print("no rules.reference or rules.targets: sampled without guidance", file=sys.stderr)
+        return paths
+    g_loss, u_loss = losses(guided), losses(unguided)
+    extra = [p.with_suffix(".unguided.mid") for p in paths]
+    for roll, path in zip(tensor_to_roll(unguided.cpu()), extra):
+        atomic_write_midi(tokenizer.decode(roll), path)
+    reports = []
+    for b, path in enumerate(paths):
+        report = {
+            "targets": targets_to_json(targets),
+            "guided": {k: float(v[b]) for k, v in g_loss.items()},
+            "unguided": {k: float(v[b]) for k, v in u_loss.items()},
+            "weights": {k: weights.get(k, 1.0) for k in names},
+            "unguided_midi": str(extra[b]), "seed": int(cfg.seed),
+            "scg": scg.to_dict(), "sampler_steps": steps,
+            "reference": None if cfg.rules.get("reference") is None
+            else {"path": str(cfg.rules.reference), "offset": float(cfg.rules.offset)},
+        }
+        out = path.with_suffix(".json")
+        with atomic_file(out) as f:
+            json.dump(report, f, indent=2)
+        reports.append(out)
+        summary = ", ".join(f"{k} {report['guided'][k]:.4f} vs {report['unguided'][k]:.4f}"
+                            for k in names)
+        print(f"{out}: guided vs unguided rule loss: {summary}", file=sys.stderr)
+    return [*paths, *extra, *reports]
+
+
+def merge_checkpoint(cfg: DictConfig, ckpt: Path) -> Path:
+    raise UserError("scg_diffusion checkpoints have no adapter to merge; use them as they are")
+

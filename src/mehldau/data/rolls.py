@@ -1,0 +1,159 @@
+"""Piano-roll datasets for the diffusion branch: random training crops, evaluation windows, and
+crops of latents encoded once.
+
+Rolls are the pianoroll tokenizer's `(T, 88, 2)` uint8 arrays; items are float tensors
+`(2, frames, 88)` under the key `x` (velocity / 127, onset), what `VQVAE` and
+`LatentDiffusion` take. A crop that holds no note is drawn again (the reference drops empty
+segments too): silence teaches an autoencoder nothing and a diffusion model only silence.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mehldau.tokenize.pianoroll import VELOCITY, PianoRollTokenizer, crop, roll_to_tensor
+
+
+def count_frames(batch: dict[str, torch.Tensor]) -> int:
+    """Frames in a batch of rolls (B, 2, T, 88): the unit of a roll model's loss."""
+    x = batch["x"]
+    return int(x.shape[0] * x.shape[2])
+
+
+def count_latent_rows(batch: dict[str, torch.Tensor]) -> int:
+    """Latent rows in a batch of latents (B, C, T', P')."""
+    z = batch["z"]
+    return int(z.shape[0] * z.shape[2])
+
+
+class RollCropDataset(Dataset):
+    """Training crops of `frames` frames, augmented per crop (transposition in
+    [-transpose, transpose] semitones, time stretch in `stretch`). A piece is chosen with
+    probability proportional to its length; item i depends only on (seed, i), so resuming needs
+    only a counter, as for the token datasets."""
+
+    def __init__(self, rolls: Sequence[np.ndarray], frames: int,
+                 tokenizer: PianoRollTokenizer, seed: int = 0, transpose: int = 0,
+                 stretch: tuple[float, float] = (1.0, 1.0), tries: int = 16) -> None:
+        self.rolls = [r for r in rolls if len(r) and r[:, :, VELOCITY].any()]
+        if not self.rolls:
+            raise ValueError("RollCropDataset needs at least one roll with notes")
+        if frames < 1:
+            raise ValueError(f"frames must be >= 1, got {frames}")
+        lengths = np.array([len(r) for r in self.rolls], np.float64)
+        self.probs = lengths / lengths.sum()
+        self.frames, self.tokenizer, self.seed = frames, tokenizer, seed
+        self.transpose, self.stretch, self.tries = transpose, stretch, tries
+
+    def __len__(self) -> int:
+        return 2**62  # indexed by a global sample counter, never exhausted
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, index])
+        out = None
+        for _ in range(self.tries):
+            roll = self.rolls[rng.choice(len(self.rolls), p=self.probs)]
+            stretch = float(rng.uniform(*self.stretch))
+            shift = int(rng.integers(-self.transpose, self.transpose + 1))
+            # Cut a little more than needed before stretching, so the stretched crop is full.
+            need = math.ceil(self.frames / stretch) + 1
+            start = int(rng.integers(0, max(len(roll) - need, 0) + 1))
+            part = crop(roll, start, need)
+            if shift or stretch != 1.0:
+                part = self.tokenizer.augment(part, transpose=shift, stretch=stretch)
+            out = crop(part, 0, self.frames)
+            if out[:, :, VELOCITY].any():
+                break
+        return {"x": roll_to_tensor(out)}
+
+
+class RollWindowDataset(Dataset):
+    """Evaluation: every roll cut into consecutive windows of `frames` (the last one padded with
+    silence), windows without a note dropped; the same windows every time."""
+
+    def __init__(self, rolls: Sequence[np.ndarray], frames: int) -> None:
+        if frames < 1:
+            raise ValueError(f"frames must be >= 1, got {frames}")
+        self.frames = frames
+        self.windows: list[np.ndarray] = []
+        for roll in rolls:
+            for start in range(0, len(roll), frames):
+                w = crop(roll, start, frames)
+                if w[:, :, VELOCITY].any():
+                    self.windows.append(w)
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"x": roll_to_tensor(self.windows[index])}
+
+
+@torch.no_grad()
+def encode_rolls(encode: Callable[[torch.Tensor], torch.Tensor], rolls: Sequence[np.ndarray],
+                 chunk: int, time_factor: int, transpositions: Sequence[int] = (0,),
+                 tokenizer: PianoRollTokenizer | None = None, batch_size: int = 16,
+                 device: torch.device | str = "cpu") -> list[tuple[torch.Tensor, np.ndarray]]:
+    """Each roll (at each transposition) -> (latent (C, T', P') float32 on the CPU, activity
+    (T',) bool: latent rows whose frames hold a sounding note).
+
+    Rolls are cut into `chunk`-frame pieces (the last padded with silence), encoded in batches
+    and joined along time, as the reference encodes its 1.28 s chunks; the encoder being
+    convolutional, only the chunk borders see padding. Encoding the training set once, instead
+    of every crop at every step, is what makes the diffusion stage affordable on a CPU."""
+    jobs = []  # (roll, its chunks)
+    for roll in rolls:
+        for shift in transpositions:
+            r = roll if shift == 0 else tokenizer.augment(roll, transpose=shift)
+            n = -(-len(r) // chunk)
+            jobs.append((r, [crop(r, i * chunk, chunk) for i in range(n)]))
+    flat = [c for _, chunks in jobs for c in chunks]
+    latents = []
+    for i in range(0, len(flat), batch_size):
+        x = roll_to_tensor(np.stack(flat[i:i + batch_size])).to(device)
+        latents.append(encode(x).float().cpu())
+    z_all = torch.cat(latents) if latents else torch.zeros(0)
+    out, at = [], 0
+    for r, chunks in jobs:
+        z = torch.cat(list(z_all[at:at + len(chunks)]), dim=1)  # (C, n * chunk / f, P')
+        at += len(chunks)
+        rows = -(-len(r) // time_factor)
+        sounding = np.zeros(rows * time_factor, bool)
+        sounding[:len(r)] = r[:, :, VELOCITY].any(1)
+        out.append((z[:, :rows], sounding.reshape(rows, time_factor).any(1)))
+    return out
+
+
+class LatentCropDataset(Dataset):
+    """Diffusion training crops of `rows` latent rows from pre-encoded pieces (`encode_rolls`),
+    a piece chosen in proportion to its length, crops without a sounding row drawn again;
+    item i depends only on (seed, i)."""
+
+    def __init__(self, latents: Sequence[tuple[torch.Tensor, np.ndarray]], rows: int,
+                 seed: int = 0, tries: int = 16) -> None:
+        self.latents = [(z, a) for z, a in latents if a.any()]
+        if not self.latents:
+            raise ValueError("LatentCropDataset needs at least one latent with notes")
+        lengths = np.array([z.shape[1] for z, _ in self.latents], np.float64)
+        self.probs = lengths / lengths.sum()
+        self.rows, self.seed, self.tries = rows, seed, tries
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, index])
+        for _ in range(self.tries):
+            z, active = self.latents[rng.choice(len(self.latents), p=self.probs)]
+            start = int(rng.integers(0, max(z.shape[1] - self.rows, 0) + 1))
+            if active[start:start + self.rows].any():
+                break
+        out = torch.zeros(z.shape[0], self.rows, z.shape[2])
+        part = z[:, start:start + self.rows]
+        out[:, :part.shape[1]] = part  # a piece shorter than a crop: silence after it
+        return {"z": out}

@@ -1,0 +1,147 @@
+"""The scg_diffusion branch end to end: autoencoder stage, diffusion stage, guided generation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pretty_midi
+import pytest
+import torch
+from conftest import make_folder
+from omegaconf import OmegaConf
+
+from branches.scg_diffusion.recipe import targets_to_json, train_config
+from mehldau.cli.generate import main as generate
+from mehldau.cli.train import main as train
+from mehldau.guidance.rules import targets_from_midi
+from mehldau.tokenize.pianoroll import PianoRollTokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+MICRO = ["branch=scg_diffusion", "model.frames=256", "model.autoencoder_frames=64",
+         "model.autoencoder.channels=[4,8]", "model.autoencoder.strides=[[2,2],[2,2]]",
+         "model.autoencoder.codebook_size=16", "model.dit.hidden_size=32", "model.dit.depth=1",
+         "model.dit.num_heads=2", "model.dit.patch_size=[2,8]", "train.max_steps=4",
+         "train.batch_size=2", "train.eval_batch_size=4", "train.warmup_steps=1",
+         "train.log_every=2", "train.eval_every=4", "train.ckpt_every=4", "logger=none"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("scg")
+    data = make_folder(root / "data")
+    ae, dit = root / "ae", root / "dit"
+    common = ["data=folder", f"data.root={data}", f"cache_dir={root / 'cache'}", *MICRO]
+    assert train([f"run_dir={ae}", "stage=autoencoder", *common]) == 0
+    assert train([f"run_dir={dit}", "stage=diffusion", f"init={ae}", *common]) == 0
+    return {"data": data, "ae": ae, "dit": dit, "root": root, "common": common}
+
+
+def test_both_stages_train_and_report(runs) -> None:
+    ae_lines = [json.loads(ln) for ln in (runs["ae"] / "metrics.jsonl").read_text().splitlines()]
+    report = [r for r in ae_lines if "note_f1" in r]
+    assert len(report) == 1 and 0 <= report[0]["note_f1"] <= 1
+    assert 0 < report[0]["codebook_usage"] <= 1
+    ck = runs["dit"] / "checkpoints" / "step_0000004"
+    meta = json.loads((ck / "meta.json").read_text())
+    assert meta["stage"] == "diffusion" and meta["model"] == "LatentDiffusion"
+    mcfg = json.loads((ck / "model_config.json").read_text())
+    assert mcfg["latent_scale"] > 0 and mcfg["frames"] == 256
+    # The autoencoder inside the diffusion checkpoint is the stage-1 one, unchanged.
+    from safetensors.torch import load_file
+
+    a = load_file(str(runs["ae"] / "checkpoints" / "step_0000004" / "model.safetensors"))
+    d = load_file(str(ck / "model.safetensors"))
+    assert all(torch.equal(v, d[f"autoencoder.{k}"]) for k, v in a.items())
+    vals = [r["loss"] for r in map(json.loads, (runs["dit"] / "metrics.jsonl").read_text()
+                                   .splitlines()) if r["split"] == "val" and "loss" in r]
+    assert vals and all(v > 0 for v in vals)
+
+
+def test_guided_generation_writes_midi_and_losses(runs, tmp_path: Path) -> None:
+    ref = next(runs["data"].rglob("*.mid"))
+    out = tmp_path / "g.mid"
+    assert generate([f"ckpt={runs['dit']}", f"out={out}", f"rules.reference={ref}",
+                     "rules.use=[note_density,pitch_histogram]", "scg.candidates=3",
+                     "sampler.steps=5", "num_samples=2", "seed=7"]) == 0
+    for i in (1, 2):
+        mid, js = tmp_path / f"g_{i}.mid", tmp_path / f"g_{i}.json"
+        assert mid.is_file() and (tmp_path / f"g_{i}.unguided.mid").is_file()
+        pretty_midi.PrettyMIDI(str(mid))  # readable
+        report = json.loads(js.read_text())
+        assert set(report["guided"]) == set(report["unguided"]) == {"note_density",
+                                                                   "pitch_histogram"}
+        assert report["seed"] == 7 and report["scg"]["candidates"] == 3
+    # The targets are the reference excerpt's features (2.56 s = the model's 256 frames).
+    want = targets_to_json(targets_from_midi(ref, PianoRollTokenizer(), 2.56,
+                                             ["note_density", "pitch_histogram"]))
+    got = json.loads((tmp_path / "g_1.json").read_text())["targets"]
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(torch.tensor(got[k]), torch.tensor(want[k]))
+    # The same targets given as JSON reproduce the outputs exactly.
+    again = tmp_path / "again.mid"
+    assert generate([f"ckpt={runs['dit']}", f"out={again}",
+                     f"rules.targets={tmp_path / 'g_1.json'}",
+                     "rules.use=[note_density,pitch_histogram]", "scg.candidates=3",
+                     "sampler.steps=5", "seed=7"]) == 0
+    assert again.read_bytes() == (tmp_path / "g_1.mid").read_bytes()
+
+
+def test_without_rules_it_samples_unguided(runs, tmp_path: Path) -> None:
+    out = tmp_path / "u.mid"
+    assert generate([f"ckpt={runs['dit']}", f"out={out}", "sampler.steps=3"]) == 0
+    assert out.is_file() and not out.with_suffix(".json").exists()
+
+
+def test_stage_defaults_fill_only_null_train_keys() -> None:
+    full = OmegaConf.load(Path(__file__).parents[2] / "configs/train/default.yaml")
+    full.merge_with({"max_steps": None, "lr": 0.5,
+                     "stages": {"autoencoder": {"max_steps": 7, "lr": 1.0}}})
+    tc = train_config(OmegaConf.create({"train": full, "seed": 0}), "autoencoder")
+    assert tc.max_steps == 7 and tc.lr == 0.5  # the stage fills nulls, a given value stays
+
+
+@pytest.mark.parametrize("args, message", [
+    (["stage=pretrain"], "two stages"),
+    (["stage=diffusion"], "needs init="),
+    (["stage=autoencoder", "init=/nowhere"], "drop init="),
+    (["stage=autoencoder", "model.autoencoder_frames=62"], "multiple of"),
+    (["stage=autoencoder", "model.autoencoder.kind=gan"], "bad model.autoencoder"),
+])
+def test_bad_training_input_is_one_line(runs, tmp_path: Path, capsys, args, message) -> None:
+    run = tmp_path / "bad"
+    assert train([f"run_dir={run}", *runs["common"], *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (run / "checkpoints").exists()
+
+
+def test_diffusion_init_must_be_an_autoencoder_run(runs, tmp_path: Path, capsys) -> None:
+    assert train([f"run_dir={tmp_path / 'x'}", "stage=diffusion", f"init={runs['dit']}",
+                  *runs["common"]]) == 2
+    assert "needs an scg_diffusion autoencoder run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["seconds=30"], "longer than this model"),
+    (["rules.use=[tempo]", "rules.reference=REF"], "unknown rule 'tempo'"),
+    (["rules.reference=/no/such.mid"], "rules.reference not found"),
+    (["rules.reference=REF", "sampler.eta=0"], "stochastic sampler"),
+    (["rules.reference=REF", "sampler.steps=5000"], "sampler.steps"),
+    (["rules.targets=BADJSON"], "has no 'pitch_histogram' target"),
+])
+def test_bad_generation_input_is_one_line(runs, tmp_path: Path, capsys, args, message) -> None:
+    ref = next(runs["data"].rglob("*.mid"))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"targets": {"note_density": [[0.0, 0.0], [0.0, 0.0]]}}))
+    args = [a.replace("REF", str(ref)).replace("BADJSON", str(bad)) for a in args]
+    out = tmp_path / "o.mid"
+    assert generate([f"ckpt={runs['dit']}", f"out={out}", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and not out.exists()
+
+
+def test_generating_from_the_autoencoder_run_is_refused(runs, tmp_path: Path, capsys) -> None:
+    assert generate([f"ckpt={runs['ae']}", f"out={tmp_path / 'o.mid'}"]) == 2
+    assert "stage=diffusion" in capsys.readouterr().err
