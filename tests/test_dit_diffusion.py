@@ -156,3 +156,11 @@ def test_dit_default_tokens_for_a_reference_latent():
     assert m.embed(torch.randn(1, 4, 128, 12)).shape == (1, 256, 32)
     with pytest.raises(ValueError):
         DiTConfig(hidden_size=30, num_heads=4)
+
+
+def test_dit_runs_in_bf16_weights_without_autocast():
+    # Sampling casts the whole model (benchmarks, GPU); the fp32 timestep sinusoids must follow.
+    torch.manual_seed(0)
+    dit = DiT(DiTConfig(**TINY_DIT)).to(torch.bfloat16)
+    eps = dit(torch.randn(2, 4, 8, 6, dtype=torch.bfloat16), torch.tensor([3, 700]))
+    assert eps.dtype == torch.bfloat16 and eps.shape == (2, 4, 8, 6) and eps.isfinite().all()

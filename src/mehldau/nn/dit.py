@@ -170,7 +170,8 @@ class DiT(nn.Module):
     def condition(self, t: Tensor, y: Tensor | None = None) -> Tensor:
         """The conditioning vector c (B, D) from timesteps t (B,) and labels y (B,) or None
         (None = the null label: unconditional)."""
-        c = self.t_embed(timestep_embedding(t, self.config.freq_dim))  # (B, D)
+        freq = timestep_embedding(t, self.config.freq_dim)  # fp32 sinusoids, then the weights'
+        c = self.t_embed(freq.to(self.t_embed[0].weight.dtype))  # (B, D)
         n = self.config.num_classes
         if self.y_embed is None:
             if y is not None:
