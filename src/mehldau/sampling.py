@@ -110,12 +110,14 @@ def sample_tokens(
     max_seconds: float | None = None,
     progress: bool = False,
     banned_ids: tuple[int, ...] = (),
+    allowed_next: torch.Tensor | None = None,  # (V, V) bool: row a = ids allowed after id a
 ) -> torch.Tensor:
     """Sample up to `max_new_tokens` after `prompt`; returns (B, P + n) including the prompt.
 
     Stops when every row has emitted `eos_id` or covered `max_seconds` of music; a finished
     row is padded with `eos_id`. `banned_ids` are never sampled (PAD and BOS, style ids, or
-    EOS when a duration was asked for).
+    EOS when a duration was asked for). `allowed_next` (a tokenizer's `next_token_mask`)
+    keeps every row inside the token grammar: only ids allowed after its last id are drawn.
     """
     device = prompt.device
     seqs = prompt.clone()
@@ -125,6 +127,8 @@ def sample_tokens(
     bar = tqdm(total=max_new_tokens, desc="sample", unit="tok", disable=not progress, leave=False)
     logits = decoder.prefill(prompt)
     for i in range(max_new_tokens):
+        if allowed_next is not None:
+            logits = logits.masked_fill(~allowed_next[seqs[:, -1]], float("-inf"))
         if banned_ids:
             logits = logits.index_fill(-1, banned, float("-inf"))
         nxt = torch.multinomial(filter_logits(logits, cfg).softmax(-1), 1, generator=generator)

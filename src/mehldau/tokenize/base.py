@@ -41,6 +41,9 @@ class Tokenizer(ABC):
     codec_version: ClassVar[int] = 1
     # What one step of `encode` is called, for loss units ("nats/event").
     step_name: ClassVar[str] = "token"
+    # True when a note's duration is encoded at its onset (so a prompt cut at a time keeps
+    # the whole notes that start before it); False for note-on/note-off events.
+    note_durations: ClassVar[bool] = False
     config: Any  # a dataclass instance
 
     @property
@@ -85,12 +88,40 @@ class Tokenizer(ABC):
             raise UserError(f"unknown style '{name}'; known styles: {', '.join(known)}")
         return self.vocab_size - len(known) + known.index(name)
 
+    def next_token_mask(self) -> np.ndarray | None:
+        """For 1-D ids with a fixed grammar: (V, V) bool, row a = the ids that may follow id
+        a, so a sampler never draws a sequence `decode` would have to repair; None = any."""
+        return None
+
     def seconds_per_id(self) -> np.ndarray | None:
         """For 1-D ids: seconds of music each id advances (length `vocab_size`), else None.
 
         Lets a sampler stop after a requested duration without decoding as it goes.
         """
         return None
+
+    def seconds_of(self, tokens: np.ndarray) -> float:
+        """Seconds of music a 1-D id sequence covers (0 when ids carry no time)."""
+        secs = self.seconds_per_id()
+        if secs is None or np.asarray(tokens).ndim != 1:
+            return 0.0
+        ids = np.asarray(tokens, np.int64)
+        return float(secs[ids[(ids >= 0) & (ids < len(secs))]].astype(np.float64).sum())
+
+    def time_shift_ids(self, seconds: float) -> np.ndarray:
+        """The fewest time-advancing ids that cover `seconds` (to the nearest grid step),
+        longest first; empty for tokenizers whose ids carry no time, or for seconds <= 0."""
+        secs = self.seconds_per_id()
+        if secs is None or seconds <= 0:
+            return np.zeros(0, np.int64)
+        ids = np.flatnonzero(secs > 0)
+        steps = np.round(secs[ids] / secs[ids].min()).astype(np.int64)  # whole grid steps
+        left = int(round(seconds / float(secs[ids].min())))
+        out = []
+        for i in np.argsort(-steps):  # greedy is exact: a 1-step shift exists
+            k, left = divmod(left, int(steps[i]))
+            out += [int(ids[i])] * k
+        return np.array(out, np.int64)
 
     def encode_note(self, tokens: np.ndarray) -> str | None:
         """What `encode` changed in a kept piece, worth a line in the data report (e.g. a piece
@@ -156,4 +187,4 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 def _import_builtin() -> None:
     # Registration happens on import; keep the list here so `load_tokenizer` finds them all.
     import mehldau.tokenize.compound  # noqa: F401
-    from mehldau.tokenize import performance, pianoroll  # noqa: F401
+    from mehldau.tokenize import duration, performance, pianoroll  # noqa: F401

@@ -105,6 +105,7 @@ class CompoundTokenizer(Tokenizer):
 
     name: ClassVar[str] = "moonbeam"
     step_name: ClassVar[str] = "event"
+    note_durations: ClassVar[bool] = True
     config_class: ClassVar[type] = CompoundConfig
 
     def __init__(self, config: CompoundConfig | None = None) -> None:

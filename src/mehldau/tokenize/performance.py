@@ -190,12 +190,7 @@ class PerformanceTokenizer(Tokenizer):
         earlier ends where the later begins. At one instant: note-offs, then note-ons (each
         preceded by a VELOCITY event when its bin differs from the last one emitted).
         """
-        start, end, pitch, velocity = self._score_notes(score)
-        sps = self.config.steps_per_second
-        start = np.floor(start * sps + 0.5).astype(np.int64)
-        end = np.floor(end * sps + 0.5).astype(np.int64)
-        start, end, pitch, vbin = self._clean_notes(start, end, pitch,
-                                                    self.velocity_to_bin(velocity))
+        start, end, pitch, vbin = self.grid_notes(score)
         n = len(pitch)
         times = np.concatenate([end, start])
         is_on = np.concatenate([np.zeros(n, bool), np.ones(n, bool)])
@@ -204,8 +199,20 @@ class PerformanceTokenizer(Tokenizer):
         order = np.lexsort((pitches, is_on, times))  # by time, offs first, then pitch
         return self._events_to_ids(times[order], is_on[order], pitches[order], vbins[order])
 
-    def _score_notes(self, score: symusic.Score) -> tuple[np.ndarray, ...]:
-        """Notes of all non-drum tracks in seconds, sustain pedal folded into their ends."""
+    def grid_notes(self, score: symusic.Score, bins: bool = True) -> tuple[np.ndarray, ...]:
+        """Score -> (start, end, pitch, velocity bin) on the step grid (`bins=False`: MIDI
+        velocity 1..127), cleaned by `clean_notes`: what `encode` writes as events."""
+        start, end, pitch, velocity = self.score_notes(score)
+        sps = self.config.steps_per_second
+        start = np.floor(start * sps + 0.5).astype(np.int64)
+        end = np.floor(end * sps + 0.5).astype(np.int64)
+        velocity = np.clip(velocity, 1, 127).astype(np.int64)
+        return self.clean_notes(start, end, pitch.astype(np.int64),
+                                self.velocity_to_bin(velocity) if bins else velocity)
+
+    def score_notes(self, score: symusic.Score) -> tuple[np.ndarray, ...]:
+        """Notes of all non-drum tracks in seconds, sustain pedal folded into their ends:
+        (start, end, pitch, velocity). The note extraction every tokenizer here shares."""
         score = score.to("second")
         tracks = []
         for track in score.tracks:
@@ -244,9 +251,10 @@ class PerformanceTokenizer(Tokenizer):
         return (np.concatenate(starts), np.concatenate(ends), np.concatenate(pitches),
                 np.concatenate(velocities))
 
-    def _clean_notes(self, start: np.ndarray, end: np.ndarray, pitch: np.ndarray,
+    def clean_notes(self, start: np.ndarray, end: np.ndarray, pitch: np.ndarray,
                      vbin: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Step-grid notes -> in range, one step at least, no two of one pitch overlapping."""
+        """Step-grid notes -> in range, one step at least, no two of one pitch overlapping
+        (of two, the earlier ends where the later begins); sorted by pitch, then start."""
         c = self.config
         keep = (pitch >= c.min_pitch) & (pitch <= c.max_pitch)
         start, end, pitch, vbin = start[keep], end[keep], pitch[keep], vbin[keep]
@@ -285,15 +293,7 @@ class PerformanceTokenizer(Tokenizer):
         length = num_shifts + has_vel + has_event
         first = np.cumsum(length) - length  # (n[+1],) position of each event's first token
         out = np.empty(int(length.sum()), np.int64)
-        total_shifts = int(num_shifts.sum())
-        if total_shifts:
-            owner = np.repeat(np.arange(len(gap)), num_shifts)
-            rank = np.arange(total_shifts) - np.repeat(np.cumsum(num_shifts) - num_shifts,
-                                                       num_shifts)
-            out[first[owner] + rank] = self.time_shift_offset + max_shift - 1
-            has = num_shifts > 0
-            last = gap[has] - (num_shifts[has] - 1) * max_shift  # 1..max_shift
-            out[first[has] + num_shifts[has] - 1] = self.time_shift_offset + last - 1
+        write_time_shifts(out, first, gap, num_shifts, self.time_shift_offset, max_shift)
         vi = np.flatnonzero(has_vel)
         out[first[vi] + num_shifts[vi]] = self.velocity_offset + vbins[vi]
         ev = np.arange(n)
@@ -319,16 +319,7 @@ class PerformanceTokenizer(Tokenizer):
                 "vbin": vbin[pos], "total": int(time[-1]) if len(ids) else 0}
 
     def _clean_ids(self, tokens: np.ndarray) -> np.ndarray:
-        """Any array -> 1-D int64 ids without specials and out-of-vocabulary values."""
-        try:
-            ids = np.asarray(tokens)
-            if ids.dtype.kind not in "iu":
-                ids = np.nan_to_num(ids.astype(np.float64), nan=-1, posinf=-1, neginf=-1)
-                ids = np.where(np.abs(ids) < 2**62, ids, -1)
-            ids = ids.astype(np.int64).reshape(-1)
-        except (TypeError, ValueError, OverflowError):
-            return np.zeros(0, np.int64)
-        return ids[(ids >= _NUM_SPECIAL) & (ids < self.style_offset)]
+        return clean_ids(tokens, _NUM_SPECIAL, self.style_offset)
 
     def decode(self, tokens: np.ndarray) -> symusic.Score:
         """Ids -> one-track piano Score (ticks, 120 BPM, one step = `ticks_per_step` ticks).
@@ -354,19 +345,7 @@ class PerformanceTokenizer(Tokenizer):
         keep = end > start
         start, end, pitch, vbin = start[keep], end[keep], pitch[keep], vbin[keep]
         velocity = np.where(vbin >= 0, self.bin_to_velocity(np.maximum(vbin, 0)), _DEFAULT_VELOCITY)
-        order = np.lexsort((pitch, start))
-        score = symusic.Score(self.decode_tpq)
-        score.tempos.append(symusic.Tempo(0, _DECODE_QPM))
-        track = symusic.Track(name="Piano", program=0, is_drum=False)
-        tps = self.ticks_per_step
-        track.notes = symusic.Note.from_numpy(
-            time=(start[order] * tps).astype(np.int32),
-            duration=((end - start)[order] * tps).astype(np.int32),
-            pitch=pitch[order].astype(np.int8),
-            velocity=velocity[order].astype(np.int8),
-        )
-        score.tracks.append(track)
-        return score
+        return piano_score(start, end, pitch, velocity, self.ticks_per_step, self.decode_tpq)
 
     # --- augmentation --------------------------------------------------------------------
     def seconds_per_id(self) -> np.ndarray:
@@ -387,11 +366,7 @@ class PerformanceTokenizer(Tokenizer):
         """
         if transpose == 0 and stretch == 1.0:
             return tokens
-        if not (math.isfinite(stretch) and stretch > 0):
-            raise ValueError(f"stretch must be a positive finite number, got {stretch}")
-        raw = np.asarray(tokens, dtype=np.int64).reshape(-1)
-        head = raw[:1][raw[:1] == BOS_ID]
-        tail = raw[-1:][raw[-1:] == EOS_ID] if len(raw) > len(head) else raw[:0]
+        head, raw, tail = split_ends(tokens, stretch)
         ev = self._parse(self._clean_ids(raw))
         pitch = ev["pitch"] + int(transpose)
         keep = (pitch >= self.config.min_pitch) & (pitch <= self.config.max_pitch)
@@ -406,6 +381,62 @@ class PerformanceTokenizer(Tokenizer):
 
 
 # --- helpers ---------------------------------------------------------------------------------
+def clean_ids(tokens: np.ndarray, low: int, high: int) -> np.ndarray:
+    """Any array -> the 1-D int64 ids in low..high-1 (specials, styles and garbage dropped)."""
+    try:
+        ids = np.asarray(tokens)
+        if ids.dtype.kind not in "iu":
+            ids = np.nan_to_num(ids.astype(np.float64), nan=-1, posinf=-1, neginf=-1)
+            ids = np.where(np.abs(ids) < 2**62, ids, -1)
+        ids = ids.astype(np.int64).reshape(-1)
+    except (TypeError, ValueError, OverflowError):
+        return np.zeros(0, np.int64)
+    return ids[(ids >= low) & (ids < high)]
+
+
+def split_ends(tokens: np.ndarray, stretch: float) -> tuple[np.ndarray, ...]:
+    """For `augment`: (leading BOS or nothing, all ids, trailing EOS or nothing), after
+    checking the stretch factor."""
+    if not (math.isfinite(stretch) and stretch > 0):
+        raise ValueError(f"stretch must be a positive finite number, got {stretch}")
+    raw = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    head = raw[:1][raw[:1] == BOS_ID]
+    tail = raw[-1:][raw[-1:] == EOS_ID] if len(raw) > len(head) else raw[:0]
+    return head, raw, tail
+
+
+def write_time_shifts(out: np.ndarray, first: np.ndarray, gap: np.ndarray,
+                      num_shifts: np.ndarray, offset: int, max_shift: int) -> None:
+    """Write event i's `num_shifts[i]` TIME_SHIFT ids covering `gap[i]` steps into `out` from
+    position `first[i]`: full shifts of `max_shift` steps, then the remainder."""
+    total = int(num_shifts.sum())
+    if not total:
+        return
+    owner = np.repeat(np.arange(len(gap)), num_shifts)
+    rank = np.arange(total) - np.repeat(np.cumsum(num_shifts) - num_shifts, num_shifts)
+    out[first[owner] + rank] = offset + max_shift - 1
+    has = num_shifts > 0
+    last = gap[has] - (num_shifts[has] - 1) * max_shift  # 1..max_shift
+    out[first[has] + num_shifts[has] - 1] = offset + last - 1
+
+
+def piano_score(start: np.ndarray, end: np.ndarray, pitch: np.ndarray, velocity: np.ndarray,
+                ticks_per_step: int, tpq: int) -> symusic.Score:
+    """Notes on a step grid -> a one-track piano Score at 120 BPM (what every decoder writes)."""
+    order = np.lexsort((pitch, start))
+    score = symusic.Score(tpq)
+    score.tempos.append(symusic.Tempo(0, _DECODE_QPM))
+    track = symusic.Track(name="Piano", program=0, is_drum=False)
+    track.notes = symusic.Note.from_numpy(
+        time=(start[order] * ticks_per_step).astype(np.int32),
+        duration=((end - start)[order] * ticks_per_step).astype(np.int32),
+        pitch=pitch[order].astype(np.int8),
+        velocity=velocity[order].astype(np.int8),
+    )
+    score.tracks.append(track)
+    return score
+
+
 def _pedal_spans(times: np.ndarray, values: np.ndarray, piece_end: float
                  ) -> tuple[np.ndarray, np.ndarray]:
     """CC64 events -> (press times, release times); value >= 64 is down."""

@@ -48,12 +48,11 @@ import torch
 
 from mehldau.errors import UserError
 from mehldau.tokenize.base import Tokenizer, register
-from mehldau.tokenize.performance import PerformanceConfig, PerformanceTokenizer
+from mehldau.tokenize.performance import PerformanceConfig, PerformanceTokenizer, piano_score
 
 MIN_PITCH, MAX_PITCH = 21, 108  # A0..C8
 NUM_KEYS = MAX_PITCH - MIN_PITCH + 1  # 88
 VELOCITY, ONSET = 0, 1  # channel indices
-_DECODE_QPM = 120.0
 
 
 @dataclass
@@ -108,12 +107,7 @@ class PianoRollTokenizer(Tokenizer):
             score = score.copy()
             for track in score.tracks:  # only CC64 is read from the controls
                 track.controls.clear()
-        start, end, pitch, velocity = self._notes._score_notes(score)
-        fps = self.config.fps
-        start = np.floor(start * fps + 0.5).astype(np.int64)
-        end = np.floor(end * fps + 0.5).astype(np.int64)
-        start, end, pitch, velocity = self._notes._clean_notes(
-            start, end, pitch.astype(np.int64), np.clip(velocity, 1, 127).astype(np.int64))
+        start, end, pitch, velocity = self._notes.grid_notes(score, bins=False)
         return render(start, end, pitch, velocity, int(end.max(initial=0)))
 
     # --- decode --------------------------------------------------------------------------
@@ -124,19 +118,7 @@ class PianoRollTokenizer(Tokenizer):
         clipped to 0..127 (NaN is 0).
         """
         start, end, pitch, velocity = roll_notes(_clean_roll(tokens))
-        score = symusic.Score(self.decode_tpq)
-        score.tempos.append(symusic.Tempo(0, _DECODE_QPM))
-        track = symusic.Track(name="Piano", program=0, is_drum=False)
-        order = np.lexsort((pitch, start))
-        tpf = self.ticks_per_frame
-        track.notes = symusic.Note.from_numpy(
-            time=(start[order] * tpf).astype(np.int32),
-            duration=((end - start)[order] * tpf).astype(np.int32),
-            pitch=pitch[order].astype(np.int8),
-            velocity=velocity[order].astype(np.int8),
-        )
-        score.tracks.append(track)
-        return score
+        return piano_score(start, end, pitch, velocity, self.ticks_per_frame, self.decode_tpq)
 
     def augment(self, tokens: np.ndarray, transpose: int = 0, stretch: float = 1.0) -> np.ndarray:
         """Transpose by semitones (notes pushed off the keyboard are dropped) and stretch time,
@@ -149,7 +131,7 @@ class PianoRollTokenizer(Tokenizer):
         start, end, pitch, velocity = roll_notes(roll)
         start = np.floor(start * stretch + 0.5).astype(np.int64)
         end = np.floor(end * stretch + 0.5).astype(np.int64)
-        start, end, pitch, velocity = self._notes._clean_notes(
+        start, end, pitch, velocity = self._notes.clean_notes(
             start, end, pitch + int(transpose), velocity)
         n_frames = max(int(math.floor(len(roll) * stretch + 0.5)), int(end.max(initial=0)))
         return render(start, end, pitch, velocity, n_frames)
