@@ -25,7 +25,9 @@ from mehldau.nn.moonbeam import MoonbeamConfig, MoonbeamForCausalLM, load_releas
 from mehldau.recipes import autoregressive as ar
 from mehldau.sampling import SamplingConfig
 from mehldau.sampling_compound import EventSampling, sample_events
+from mehldau.tokenize.base import load_tokenizer
 from mehldau.tokenize.compound import EOS, NUM_ATTRIBUTES, CompoundTokenizer
+from mehldau.train.checkpoint import resolve_checkpoint
 
 _FIELDS = {f.name for f in fields(MoonbeamConfig)} - {"name", "max_len"}
 
@@ -48,8 +50,34 @@ def model_config(cfg: DictConfig) -> MoonbeamConfig:
 
 def _tokenizer_config(cfg: DictConfig) -> dict:
     mcfg = model_config(cfg)
-    return {**OmegaConf.to_container(cfg.branch.tokenizer.config, resolve=True),
+    tok = OmegaConf.to_container(cfg.branch.tokenizer.config, resolve=True)
+    return {**tok, "fold_pedal": fold_pedal(cfg, tok.get("fold_pedal", "auto")),
             "onset_vocab_size": mcfg.onset_vocab_size, "dur_vocab_size": mcfg.dur_vocab_size}
+
+
+def fold_pedal(cfg: DictConfig, given: object) -> bool:
+    """`branch.tokenizer.config.fold_pedal`: `auto` ignores the pedal when adapting released
+    weights, which were pretrained with every controller ignored (a note ends when its key is
+    released), so fine-tuning starts from the durations they know; adapting one of our runs
+    keeps that run's choice; training from scratch folds the pedal into durations, as the
+    other branches' tokens do (what a listener hears as a note's length)."""
+    init = cfg.get("init")
+    released = init is not None and Path(str(init)).expanduser().is_file()
+    if given is None or given == "auto":
+        if released:
+            return False
+        if init is not None:
+            return bool(load_tokenizer(resolve_checkpoint(init) / "tokenizer.json")
+                        .config.fold_pedal)
+        return True
+    if not isinstance(given, bool):
+        raise UserError(f"branch.tokenizer.config.fold_pedal must be auto, true or false, got "
+                        f"'{given}'")
+    if given and released:
+        print("moonbeam_lora: warning: fold_pedal=true with released weights, which were "
+              "pretrained with the pedal ignored: durations start out longer than they know",
+              file=sys.stderr)
+    return bool(given)
 
 
 def _frame(tokens: np.ndarray, tokenizer: CompoundTokenizer) -> np.ndarray:
@@ -141,5 +169,6 @@ def generate(cfg: DictConfig, ckpt: Path) -> list[Path]:
         model, tokenizer, prompt, int(cfg.max_tokens or 60 * seconds), opts,
         model.config.max_len, generator=gen, max_ticks=round((start + seconds) * tps),
         use_cache=bool(cfg.use_cache), progress=True)
-    scores = [ar.cap_durations(tokenizer.decode(r), cfg.get("max_note_seconds")) for r in samples]
-    return ar.write_scores(scores, cfg.out)
+    capped = [ar.cap_durations(tokenizer.decode(r), cfg.get("max_note_seconds"))
+              for r in samples]
+    return ar.write_scores([s for s, _ in capped], cfg.out, [n for _, n in capped])

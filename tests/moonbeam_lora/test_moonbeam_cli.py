@@ -6,14 +6,16 @@ import json
 from pathlib import Path
 
 import pretty_midi
+import pytest
 import torch
 from conftest import make_folder
 from omegaconf import OmegaConf
 
-from branches.moonbeam_lora.recipe import model_config
+from branches.moonbeam_lora.recipe import fold_pedal, model_config
 from mehldau.adapters import apply_lora
 from mehldau.cli.generate import main as generate
 from mehldau.cli.train import main as train
+from mehldau.errors import UserError
 from mehldau.nn.moonbeam import MoonbeamForCausalLM
 from mehldau.recipes.autoregressive import adapter_config
 
@@ -65,6 +67,9 @@ def test_scratch_train_generate_then_lora_from_a_released_file(tmp_path: Path, c
     lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert lines[0]["unigram_entropy"] > 5  # nats per event: six attributes
     assert [r for r in lines if r["split"] == "val"][-1]["loss"] > 0
+    tok = json.loads((run / "checkpoints" / "step_0000004" / "tokenizer.json").read_text())
+    assert tok["config"]["fold_pedal"] is True  # from scratch: pedal folded into durations
+    assert fold_pedal(OmegaConf.create({"init": str(run)}), "auto") is True  # the run's own
     out = tmp_path / "s.mid"
     # 120 events: more than the 48-row window, so sampling restarts the window
     assert generate([f"ckpt={run}", f"out={out}", "seconds=600", "max_tokens=120", "seed=1"]) == 0
@@ -79,6 +84,8 @@ def test_scratch_train_generate_then_lora_from_a_released_file(tmp_path: Path, c
                   "train.max_steps=4", *MICRO]) == 0
     ck = ad / "checkpoints" / "step_0000004"
     assert (ck / "adapter" / "adapter_model.safetensors").is_file()
+    # The released weights were pretrained with the pedal ignored: so is the adaptation data.
+    assert json.loads((ck / "tokenizer.json").read_text())["config"]["fold_pedal"] is False
     pointer = json.loads((ck / "base.json").read_text())
     assert pointer["path"] == str(pt.resolve())
     from branches.moonbeam_lora.recipe import load_model
@@ -98,6 +105,19 @@ def test_scratch_train_generate_then_lora_from_a_released_file(tmp_path: Path, c
     assert train([f"run_dir={tmp_path / 'c'}", "style.enabled=true", "data=folder",
                   f"data.root={data}", *MICRO]) == 2
     assert "no style conditioning" in capsys.readouterr().err
+
+
+def test_pedal_handling_follows_the_weights(tmp_path: Path, capsys) -> None:
+    pt = tmp_path / "moonbeam.pt"
+    pt.write_bytes(b"released weights")
+    assert fold_pedal(OmegaConf.create({"init": None}), "auto") is True
+    released = OmegaConf.create({"init": str(pt)})
+    assert fold_pedal(released, "auto") is False
+    assert fold_pedal(released, False) is False and capsys.readouterr().err == ""
+    assert fold_pedal(released, True) is True
+    assert "pretrained with the pedal ignored" in capsys.readouterr().err
+    with pytest.raises(UserError, match="auto, true or false"):
+        fold_pedal(released, "yes")
 
 
 def test_moonbeam_presets_compose(capsys) -> None:
