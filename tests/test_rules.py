@@ -12,13 +12,17 @@ from mehldau.guidance.rules import (
     QUALITIES,
     RULES,
     chord_label,
+    chord_mismatch,
     chord_name,
+    chord_scores,
     chords,
     extract_targets,
     note_density,
     pitch_histogram,
     rule_losses,
+    rule_scales,
     targets_from_midi,
+    weighted_loss,
 )
 from mehldau.tokenize.pianoroll import (
     PianoRollTokenizer,
@@ -145,3 +149,34 @@ def test_targets_from_midi(tmp_path):
     for name in RULES:
         torch.testing.assert_close(targets[name], expected[name])
     assert targets["note_density"][0, 1] < targets["note_density"][0, 0]  # the end is silent
+
+
+def test_chord_loss_is_graded_and_zero_exactly_when_labels_agree():
+    """C major target: C-E-G is 0; C-E-A (Am, but C and E still in it) is closer than F#-A#-C#;
+    silence against a chord and a chord against silence are both 1. The 0-1 mismatch of the
+    reference cannot tell the two wrong voicings apart."""
+    target = chords(_chord_roll([[48, 52, 55], [48, 52, 55], [], [48, 52, 55]])[None])[0]
+    assert chord_name(int(target[0])) == "C" and int(target[2]) == NO_CHORD
+    cands = torch.stack([_chord_roll(v) for v in (
+        [[48, 52, 55], [48, 52, 55], [], [48, 52, 55]],      # the same
+        [[48, 52, 57], [48, 52, 55], [], [48, 52, 55]],      # Am in window 0
+        [[54, 58, 61], [48, 52, 55], [], [48, 52, 55]],      # F# in window 0
+        [[], [48, 52, 55], [60], [48, 52, 55]])])            # silent 0, a note in silent 2
+    loss = rule_losses(cands, {"chord": target}, ["chord"])["chord"]
+    assert loss[0] == 0 and 0 < loss[1] < loss[2] == pytest.approx(0.25)  # no C-E-G at all
+    assert loss[3] == pytest.approx(0.5)  # two of four windows wholly wrong
+    mismatch = chord_mismatch(chord_scores(cands), target)
+    assert mismatch.tolist() == [0.0, 0.25, 0.25, 0.5]
+
+
+def test_weighted_loss_scales_and_candidate_z_scores():
+    losses = {"a": torch.tensor([1.0, 3.0, 2.0, 6.0]), "b": torch.tensor([0.1, 0.0, 0.3, 0.2])}
+    assert torch.equal(weighted_loss(losses, {}), losses["a"] + losses["b"])
+    scales = rule_scales(losses)
+    assert scales == pytest.approx({"a": 3.0, "b": 0.15})
+    scaled = weighted_loss(losses, {"b": 2.0}, scales)
+    assert torch.allclose(scaled, losses["a"] / 3 + 2 * losses["b"] / 0.15)
+    # Candidate-major rows, 2 samples: candidates of sample 0 are rows 0, 2; of sample 1: 1, 3.
+    z = weighted_loss(losses, {}, groups=2)
+    assert torch.allclose(z, torch.tensor([-2.0, -2.0, 2.0, 2.0]))  # rows 0, 1 lead their own
+    assert rule_scales({"c": torch.zeros(3)})["c"] > 0  # a rule already perfect unguided

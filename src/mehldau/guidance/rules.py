@@ -1,10 +1,12 @@
 """Rule functions for Stochastic Control Guidance (Huang et al., ICML 2024, arXiv 2402.14285).
 
 SCG scores each candidate x0 by plain, non-differentiable rules: score = -sum_r w_r loss_r
-(reference weights in `REFERENCE_WEIGHTS`). Here every rule is a pair (extract, loss) in
-`RULES`: `extract(rolls, window, fps)` maps rolls `(n, 2, T, 88)` (channel 0 velocity / 127,
-channel 1 onset, as `roll_to_tensor` makes them) to features `(n, ...)`, and `loss(features,
-target)` gives `(n,)`. All work on a whole batch of candidates at once, on any device.
+(reference weights in `REFERENCE_WEIGHTS`; `weighted_loss` divides each loss by its unguided
+level first, so that rules on different scales all steer). Here every rule is a pair
+(extract, loss) in `RULES`: `extract(rolls, window, fps)` maps rolls `(n, 2, T, 88)`
+(channel 0 velocity / 127, channel 1 onset, as `roll_to_tensor` makes them) to features
+`(n, ...)`, and `loss(features, target)` gives `(n,)`. All work on a whole batch of
+candidates at once, on any device.
 
 What a rule sees is what `PianoRollTokenizer.decode` would play: frames and onsets come from
 `pianoroll.quantize` (a frame sounds iff channel 0 >= 0.5 / 127; onset flags > 0.5), and a note
@@ -20,8 +22,12 @@ a last, shorter window counts its own frames.
   frames in which at least one note starts, per second; features `(2, W)`; loss: MSE over
   them. The reference counts the same frames per 1.28 s window and divides by 5, i.e. it
   reports 0.256 x our onsets per second: weights tuned on it need rescaling.
-- `chord`: per window, a chord label from our own template matcher; loss: the fraction of
-  windows whose label differs from the target's. The reference runs music21 key analysis and
+- `chord`: per window, a chord label from our own template matcher; the target is a label
+  per window, and the loss how far the target chord falls short of being the window's best
+  match ((best score - target's) / best score, 0 exactly when the labels agree; averaged over
+  windows). The reference's loss is the 0-1 mismatch rate (`chord_mismatch`, still
+  reported): it gives SCG nothing to choose by while every candidate misses every chord,
+  which is the case early in sampling. The reference runs music21 key analysis and
   Roman numerals and keeps only the scale degree, which jazz defeats twice: key detection is
   unreliable over ii-V-I chains, and quality and sevenths (the point of jazz harmony) are
   dropped. We name the chord itself, key-free: 12 roots x `QUALITIES` (triads, the four
@@ -126,16 +132,28 @@ def _templates(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return templates.to(device), templates.sum(-1).rsqrt().to(device)
 
 
-def chords(rolls: torch.Tensor, window: int = WINDOW, fps: float = FPS) -> torch.Tensor:
-    """(n, 2, T, 88) -> (n, W) int64 chord labels (`chord_name`), NO_CHORD when silent."""
+def chord_scores(rolls: torch.Tensor, window: int = WINDOW, fps: float = FPS) -> torch.Tensor:
+    """(n, 2, T, 88) -> (n, W, 1 + 12 * Q): per window, 1.0 if silent, then how well each
+    chord template matches (cosine up to the chroma's own norm, the same for every template
+    of a window, so the argmax and score ratios are those of the cosine)."""
     active, _ = _frames(rolls)
     active, _ = _windows(active, window)
     chroma = _chroma(active.sum(2))  # (n, W, 12)
     templates, inv_norm = _templates(rolls.device)
-    # Cosine up to the chroma's own norm, which is the same for every template of a window;
-    # integer dot products keep ties exact whatever the batch size.
-    label = (chroma @ templates.T * inv_norm).argmax(-1)  # (n, W)
-    return torch.where(chroma.sum(-1) > 0, label, torch.full_like(label, NO_CHORD))
+    # Integer dot products keep ties exact whatever the batch size.
+    scores = chroma @ templates.T * inv_norm  # (n, W, 12 * Q)
+    silent = (chroma.sum(-1) == 0).float()[..., None]  # (n, W, 1)
+    return torch.cat([silent, scores], -1)
+
+
+def chords(rolls: torch.Tensor, window: int = WINDOW, fps: float = FPS) -> torch.Tensor:
+    """(n, 2, T, 88) -> (n, W) int64 chord labels (`chord_name`), NO_CHORD when silent."""
+    return _labels(chord_scores(rolls, window, fps))
+
+
+def _labels(scores: torch.Tensor) -> torch.Tensor:
+    label = scores[..., 1:].argmax(-1)  # (n, W)
+    return torch.where(scores[..., 0] > 0, torch.full_like(label, NO_CHORD), label)
 
 
 def chord_name(label: int) -> str:
@@ -164,19 +182,40 @@ def _mse(features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (features - target).pow(2).flatten(1).mean(1)
 
 
-def _mismatch(features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return (features != target).float().flatten(1).mean(1)
+def _chord_shortfall(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per window, how far the target chord falls short of being the window's chord:
+    (best score - target's score) / best score, 0 when it is the chord (the label matches);
+    1 when only one of the window and the target is silent. Averaged over windows.
+
+    Graded, unlike the 0-1 mismatch (`chord_mismatch`): early in sampling every candidate
+    misses every chord, and a 0-1 loss then gives SCG nothing to choose by."""
+    silent = scores[..., 0] > 0  # (n, W)
+    s = scores[..., 1:]
+    best = s.max(-1).values  # (n, W)
+    mine = s.gather(-1, target.clamp(min=0).expand_as(best)[..., None])[..., 0]
+    shortfall = (best - mine) / best.clamp_min(1e-9)
+    wanted_silent = (target < 0).expand_as(silent)
+    loss = torch.where(wanted_silent | silent, (wanted_silent != silent).float(), shortfall)
+    return loss.flatten(1).mean(1)
+
+
+def chord_mismatch(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(n,) share of windows whose chord label differs from the target's (the reference's
+    chord loss), from `chord_scores` features."""
+    return (_labels(scores) != target).float().flatten(1).mean(1)
 
 
 class Rule(NamedTuple):
     extract: Callable[[torch.Tensor, int, float], torch.Tensor]  # rolls -> (n, ...) features
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # features, target -> (n,)
+    # rolls -> (n, ...) targets, when they are not features (chord labels); None = extract
+    target: Callable[[torch.Tensor, int, float], torch.Tensor] | None = None
 
 
 RULES: dict[str, Rule] = {
     "pitch_histogram": Rule(pitch_histogram, _mse),
     "note_density": Rule(note_density, _mse),
-    "chord": Rule(chords, _mismatch),
+    "chord": Rule(chord_scores, _chord_shortfall, chords),
 }
 
 
@@ -189,7 +228,8 @@ def _rule(name: str) -> Rule:
 def extract_targets(roll: torch.Tensor, rules: Sequence[str] = tuple(RULES),
                     window: int = WINDOW, fps: float = FPS) -> dict[str, torch.Tensor]:
     """One reference roll (2, T, 88) -> {rule: target features}, for `rule_losses`."""
-    return {name: _rule(name).extract(roll[None], window, fps)[0] for name in rules}
+    return {name: (_rule(name).target or _rule(name).extract)(roll[None], window, fps)[0]
+            for name in rules}
 
 
 def rule_losses(rolls: torch.Tensor, targets: dict[str, torch.Tensor],
@@ -202,11 +242,41 @@ def rule_losses(rolls: torch.Tensor, targets: dict[str, torch.Tensor],
         rule = _rule(name)
         features = rule.extract(rolls, window, fps)
         target = targets[name].to(features.device)
-        if features.shape[1:] != target.shape:
+        if features.shape[1:1 + target.dim()] != target.shape:
             raise ValueError(f"rule '{name}': features {tuple(features.shape[1:])} do not match "
                              f"the target's {tuple(target.shape)}; same length and window?")
         out[name] = rule.loss(features, target)
     return out
+
+
+def weighted_loss(losses: dict[str, torch.Tensor], weights: dict[str, float],
+                  scales: dict[str, float] | None = None, groups: int | None = None
+                  ) -> torch.Tensor:
+    """SCG's selection score, lower is better: sum over rules of w_r * loss_r / scale_r.
+
+    The rules' losses live on unrelated scales (a pitch histogram's MSE is ~1e-3, note
+    density's hundreds, chord mismatch a fraction), so with plain weights the largest one
+    decides every selection and the others are not steered. `scales` (see `rule_scales`)
+    divides each loss by what unguided sampling reaches, so every rule counts by how much a
+    candidate improves it relative to that, and `weights` keep their plain meaning. `groups`
+    (the number of samples B) instead z-scores each rule over the n candidates of each
+    sample, rows being candidate-major (i * B + b), as SCG passes them."""
+    total = None
+    for name, loss in losses.items():
+        if groups:  # z-score over the candidates of each sample (rows i * groups + b)
+            x = loss.view(-1, groups)
+            loss = ((x - x.mean(0)) / x.std(0, unbiased=False).clamp_min(1e-9)).flatten()
+        term = weights.get(name, 1.0) * loss / (scales or {}).get(name, 1.0)
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("weighted_loss needs at least one rule")
+    return total
+
+
+def rule_scales(losses: dict[str, torch.Tensor], floor: float = 1e-6) -> dict[str, float]:
+    """Per rule, the mean loss of unguided samples (at least `floor`): the `scales` of
+    `weighted_loss`."""
+    return {name: max(float(loss.float().mean()), floor) for name, loss in losses.items()}
 
 
 def targets_from_midi(path: str | Path, tokenizer: PianoRollTokenizer, seconds: float,
