@@ -14,7 +14,9 @@ from mehldau.tokenize.pianoroll import (
     VELOCITY,
     PianoRollConfig,
     PianoRollTokenizer,
+    clean_rolls,
     crop,
+    roll_notes,
     roll_to_tensor,
     tensor_to_roll,
 )
@@ -152,3 +154,47 @@ def test_save_load_and_interface(tmp_path):
     assert isinstance(back, PianoRollTokenizer) and back == tok and back != PianoRollTokenizer()
     assert back.config_hash() == tok.config_hash() != PianoRollTokenizer().config_hash()
     assert (tok.vocab_size, tok.special_tokens, tok.seconds_per_id()) == (0, {}, None)
+
+
+def _flicker() -> torch.Tensor:
+    """(2, 40, 88): key 10 held 0..21 with a 2-frame dip and onset flags at 0, 3 and 12;
+    key 20 a 2-frame blip; key 30 two notes with a 2-frame silence, the second flagged."""
+    x = torch.zeros(2, 40, 88)
+    x[VELOCITY, 0:21, 10] = 0.5
+    x[VELOCITY, 5:7, 10] = 0
+    x[ONSET, [0, 3, 12], 10] = 1
+    x[VELOCITY, 30:32, 20], x[ONSET, 30, 20] = 0.6, 1
+    x[VELOCITY, 0:11, 30], x[VELOCITY, 13:21, 30] = 0.4, 0.4
+    x[ONSET, [0, 13], 30] = 1
+    return x
+
+
+def _decoded(x: torch.Tensor) -> list[tuple[int, int, int]]:
+    start, end, pitch, _ = roll_notes(tensor_to_roll(x))
+    return sorted(zip((pitch - 21).tolist(), start.tolist(), end.tolist()))
+
+
+@pytest.mark.parametrize("repairs, want", [
+    ({}, [(10, 0, 3), (10, 3, 5), (10, 7, 12), (10, 12, 21), (20, 30, 32), (30, 0, 11),
+          (30, 13, 21)]),
+    ({"max_gap": 2}, [(10, 0, 3), (10, 3, 12), (10, 12, 21), (20, 30, 32), (30, 0, 11),
+                      (30, 13, 21)]),
+    ({"max_gap": 2, "restrike": 4}, [(10, 0, 12), (10, 12, 21), (20, 30, 32), (30, 0, 11),
+                                     (30, 13, 21)]),
+    ({"max_gap": 2, "restrike": 12, "min_frames": 3}, [(10, 0, 21), (30, 0, 11), (30, 13, 21)]),
+])
+def test_clean_rolls_merges_flicker_and_keeps_real_restrikes(repairs, want):
+    x = _flicker()
+    cleaned = clean_rolls(x[None], **repairs)[0]
+    assert _decoded(cleaned) == want
+    # The onset channel marks exactly where decode starts notes; cleaning is idempotent.
+    assert _decoded(clean_rolls(cleaned[None], **repairs)[0]) == want
+    onsets = sorted(map(tuple, torch.nonzero(cleaned[ONSET]).tolist()))
+    assert onsets == sorted((s, p) for p, s, _ in want)
+
+
+def test_clean_rolls_leaves_encoded_music_alone(tmp_path):
+    tok = PianoRollTokenizer()
+    roll = tok.encode_file(write_midi(tmp_path / "a.mid", scale_notes(40, step=0.2)))
+    x = roll_to_tensor(roll)
+    assert _decoded(clean_rolls(x[None], max_gap=2, restrike=4, min_frames=3)[0]) == _decoded(x)

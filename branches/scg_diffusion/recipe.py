@@ -41,9 +41,13 @@ from mehldau.errors import UserError
 from mehldau.guidance.rules import (
     RULES,
     chord_label,
+    chord_mismatch,
     chord_name,
+    chord_scores,
     rule_losses,
+    rule_scales,
     targets_from_midi,
+    weighted_loss,
 )
 from mehldau.guidance.stochastic_control_guidance import SCGConfig, scg_sample
 from mehldau.io import atomic_file, atomic_write_midi
@@ -63,6 +67,7 @@ from mehldau.train.trainer import TrainConfig, fit, make_accelerator
 
 BRANCH = "scg_diffusion"
 STAGES = ("autoencoder", "diffusion")
+_REPAIRS = ("max_gap_frames", "restrike_frames", "min_note_frames")  # roll repairs at decode
 
 
 # --- configs ---------------------------------------------------------------------------------
@@ -96,7 +101,8 @@ def diffusion_config(cfg: DictConfig, autoencoder: VQVAEConfig) -> LatentDiffusi
             dit=OmegaConf.to_container(m.dit, resolve=True), frames=int(m.frames),
             schedule=str(m.get("schedule", "linear")),
             diffusion_steps=int(m.get("diffusion_steps", 1000)),
-            velocity_floor=float(m.get("velocity_floor", 0.08)))
+            velocity_floor=float(m.get("velocity_floor", 0.08)),
+            **{k: int(m[k]) for k in _REPAIRS if m.get(k) is not None})
     except (TypeError, ValueError) as e:
         raise UserError(f"bad model config: {e}") from e
 
@@ -400,6 +406,13 @@ def generate(cfg: DictConfig, ckpt: Path) -> list[Path]:
     device = ar.device_for(cfg.device)
     model, tokenizer = load_model(ckpt, device)
     dcfg = model.config
+    for key in _REPAIRS:  # decode.<key>=N overrides the checkpoint's roll repairs
+        if (cfg.get("decode") or {}).get(key) is not None:
+            setattr(dcfg, key, int(cfg.decode[key]))
+    try:
+        LatentDiffusionConfig(**dcfg.to_dict())
+    except ValueError as e:
+        raise UserError(f"bad decode option: {e}") from e
     frames = _sample_frames(cfg, dcfg, tokenizer.config.fps)
     names = _rule_names(cfg)
     targets = _targets(cfg, tokenizer, names, frames)
@@ -420,24 +433,36 @@ def generate(cfg: DictConfig, ckpt: Path) -> list[Path]:
     def losses(rolls: torch.Tensor) -> dict[str, torch.Tensor]:
         return rule_losses(rolls, targets, names, fps=tokenizer.config.fps)
 
-    def total(rolls: torch.Tensor) -> torch.Tensor:  # (N,) weighted sum, lower is better
-        return sum(weights.get(k, 1.0) * v for k, v in losses(rolls).items())
-
     def draw(loss_fn) -> torch.Tensor:
         gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
         z = scg_sample(model.dit, model.decode, loss_fn, model.schedule, shape, steps, scg,
                        gen, device=device)
         return model.decode(z).float().clamp(0, 1)
 
+    normalize = str(cfg.rules.get("normalize", "unguided"))
+    if normalize not in ("unguided", "candidates", "none"):
+        raise UserError(f"rules.normalize must be unguided, candidates or none, got "
+                        f"'{normalize}'")
     with torch.no_grad():
-        guided = draw(total if targets is not None else None)
-        unguided = draw(None) if targets is not None else None
+        unguided = draw(None)  # the same seed: what guidance is measured against
+        if targets is None:
+            guided = unguided
+        else:
+            u_loss = losses(unguided)
+            scales = rule_scales(u_loss) if normalize == "unguided" else None
+            groups = B if normalize == "candidates" else None
+            guided = draw(lambda rolls: weighted_loss(losses(rolls), weights, scales, groups))
     paths = ar.write_scores([tokenizer.decode(r) for r in tensor_to_roll(guided.cpu())],
                             cfg.out)
     if targets is None:
         print("no rules.reference or rules.targets: sampled without guidance", file=sys.stderr)
         return paths
-    g_loss, u_loss = losses(guided), losses(unguided)
+    g_loss = losses(guided)
+    mismatch = None
+    if "chord" in names:  # the reference's 0-1 chord loss, beside our graded one
+        mismatch = {k: chord_mismatch(chord_scores(r, fps=tokenizer.config.fps),
+                                      targets["chord"]) for k, r in (("guided", guided),
+                                                                     ("unguided", unguided))}
     extra = [p.with_suffix(".unguided.mid") for p in paths]
     for roll, path in zip(tensor_to_roll(unguided.cpu()), extra):
         atomic_write_midi(tokenizer.decode(roll), path)
@@ -448,11 +473,15 @@ def generate(cfg: DictConfig, ckpt: Path) -> list[Path]:
             "guided": {k: float(v[b]) for k, v in g_loss.items()},
             "unguided": {k: float(v[b]) for k, v in u_loss.items()},
             "weights": {k: weights.get(k, 1.0) for k in names},
+            "scales": scales,  # each rule's loss was divided by this (unguided mean)
             "unguided_midi": str(extra[b]), "seed": int(cfg.seed),
+            "normalize": normalize,
             "scg": scg.to_dict(), "sampler_steps": steps,
             "reference": None if cfg.rules.get("reference") is None
             else {"path": str(cfg.rules.reference), "offset": float(cfg.rules.offset)},
         }
+        if mismatch is not None:
+            report["chord_mismatch"] = {k: float(v[b]) for k, v in mismatch.items()}
         out = path.with_suffix(".json")
         with atomic_file(out) as f:
             json.dump(report, f, indent=2)

@@ -14,7 +14,7 @@ from mehldau.data.rolls import (
 )
 from mehldau.nn.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
 from mehldau.nn.vqvae import VQVAE, VQVAEConfig
-from mehldau.tokenize.pianoroll import PianoRollTokenizer, render, roll_to_tensor
+from mehldau.tokenize.pianoroll import PianoRollTokenizer, clean_rolls, render, roll_to_tensor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 AE = dict(channels=(4, 8), strides=((2, 2), (2, 2)), codebook_size=16)
@@ -95,3 +95,14 @@ def test_latent_diffusion_loss_from_rolls_equals_loss_from_their_latents() -> No
     rolls = model.decode(torch.randn(2, *cfg.latent_shape()))
     assert ((rolls[:, 0] > 0) | (rolls[:, 1] == 0)).all()
     assert (rolls[:, 0][rolls[:, 0] > 0] >= cfg.velocity_floor).all()
+    # The roll repairs of the config run after the floor, in decode, where rules see them.
+    z = torch.randn(2, *cfg.latent_shape())
+    model.config.max_gap_frames, model.config.min_note_frames = 3, 4
+    torch.testing.assert_close(model.decode(z), clean_rolls(_floored(model, z), 3, 0, 4))
+    with pytest.raises(ValueError, match="min_note_frames"):
+        LatentDiffusionConfig(autoencoder=AE, frames=64, dit=cfg.dit, min_note_frames=0)
+
+
+def _floored(model: LatentDiffusion, z: torch.Tensor) -> torch.Tensor:
+    rolls = model.autoencoder.decode(z / model.config.latent_scale)
+    return rolls * (rolls[:, :1] >= model.config.velocity_floor)

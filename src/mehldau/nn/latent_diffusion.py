@@ -25,6 +25,7 @@ from torch import Tensor
 from mehldau.nn.diffusion import NoiseSchedule
 from mehldau.nn.dit import DiT, DiTConfig
 from mehldau.nn.vqvae import VQVAE, VQVAEConfig
+from mehldau.tokenize.pianoroll import clean_rolls
 
 
 @dataclass
@@ -39,6 +40,13 @@ class LatentDiffusionConfig:
     # exactly 0, and without a floor every faint cell would sound (the reference snaps values
     # below 0.025 of its range to silence; ours is higher, since no piano note is that quiet).
     velocity_floor: float = 0.08
+    # Decoded rolls flicker; `pianoroll.clean_rolls` repairs them before rules and MIDI see
+    # them: silences of up to `max_gap_frames` inside a key are filled, onset flags within
+    # `restrike_frames` of a key's last start are no new note, notes shorter than
+    # `min_note_frames` are dropped (0, 0, 1: off).
+    max_gap_frames: int = 0
+    restrike_frames: int = 0
+    min_note_frames: int = 1
 
     def __post_init__(self) -> None:
         ae = VQVAEConfig(**self.autoencoder)
@@ -52,6 +60,10 @@ class LatentDiffusionConfig:
                              f"{(pt, pp)} must divide it")
         if not 0 <= self.velocity_floor < 1:
             raise ValueError(f"velocity_floor must be in [0, 1), got {self.velocity_floor}")
+        if self.max_gap_frames < 0 or self.restrike_frames < 0 or self.min_note_frames < 1:
+            raise ValueError("need max_gap_frames >= 0, restrike_frames >= 0 and "
+                             f"min_note_frames >= 1, got {self.max_gap_frames}, "
+                             f"{self.restrike_frames}, {self.min_note_frames}")
         if not self.latent_scale > 0:
             raise ValueError(f"latent_scale must be positive, got {self.latent_scale}")
         NoiseSchedule(self.schedule, self.diffusion_steps)  # validates both
@@ -93,10 +105,14 @@ class LatentDiffusion(nn.Module):
         return self.autoencoder.encode(x) * self.config.latent_scale
 
     def decode(self, z: Tensor) -> Tensor:
-        """Scaled latents (B, C, T', P') -> rolls (B, 2, T, 88) in [0, 1], cells below the
-        velocity floor silent (both channels)."""
-        rolls = self.autoencoder.decode(z / self.config.latent_scale)
-        return rolls * (rolls[:, :1] >= self.config.velocity_floor)
+        """Scaled latents (B, C, T', P') -> rolls (B, 2, T, 88) in [0, 1]: cells below the
+        velocity floor silent (both channels), then `clean_rolls` with the config's repairs."""
+        c = self.config
+        rolls = self.autoencoder.decode(z / c.latent_scale)
+        rolls = rolls * (rolls[:, :1] >= c.velocity_floor)
+        if c.max_gap_frames or c.restrike_frames or c.min_note_frames > 1:
+            rolls = clean_rolls(rolls, c.max_gap_frames, c.restrike_frames, c.min_note_frames)
+        return rolls
 
     def forward(self, x: Tensor | None = None, z: Tensor | None = None, t: Tensor | None = None,
                 noise: Tensor | None = None) -> LatentDiffusionOutput:

@@ -232,3 +232,64 @@ def tensor_to_roll(x: torch.Tensor, threshold: float = 0.5) -> np.ndarray:
     """(..., 2, T, 88) float (model output) -> (..., T, 88, 2) uint8 roll for `decode`."""
     velocity, onset = quantize(x.detach().cpu(), threshold)
     return torch.stack([velocity, onset.long()], -1).to(torch.uint8).numpy()
+
+
+def _shift(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x (..., T, 88) moved k frames later in time (k > 0) or earlier (k < 0), False-filled."""
+    out = torch.zeros_like(x)
+    if k > 0:
+        out[..., k:, :] = x[..., :-k, :]
+    elif k < 0:
+        out[..., :k, :] = x[..., -k:, :]
+    else:
+        out = x.clone()
+    return out
+
+
+def clean_rolls(x: torch.Tensor, max_gap: int = 0, restrike: int = 0, min_frames: int = 1,
+                threshold: float = 0.5) -> torch.Tensor:
+    """Generated rolls (..., 2, T, 88) in [0, 1] -> the same rolls with notes a pianist plays.
+
+    A decoder's rolls flicker: a held note dips below the floor for a frame or two, or its
+    onset channel fires again a few frames in, and `decode` would play a train of re-struck
+    notes; isolated frames play as clicks. Three repairs, each off at its default:
+    - `max_gap`: a silence of up to `max_gap` frames inside one key is filled (with the
+      velocity before it) unless the frame after it carries an onset flag (a real re-strike);
+    - `restrike`: an onset flag on a sounding frame within `restrike` frames after another
+      start of that key is not a new note (a hand cannot repeat a key that fast);
+    - `min_frames`: notes shorter than `min_frames` frames are removed.
+    The onset channel comes back as exactly the frames where `decode` starts a note, so rules
+    and `decode` read the cleaned roll alike. Batched, on the rolls' device.
+    """
+    x = torch.nan_to_num(x.float(), nan=0.0)
+    velocity, onset = quantize(x, threshold)
+    vel = x[..., VELOCITY, :, :].clamp(0, 1)
+    active = velocity > 0
+    T = active.shape[-2]
+    if max_gap > 0 and T > 1:
+        t = torch.arange(T, device=x.device).view(T, 1).expand_as(active)
+        last = torch.where(active, t, -1).cummax(-2).values  # last sounding frame <= t
+        nxt = torch.where(active, t, T).flip(-2).cummin(-2).values.flip(-2)  # next >= t
+        flag_after = onset.gather(-2, nxt.clamp(max=T - 1))
+        fill = ~active & (last >= 0) & (nxt < T) & (nxt - last - 1 <= max_gap) & ~flag_after
+        vel = torch.where(fill, vel.gather(-2, last.clamp(min=0)), vel)
+        active = active | fill
+    prev = _shift(active, 1)
+    starts = active & (onset | ~prev)
+    if restrike > 0:
+        recent = torch.zeros_like(starts)
+        for k in range(1, restrike + 1):
+            recent |= _shift(starts, k)
+        starts = starts & ~(prev & recent)
+    if min_frames > 1:
+        lasting = active.clone()  # the note begun here still sounds k frames later
+        for k in range(1, min_frames):
+            lasting &= _shift(active & ~starts, -k)
+        short = starts & ~lasting
+        doomed = short.clone()
+        for _ in range(1, min_frames):
+            short = _shift(short, 1) & active & ~starts
+            doomed |= short
+        active = active & ~doomed
+        starts = starts & ~doomed
+    return torch.stack([vel * active, starts.float()], -3)
