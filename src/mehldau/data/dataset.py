@@ -25,6 +25,16 @@ def add_bos_eos(seq: np.ndarray, tokenizer: Tokenizer) -> np.ndarray:
     return np.concatenate([[sp["bos"]], seq, [sp["eos"]]]).astype(np.int64)
 
 
+def crop_start(rng: np.random.Generator, length: int, take: int) -> int:
+    """Start of a `take`-long crop of a `length`-long piece, such that every position is
+    covered about equally often: uniform over all starts of windows that overlap the piece,
+    clamped into it. Uniform over 0..length-take instead puts the first token (BOS) in one
+    crop in length-take, and a model then hardly learns how pieces open, which is where
+    every unprompted sample starts."""
+    hi = max(length - take, 0)
+    return int(np.clip(rng.integers(-(take - 1), hi + take), 0, hi))
+
+
 def _pad_pair(window: np.ndarray, length: int, pad_id: int, prefix: np.ndarray | None = None
               ) -> dict[str, torch.Tensor]:
     """Inputs/labels of `length` from `prefix + window` (up to `length + 1` tokens), padded.
@@ -45,7 +55,8 @@ def _pad_pair(window: np.ndarray, length: int, pad_id: int, prefix: np.ndarray |
 
 
 class RandomCropDataset(Dataset):
-    """Random crops of `context_len + 1` tokens, chosen with probability ∝ piece length.
+    """Random crops of `context_len + 1` tokens, chosen with probability ∝ piece length, each
+    position of a piece covered about equally often (`crop_start`).
 
     Augmentation (Music Transformer §4.2) is applied to the crop at sampling time: a
     transposition in [-transpose, +transpose] semitones and a time stretch in
@@ -87,7 +98,7 @@ class RandomCropDataset(Dataset):
         want = self.context_len + 1 - (0 if prefix is None else len(prefix))
         augmenting = self.transpose > 0 or self.stretch != (1.0, 1.0)
         take = int(np.ceil(want / self.stretch[0])) + 8 if augmenting else want
-        start = int(rng.integers(0, max(len(seq) - take, 0) + 1))
+        start = crop_start(rng, len(seq), take)
         window = seq[start : start + take]
         if augmenting:
             shift = int(rng.integers(-self.transpose, self.transpose + 1))

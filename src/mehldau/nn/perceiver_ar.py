@@ -308,9 +308,10 @@ class PerceiverCropDataset(Dataset):
     """Training crops: N latent targets placed at random (Flaxformer's FULL_LATENTS).
 
     Item i is a pure function of (seed, i). A piece is chosen with probability ∝ its length;
-    the end e of the target window is uniform over the ends that make all N targets real
-    tokens; the inputs are the up-to-M tokens before and including the latent window, left
-    padded. The style prefix (if any) sits at the first real position, never a target.
+    the end e of the target window is drawn so that every token is a target about equally
+    often (uniform over the windows overlapping the piece, clamped to the ends that make all
+    N targets real tokens); the inputs are the up-to-M tokens before and including the latent
+    window, left padded. The style prefix (if any) sits at the first real position, never a target.
     Augmentation (`tokenizer.augment`) runs on a crop taken a little longer than needed, whose
     last tokens are kept, so the targets stay at its end. Pieces (or augmented crops) shorter
     than N + 1 tokens are right-padded inside the latents, the pads unlabelled.
@@ -349,7 +350,10 @@ class PerceiverCropDataset(Dataset):
         M, N, p = self.max_seq_len, self.num_latents, len(prefix)
         want = M + 1 - p  # piece tokens in one item: the inputs plus the last target
         # e = exclusive end of the targets s[e-N:e]; e >= N + 1 keeps all N of them real.
-        e = int(rng.integers(min(N + 1, len(seq)), len(seq) + 1))
+        # Uniform over every window that overlaps the piece, clamped into it, so each token
+        # is a target about equally often (the opening too, where unprompted samples start).
+        lo = min(N + 1, len(seq))
+        e = int(np.clip(rng.integers(lo - N + 1, len(seq) + N), lo, len(seq)))
         augmenting = self.transpose > 0 or self.stretch != (1.0, 1.0)
         take = int(np.ceil(want / self.stretch[0])) + 8 if augmenting else want
         window = seq[max(e - take, 0) : e]
