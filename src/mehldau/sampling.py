@@ -60,15 +60,25 @@ class Decoder(Protocol):
 class KVCacheDecoder:
     """For models called as `model(ids, past_key_values=..., use_cache=...)` (the production
     Music Transformer): one token per step against a KV cache. Past the context, the cache is
-    rebuilt by one forward over the last half-window, the window the model trained on.
-    `use_cache=False` re-runs the last `context_len` tokens each step: the reference. The
-    first `prefix_len` tokens (a style token) stay at the start of every window."""
+    rebuilt by one forward over the last `keep` tokens, by default 7/8 of the window, so the
+    context never drops below that. `use_cache=False` re-runs the last `context_len` tokens
+    each step, a sliding window: the reference, which `keep = context_len - 1` equals exactly.
+    The first `prefix_len` tokens (a style token) stay at the start of every window.
+
+    Why 7/8 and not half: on the tiny preset trained on real jazz piano, rebuilding from half
+    a window made unprompted samples drift to ever shorter notes (median 0.37 s in their first
+    10 s, 0.14 s after 20 s), while 7/8 held them (0.40 s, then 0.64 s) as the sliding window
+    does; a rebuild every context/8 tokens costs about 7 token forwards per token, in parallel.
+    """
 
     def __init__(self, model: nn.Module, context_len: int, use_cache: bool = True,
-                 prefix_len: int = 0) -> None:
+                 prefix_len: int = 0, keep: int | None = None) -> None:
         self.model, self.context_len = model, context_len
         self.use_cache, self.prefix_len = use_cache, prefix_len
-        self.keep = max(context_len // 2, 1)
+        self.keep = keep if keep is not None else max(context_len - context_len // 8, 1)
+        if not max(prefix_len, 1) <= self.keep < max(context_len, 2):
+            raise ValueError(f"keep must be in [max(prefix_len, 1), context_len), got "
+                             f"{self.keep}")
         self.seqs: torch.Tensor | None = None
         self.past = None
 

@@ -58,6 +58,20 @@ def test_cached_and_uncached_sampling_agree_within_context() -> None:
     assert torch.equal(runs[0], runs[1])
 
 
+def test_rebuilding_all_but_one_token_is_the_sliding_window_exactly() -> None:
+    """Past the context the cache is rebuilt from the last `keep` tokens; with keep =
+    context - 1 that is the uncached sliding window, token for token."""
+    model = tiny()
+    prompt = torch.randint(3, 40, (2, 3))
+    runs = [sample_tokens(KVCacheDecoder(model, 24, use_cache=c, keep=23), prompt, 60,
+                          SamplingConfig(), generator=torch.Generator().manual_seed(5))
+            for c in (True, False)]
+    assert torch.equal(runs[0], runs[1])
+    assert KVCacheDecoder(model, 24).keep == 21  # by default 7/8 of the window
+    with pytest.raises(ValueError, match="keep"):
+        KVCacheDecoder(model, 24, keep=24)
+
+
 def test_sampling_past_the_context_refills_the_cache() -> None:
     model = tiny()
     seqs = sample_tokens(KVCacheDecoder(model, 24), torch.ones(1, 1, dtype=torch.long), 100,
