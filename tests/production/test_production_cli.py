@@ -198,4 +198,4 @@ def test_help_and_cfg_print_and_exit_zero(capsys) -> None:
     out = capsys.readouterr().out
     assert "n_layers: 6" in out and "name: production" in out
     assert generate(["--cfg", "ckpt=x", "out=y.mid"]) == 0
-    assert "top_p: 0.95" in capsys.readouterr().out
+    assert "top_p: 1.0" in capsys.readouterr().out

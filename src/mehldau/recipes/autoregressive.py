@@ -244,6 +244,10 @@ def _adapt_base(spec: ModelSpec, cfg: DictConfig) -> tuple[Path, Tokenizer, Any]
     wanted = build_tokenizer(cfg.branch.tokenizer.name, {
         **_tokenizer_config(spec, cfg), **({"styles": tokenizer.styles} if tokenizer.styles
                                           else {})})
+    if wanted.name != tokenizer.name:
+        raise UserError(f"init {base} was trained with the '{tokenizer.name}' tokenizer, the "
+                        f"branch's is '{wanted.name}'; adapting keeps the base's: add "
+                        f"branch.tokenizer.name={tokenizer.name}")
     if wanted != tokenizer:
         raise UserError(f"branch.tokenizer differs from the tokenizer of init {base}; adapting "
                         "uses the base's tokenizer, so drop the branch.tokenizer override")
@@ -307,33 +311,49 @@ def load_model(spec: ModelSpec, ckpt: Path, device: torch.device | str = "cpu",
 
 
 def prompt_tokens(tokenizer: Tokenizer, path: str | Path, seconds: float) -> np.ndarray:
-    """The first `seconds` of a MIDI file as tokens: notes that start before the cut, ending
-    at the cut at the latest."""
+    """The first `seconds` of a MIDI file as tokens: the notes that start before the cut.
+
+    Tokens that carry durations keep each note's whole duration (and the pedal that holds
+    it), so the continuation starts with the notes sounding that the pianist left sounding.
+    Note-on/note-off tokens end every note at the cut: a note left open would need the model
+    to close it."""
     try:
         score = read_score(path)
     except BadMidi as e:
         raise UserError(f"prompt {path}: {e}; pass a MIDI file with notes") from e
-    clipped = score.to("second").clip(0, float(seconds), clip_end=False)
-    for track in clipped.tracks:
-        for note in track.notes:
-            note.duration = min(note.duration, float(seconds) - note.time)
+    secs = score.to("second")
+    if tokenizer.note_durations:
+        clipped = secs.copy()
+        for track in clipped.tracks:
+            track.notes = track.notes.filter(lambda n: n.time < float(seconds), inplace=False)
+    else:
+        clipped = secs.clip(0, float(seconds), clip_end=False)
+        for track in clipped.tracks:
+            for note in track.notes:
+                note.duration = min(note.duration, float(seconds) - note.time)
     tokens = tokenizer.encode(clipped)
     if len(tokens) == 0:
         raise UserError(f"prompt {path} has no piano notes in its first {seconds} s; "
                         "raise prompt_seconds or use another file")
-    return tokens
+    # The continuation starts at the cut, not at the prompt's last event.
+    return np.concatenate([tokens, tokenizer.time_shift_ids(
+        float(seconds) - tokenizer.seconds_of(tokens))]).astype(tokens.dtype)
 
 
 def cap_durations(score, max_seconds: float | None):
-    """Cut notes longer than `max_seconds` (Magenta's `max_note_duration`): a small model
-    sometimes never emits a note's note-off, which would otherwise ring to the end."""
+    """Cut notes longer than `max_seconds` (Magenta's `max_note_duration`): a note-on/off
+    model sometimes never emits a note's note-off, which would otherwise ring to the end.
+    Returns (score, number of notes cut): notes closed by this safety net, not by the model."""
     if not max_seconds:
-        return score
+        return score, 0
     secs = score.to("second")
+    cut = 0
     for track in secs.tracks:
         for note in track.notes:
-            note.duration = min(note.duration, float(max_seconds))
-    return secs.to("tick")
+            if note.duration > float(max_seconds):
+                note.duration = float(max_seconds)
+                cut += 1
+    return secs.to("tick"), cut
 
 
 def generate_seconds(cfg: DictConfig, default: float = 30.0) -> float:
@@ -387,20 +407,30 @@ def generate(spec: ModelSpec, cfg: DictConfig, ckpt: Path) -> list[Path]:
         # The user asked for a duration: never end early, never emit structural tokens.
         banned_ids=(sp["pad"], sp["bos"], sp["eos"], *range(
             tokenizer.vocab_size - len(tokenizer.styles), tokenizer.vocab_size)),
+        allowed_next=_grammar(tokenizer, device),
     )
-    scores = [cap_durations(tokenizer.decode(row.cpu().numpy()), cfg.get("max_note_seconds"))
+    capped = [cap_durations(tokenizer.decode(row.cpu().numpy()), cfg.get("max_note_seconds"))
               for row in seqs]
-    return write_scores(scores, cfg.out)
+    return write_scores([s for s, _ in capped], cfg.out, [n for _, n in capped])
 
 
-def write_scores(scores: list, out: str | Path) -> list[Path]:
-    """Each score to its file (FILE.mid, or FILE_1.mid, ... for several), all or none."""
+def _grammar(tokenizer: Tokenizer, device: torch.device) -> torch.Tensor | None:
+    mask = tokenizer.next_token_mask()
+    return None if mask is None else torch.as_tensor(mask, device=device)
+
+
+def write_scores(scores: list, out: str | Path, notes_cut: list[int] | None = None
+                 ) -> list[Path]:
+    """Each score to its file (FILE.mid, or FILE_1.mid, ... for several), all or none.
+    `notes_cut`: per score, the notes the `max_note_seconds` safety net closed (reported)."""
     paths = out_paths(out, len(scores))
     for score, path in zip(scores, paths):
         atomic_write_midi(score, path)
-    for score, path in zip(scores, paths):
-        print(f"{path}: {score.note_num()} notes, {score.to('second').end():.1f} s",
-              file=sys.stderr)
+    for i, (score, path) in enumerate(zip(scores, paths)):
+        line = f"{path}: {score.note_num()} notes, {score.to('second').end():.1f} s"
+        if notes_cut is not None:
+            line += f", {notes_cut[i]} closed by the max_note_seconds cut"
+        print(line, file=sys.stderr)
     return paths
 
 
