@@ -234,3 +234,27 @@ def test_sampling_under_the_mask_gives_only_whole_notes(tok):
 def test_decode_never_raises(tok, garbage):
     score = tok.decode(garbage)
     assert isinstance(score, symusic.Score)
+
+
+def test_no_note_is_open_after_any_window_restart(tok):
+    """A Music Transformer sampling far past its 24-token context (the KV cache rebuilt ~40
+    times): every NOTE it draws is followed by its DURATION, so every note of the result
+    ends where the model said, whatever window it was drawn in."""
+    from branches.production.model import MusicTransformer, MusicTransformerConfig
+    from mehldau.sampling import KVCacheDecoder
+
+    torch.manual_seed(0)
+    model = MusicTransformer(MusicTransformerConfig(
+        vocab_size=tok.vocab_size, n_layers=1, d_model=32, n_heads=2, d_ff=64, max_seq_len=24,
+        max_relative_position=16, dropout=0.0)).eval()
+    mask = torch.as_tensor(tok.next_token_mask())
+    out = sample_tokens(KVCacheDecoder(model, 24), torch.full((2, 1), 1), 200, SamplingConfig(),
+                        generator=torch.Generator().manual_seed(1), banned_ids=(0, 1, 2),
+                        allowed_next=mask)
+    for row in out.numpy():
+        notes = np.flatnonzero(np.isin(row, tok.note_range))
+        notes = notes[notes < len(row) - 1]
+        assert len(notes) > 20 and np.isin(row[notes + 1], tok.duration_range).all()
+        clock = np.cumsum(tok.seconds_per_id()[row] * 100).round()
+        struck = {(clock[i], row[i]) for i in notes}  # one key struck twice at once is one
+        assert len(decoded(tok, row)) == len(struck)

@@ -72,12 +72,25 @@ def test_generate_writes_piano_midi(trained: Path, tmp_path: Path) -> None:
     assert sum(len(i.notes) for i in pm.instruments) > 0
 
 
-def test_generate_caps_unreleased_notes(trained: Path, tmp_path: Path) -> None:
-    out = tmp_path / "cap.mid"
-    assert generate([f"ckpt={trained}", f"out={out}", "seconds=20", "seed=1",
-                     "max_note_seconds=0.5"]) == 0
-    notes = pretty_midi.PrettyMIDI(str(out)).instruments[0].notes
-    assert notes and max(n.end - n.start for n in notes) <= 0.5 + 1e-3
+@pytest.mark.parametrize("tokens", ["duration", "performance"])
+def test_generate_caps_long_notes_and_counts_them(tokens: str, trained: Path, tmp_path: Path,
+                                                 capsys) -> None:
+    run = trained
+    if tokens == "performance":  # note-on/off events: notes may be left open
+        run = tmp_path / "perf"
+        assert train([f"run_dir={run}", "data=folder", f"data.root={trained.parent / 'data'}",
+                      "train.max_steps=4", "branch.tokenizer.name=performance", *MICRO]) == 0
+    capsys.readouterr()
+    args = [f"ckpt={run}", "seconds=20", "seed=1"]
+    assert generate([*args, f"out={tmp_path / 'free.mid'}", "max_note_seconds=null"]) == 0
+    capsys.readouterr()
+    assert generate([*args, f"out={tmp_path / 'cap.mid'}", "max_note_seconds=0.5"]) == 0
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    free = pretty_midi.PrettyMIDI(str(tmp_path / "free.mid")).instruments[0].notes
+    capped = pretty_midi.PrettyMIDI(str(tmp_path / "cap.mid")).instruments[0].notes
+    assert capped and max(n.end - n.start for n in capped) <= 0.5 + 1e-3
+    longer = sum(n.end - n.start > 0.5 + 1e-3 for n in free)
+    assert longer > 0 and line.endswith(f", {longer} closed by the max_note_seconds cut")
 
 
 def test_generate_num_samples_writes_one_file_each(trained: Path, tmp_path: Path) -> None:
@@ -98,6 +111,10 @@ def test_generate_continues_the_prompt(trained: Path, tmp_path: Path) -> None:
     want = sorted((0.3 * i, 60 + i % 7) for i in range(7))
     assert [p for _, p in got] == [p for _, p in want]
     assert all(abs(t1 - t2) <= 0.011 for (t1, _), (t2, _) in zip(got, want))
+    # The prompt's notes are whole (duration tokens) and the continuation starts at the cut.
+    notes = symusic.Score(str(out)).to("second").tracks[0].notes
+    assert sorted(round(n.duration, 2) for n in notes if n.time < 2.0) == [0.25] * 7
+    assert min(n.time for n in notes if n.time > 1.9) >= 2.0 - 1e-3
 
 
 # --- bad input: one line, exit 2, no traceback, nothing half-written -----------------------
