@@ -75,6 +75,14 @@ def test_scratch_train_generate_then_lora_from_a_released_file(tmp_path: Path, c
     assert generate([f"ckpt={run}", f"out={out}", "seconds=600", "max_tokens=120", "seed=1"]) == 0
     notes = pretty_midi.PrettyMIDI(str(out)).instruments[0].notes
     assert len(notes) > 0 and all(21 <= n.pitch <= 108 for n in notes)
+    # A prompt's notes that start before the cut are kept whole (rows carry durations).
+    prompt = next(data.rglob("*.mid"))
+    assert generate([f"ckpt={run}", f"out={tmp_path / 'p.mid'}", f"prompt={prompt}",
+                     "prompt_seconds=1", "seconds=1"]) == 0
+    played = pretty_midi.PrettyMIDI(str(prompt)).instruments[0].notes
+    got = pretty_midi.PrettyMIDI(str(tmp_path / "p.mid")).instruments[0].notes
+    longest = max(n.end - n.start for n in played if n.start < 1.0)
+    assert longest > 0.6 and any(abs(n.end - n.start - longest) < 0.02 for n in got)
 
     pt = tmp_path / "moonbeam_micro.pt"
     base = write_released(pt)

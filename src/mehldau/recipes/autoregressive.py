@@ -335,9 +335,10 @@ def prompt_tokens(tokenizer: Tokenizer, path: str | Path, seconds: float) -> np.
     if len(tokens) == 0:
         raise UserError(f"prompt {path} has no piano notes in its first {seconds} s; "
                         "raise prompt_seconds or use another file")
-    # The continuation starts at the cut, not at the prompt's last event.
-    return np.concatenate([tokens, tokenizer.time_shift_ids(
-        float(seconds) - tokenizer.seconds_of(tokens))]).astype(tokens.dtype)
+    # The continuation starts at the cut, not at the prompt's last event (ids that carry
+    # time only; Moonbeam's rows cannot say "silence until here").
+    shifts = tokenizer.time_shift_ids(float(seconds) - tokenizer.seconds_of(tokens))
+    return np.concatenate([tokens, shifts]).astype(tokens.dtype) if len(shifts) else tokens
 
 
 def cap_durations(score, max_seconds: float | None):
