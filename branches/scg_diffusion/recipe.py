@@ -67,7 +67,9 @@ from mehldau.train.trainer import TrainConfig, fit, make_accelerator
 
 BRANCH = "scg_diffusion"
 STAGES = ("autoencoder", "diffusion")
-_REPAIRS = ("max_gap_frames", "restrike_frames", "min_note_frames")  # roll repairs at decode
+# Roll repairs at decode (`pianoroll.clean_rolls`), with their types.
+_REPAIRS = {"max_gap_frames": int, "restrike_frames": int, "min_note_frames": int,
+            "min_note_peak": float}
 
 
 # --- configs ---------------------------------------------------------------------------------
@@ -102,7 +104,7 @@ def diffusion_config(cfg: DictConfig, autoencoder: VQVAEConfig) -> LatentDiffusi
             schedule=str(m.get("schedule", "linear")),
             diffusion_steps=int(m.get("diffusion_steps", 1000)),
             velocity_floor=float(m.get("velocity_floor", 0.08)),
-            **{k: int(m[k]) for k in _REPAIRS if m.get(k) is not None})
+            **{k: kind(m[k]) for k, kind in _REPAIRS.items() if m.get(k) is not None})
     except (TypeError, ValueError) as e:
         raise UserError(f"bad model config: {e}") from e
 
@@ -406,9 +408,9 @@ def generate(cfg: DictConfig, ckpt: Path) -> list[Path]:
     device = ar.device_for(cfg.device)
     model, tokenizer = load_model(ckpt, device)
     dcfg = model.config
-    for key in _REPAIRS:  # decode.<key>=N overrides the checkpoint's roll repairs
+    for key, kind in _REPAIRS.items():  # decode.<key>=N overrides the checkpoint's repairs
         if (cfg.get("decode") or {}).get(key) is not None:
-            setattr(dcfg, key, int(cfg.decode[key]))
+            setattr(dcfg, key, kind(cfg.decode[key]))
     try:
         LatentDiffusionConfig(**dcfg.to_dict())
     except ValueError as e:

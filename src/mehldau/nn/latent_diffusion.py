@@ -40,13 +40,16 @@ class LatentDiffusionConfig:
     # exactly 0, and without a floor every faint cell would sound (the reference snaps values
     # below 0.025 of its range to silence; ours is higher, since no piano note is that quiet).
     velocity_floor: float = 0.08
-    # Decoded rolls flicker; `pianoroll.clean_rolls` repairs them before rules and MIDI see
-    # them: silences of up to `max_gap_frames` inside a key are filled, onset flags within
-    # `restrike_frames` of a key's last start are no new note, notes shorter than
-    # `min_note_frames` are dropped (0, 0, 1: off).
-    max_gap_frames: int = 0
-    restrike_frames: int = 0
-    min_note_frames: int = 1
+    # Decoded rolls flicker and smudge; `pianoroll.clean_rolls` repairs them before rules and
+    # MIDI see them: silences of up to `max_gap_frames` inside a key are filled, onset flags
+    # within `restrike_frames` of a key's last start are no new note, notes shorter than
+    # `min_note_frames` or never as loud as `min_note_peak` (velocity / 127) are dropped
+    # (0, 0, 1, 0: off). Defaults measured on scg_tiny trained on real jazz piano: guided
+    # 10.24 s samples went from 8.1x the human notes per second to 1.2x (polyphony 0.6x).
+    max_gap_frames: int = 16
+    restrike_frames: int = 20
+    min_note_frames: int = 6
+    min_note_peak: float = 0.4
 
     def __post_init__(self) -> None:
         ae = VQVAEConfig(**self.autoencoder)
@@ -64,6 +67,8 @@ class LatentDiffusionConfig:
             raise ValueError("need max_gap_frames >= 0, restrike_frames >= 0 and "
                              f"min_note_frames >= 1, got {self.max_gap_frames}, "
                              f"{self.restrike_frames}, {self.min_note_frames}")
+        if not 0 <= self.min_note_peak < 1:
+            raise ValueError(f"min_note_peak must be in [0, 1), got {self.min_note_peak}")
         if not self.latent_scale > 0:
             raise ValueError(f"latent_scale must be positive, got {self.latent_scale}")
         NoiseSchedule(self.schedule, self.diffusion_steps)  # validates both
@@ -110,8 +115,9 @@ class LatentDiffusion(nn.Module):
         c = self.config
         rolls = self.autoencoder.decode(z / c.latent_scale)
         rolls = rolls * (rolls[:, :1] >= c.velocity_floor)
-        if c.max_gap_frames or c.restrike_frames or c.min_note_frames > 1:
-            rolls = clean_rolls(rolls, c.max_gap_frames, c.restrike_frames, c.min_note_frames)
+        if c.max_gap_frames or c.restrike_frames or c.min_note_frames > 1 or c.min_note_peak:
+            rolls = clean_rolls(rolls, c.max_gap_frames, c.restrike_frames, c.min_note_frames,
+                                c.min_note_peak)
         return rolls
 
     def forward(self, x: Tensor | None = None, z: Tensor | None = None, t: Tensor | None = None,

@@ -247,17 +247,21 @@ def _shift(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def clean_rolls(x: torch.Tensor, max_gap: int = 0, restrike: int = 0, min_frames: int = 1,
-                threshold: float = 0.5) -> torch.Tensor:
+                min_peak: float = 0.0, threshold: float = 0.5) -> torch.Tensor:
     """Generated rolls (..., 2, T, 88) in [0, 1] -> the same rolls with notes a pianist plays.
 
     A decoder's rolls flicker: a held note dips below the floor for a frame or two, or its
     onset channel fires again a few frames in, and `decode` would play a train of re-struck
-    notes; isolated frames play as clicks. Three repairs, each off at its default:
+    notes; faint smudges, where the decoder is unsure, play as clouds of short notes. Four
+    repairs, each off at its default:
     - `max_gap`: a silence of up to `max_gap` frames inside one key is filled (with the
       velocity before it) unless the frame after it carries an onset flag (a real re-strike);
     - `restrike`: an onset flag on a sounding frame within `restrike` frames after another
       start of that key is not a new note (a hand cannot repeat a key that fast);
-    - `min_frames`: notes shorter than `min_frames` frames are removed.
+    - `min_frames`: notes shorter than `min_frames` frames are removed;
+    - `min_peak`: notes whose loudest frame stays below `min_peak` (velocity / 127) are
+      removed: a note is as sure as its peak, and a smudge never has one (hysteresis: a
+      note needs the peak once, then lasts down to the velocity floor).
     The onset channel comes back as exactly the frames where `decode` starts a note, so rules
     and `decode` read the cleaned roll alike. Batched, on the rolls' device.
     """
@@ -292,4 +296,18 @@ def clean_rolls(x: torch.Tensor, max_gap: int = 0, restrike: int = 0, min_frames
             doomed |= short
         active = active & ~doomed
         starts = starts & ~doomed
+    if min_peak > 0:
+        active = active & (_note_peaks(active, starts, vel) >= min_peak)
+        starts = starts & active
     return torch.stack([vel * active, starts.float()], -3)
+
+
+def _note_peaks(active: torch.Tensor, starts: torch.Tensor, vel: torch.Tensor) -> torch.Tensor:
+    """(..., T, 88) -> each sounding frame's note's loudest velocity (0 where silent)."""
+    a, s, v = (t.movedim(-1, -2).reshape(-1, t.shape[-2]) for t in (active, starts, vel))
+    rows, T = a.shape  # one row per key of every roll
+    note = s.long().cumsum(-1) + torch.arange(rows, device=a.device)[:, None] * (T + 1)
+    peak = torch.zeros(rows * (T + 1), device=v.device, dtype=v.dtype)
+    peak = peak.scatter_reduce(0, note[a], v[a], reduce="amax")
+    out = torch.where(a, peak[note], torch.zeros_like(v))
+    return out.view(*active.shape[:-2], active.shape[-1], T).movedim(-2, -1)
