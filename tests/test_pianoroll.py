@@ -198,3 +198,12 @@ def test_clean_rolls_leaves_encoded_music_alone(tmp_path):
     roll = tok.encode_file(write_midi(tmp_path / "a.mid", scale_notes(40, step=0.2)))
     x = roll_to_tensor(roll)
     assert _decoded(clean_rolls(x[None], max_gap=2, restrike=4, min_frames=3)[0]) == _decoded(x)
+
+
+def test_clean_rolls_drops_notes_that_never_reach_the_peak():
+    x = torch.zeros(2, 40, 88)
+    x[VELOCITY, 0:10, 5], x[VELOCITY, 3, 5] = 0.2, 0.6  # faint but one loud frame: kept whole
+    x[VELOCITY, 15:25, 6] = 0.2  # a smudge: dropped
+    x[VELOCITY, 0:10, 7], x[VELOCITY, 12:20, 7], x[ONSET, 12, 7] = 0.2, 0.9, 1  # faint, loud
+    assert _decoded(clean_rolls(x[None], min_peak=0.4)[0]) == [(5, 0, 10), (7, 12, 20)]
+    assert len(_decoded(clean_rolls(x[None])[0])) == 4  # off by default
