@@ -29,11 +29,14 @@ def _train(model: torch.nn.Module, data: RollCropDataset, steps: int, lr: float)
     model.eval()
 
 
-def test_scg_lowers_the_rule_loss_of_a_trained_model(tmp_path) -> None:
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, one_thread) -> tuple[LatentDiffusion, list]:
+    """A VQ-VAE (40 steps) and a DiT (80 steps) on four toy pieces, and their rolls."""
     torch.manual_seed(0)
+    tmp = tmp_path_factory.mktemp("scg")
     tok = PianoRollTokenizer()
     # Pieces of different densities, so the model has a range of densities to choose from.
-    rolls = [tok.encode_file(write_midi(tmp_path / f"p{k}.mid",
+    rolls = [tok.encode_file(write_midi(tmp / f"p{k}.mid",
                                         scale_notes(48, base=50 + 3 * k, step=0.1 + 0.1 * k,
                                                     seed=k)))
              for k in range(4)]
@@ -49,7 +52,12 @@ def test_scg_lowers_the_rule_loss_of_a_trained_model(tmp_path) -> None:
         z = model.encode(torch.stack([data[i]["x"] for i in range(64)]))
     model.config.latent_scale = 1.0 / float(z.std())
     _train(model, data, 80, 2e-3)
+    return model, rolls
 
+
+def test_scg_lowers_the_rule_loss_of_a_trained_model(trained) -> None:
+    model, rolls = trained
+    dcfg = model.config
     # Target: the densest piece's note density; the rule is what SCG sees, nothing else.
     target = extract_targets(roll_to_tensor(rolls[0][:FRAMES]), ["note_density"])
 
@@ -69,27 +77,11 @@ def test_scg_lowers_the_rule_loss_of_a_trained_model(tmp_path) -> None:
     assert guided < 0.5 * plain, (guided, plain)
 
 
-def test_every_selected_rule_steers_once_normalised(tmp_path) -> None:
+def test_every_selected_rule_steers_once_normalised(trained) -> None:
     """All three rules at once, each divided by its unguided mean (`rule_scales`): every one
     must come out lower than unguided sampling with the same seed, over 8 samples."""
-    torch.manual_seed(0)
-    tok = PianoRollTokenizer()
-    rolls = [tok.encode_file(write_midi(tmp_path / f"p{k}.mid",
-                                        scale_notes(48, base=50 + 3 * k, step=0.1 + 0.1 * k,
-                                                    seed=k)))
-             for k in range(4)]
-    data = RollCropDataset(rolls, FRAMES, tok, seed=0, transpose=2)
-    ae = VQVAE(VQVAEConfig(**AE))
-    _train(ae, data, 40, 3e-3)
-    dcfg = LatentDiffusionConfig(autoencoder=VQVAEConfig(**AE).to_dict(), frames=FRAMES,
-                                 dit=dict(patch_size=(2, 2), hidden_size=64, depth=2,
-                                          num_heads=4))
-    model = LatentDiffusion(dcfg)
-    model.autoencoder.load_state_dict(ae.state_dict())
-    with torch.no_grad():
-        z = model.encode(torch.stack([data[i]["x"] for i in range(64)]))
-    model.config.latent_scale = 1.0 / float(z.std())
-    _train(model, data, 80, 2e-3)
+    model, rolls = trained
+    dcfg = model.config
     names = ["pitch_histogram", "note_density", "chord"]
     targets = extract_targets(roll_to_tensor(rolls[2][:FRAMES]), names, window=32)
     shape = (8, *dcfg.latent_shape())
