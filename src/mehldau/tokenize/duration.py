@@ -21,7 +21,15 @@ piano performances chose the same: Aria (onset, pitch, velocity, duration), the 
 Music Transformer (time, duration, note), Moonbeam (compound rows with a duration) and MidiTok's
 TSD. Velocity comes with every note rather than only on change (Magenta's rule): 87 % of the
 notes of a real jazz-piano corpus change the bin anyway, and this way no crop starts without
-knowing its loudness. Measured against note-on/off tokens in the issue's note.
+knowing its loudness.
+
+Measured (tiny preset, its default 600 steps on 64 real jazz-piano performances, 30 s
+continuations of 5 s prompts from the held-out pieces, pedal-folded notes on both sides):
+mean polyphony 2.1-2.6 times the human's with note-on/off tokens (8 s safety cut closing
+3-5 % of the notes); 2.4 times with note-on/off tokens plus a state prefix (the held notes
+and the current velocity stated at every crop and window start, the other candidate: the
+small model fails to close notes inside a window too, and 8 % reached the cut); 0.8 times
+with these tokens, notes per second 1.1 times, none cut.
 
 The grammar is fixed, so `next_token_mask` gives the sampler what may follow each id
 (VELOCITY -> NOTE -> DURATION); sampled sequences never break a note apart. `decode` still
