@@ -27,7 +27,7 @@ import torch
 from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 
-from mehldau.data.corpus import build_corpus
+from mehldau.data.corpus import build_corpus, file_hash
 from mehldau.data.rolls import (
     LatentCropDataset,
     RollCropDataset,
@@ -37,6 +37,7 @@ from mehldau.data.rolls import (
     encode_rolls,
 )
 from mehldau.data.sources import pieces_from_config
+from mehldau.data.splits import MANIFEST, splits_for_run
 from mehldau.errors import UserError
 from mehldau.guidance.rules import (
     RULES,
@@ -142,10 +143,14 @@ def train(cfg: DictConfig) -> Path:
         dcfg = diffusion_config(cfg, ae_cfg)  # validated before anything is written
         frames = dcfg.frames
 
-    pieces = pieces_from_config(cfg.data, cfg.cache_dir)
+    pieces = pieces_from_config(cfg.data, cfg.cache_dir, cfg.split.ratios, cfg.split.seed)
+    # The diffusion stage keeps its autoencoder's splits unless told otherwise: a latent
+    # model must not be validated on pieces its autoencoder learned to reconstruct.
+    pieces, rule = splits_for_run(pieces, cfg.split.get("manifest"), base, bool(cfg.force),
+                                  file_hash)
     run_dir.mkdir(parents=True, exist_ok=True)
     corpus = build_corpus(pieces, tokenizer, run_dir, cfg.cache_dir,
-                          tuple(cfg.split.ratios), cfg.split.seed)
+                          {**rule, **OmegaConf.to_container(cfg.split, resolve=True)})
     rolls = {s: corpus.sequences(s) for s in corpus.splits}
     aug = cfg.augment
     metrics = MetricsFile(run_dir / "metrics.jsonl")
@@ -191,6 +196,7 @@ def train(cfg: DictConfig) -> Path:
         OmegaConf.save(OmegaConf.create(resolved), d / "config.yaml")
         tokenizer.save(d / "tokenizer.json")
         (d / "model_config.json").write_text(json.dumps(model_dict, indent=2))
+        (d / MANIFEST).write_text((run_dir / MANIFEST).read_text())  # travels with weights
 
     meta = {"branch": BRANCH, "recipe": __name__, "model": type(model).__name__,
             "stage": stage}

@@ -157,3 +157,30 @@ def test_changed_base_is_refused_unless_forced(runs, tmp_path: Path, capsys) -> 
     assert "changed since adapter" in one_line(capsys) and not out.exists()
     assert generate([f"ckpt={run}", f"out={out}", "seconds=1", "force=true"]) == 0
     assert "WARNING" in capsys.readouterr().err and out.is_file()
+
+
+def test_adapt_refuses_val_test_pieces_the_base_trained_on(runs, capsys) -> None:
+    tmp = runs["tmp"]
+    ckpt = runs["pre"] / "checkpoints" / "step_0000008"
+    assert (ckpt / "splits.json").is_file()  # the manifest travels with the weights
+    rule = json.loads((runs["lora"] / "splits.json").read_text())["rule"]
+    assert rule["base_manifest"] == str(ckpt / "splits.json")
+    # a manifest that puts the base's training albums in test
+    leaky = json.loads((runs["pre"] / "splits.json").read_text())
+    leaky["train"], leaky["test"] = leaky["test"], leaky["train"]
+    (tmp / "leaky.json").write_text(json.dumps(leaky))
+    run = tmp / "leak"
+    assert train([f"run_dir={run}", "stage=adapt", f"init={runs['pre']}", "data=folder",
+                  f"data.root={runs['data']}", f"split.manifest={tmp / 'leaky.json'}",
+                  "train.max_steps=2", *MICRO]) == 2
+    err = capsys.readouterr().err
+    assert "were in the training data of" in err and "force=true" in err
+    assert not (run / "metrics.jsonl").exists()
+    # without a manifest, adapting on the base's own data reuses the base's splits: no leak
+    same = tmp / "same"
+    assert train([f"run_dir={same}", "stage=adapt", f"init={runs['pre']}", "data=folder",
+                  f"data.root={runs['data']}", "train.max_steps=2", "report_base_loss=false",
+                  *MICRO]) == 0
+    a = json.loads((runs["pre"] / "splits.json").read_text())
+    b = json.loads((same / "splits.json").read_text())
+    assert all(a[s]["groups"] == b[s]["groups"] for s in ("train", "val", "test"))

@@ -5,6 +5,8 @@ files that pretty_midi rejects). Unreadable, empty or absurd files are skipped a
 one per line in `skipped.tsv`; one bad file never stops a run and none is dropped silently.
 Tokenized pieces are cached on disk keyed by (file content hash, tokenizer config hash), so a
 second run over the same folder tokenizes nothing; skip verdicts are cached the same way.
+Splits come with the pieces (assigned over the source's catalogue before anything is parsed),
+so a file skipped by one tokenizer and kept by another moves no other piece's split.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import symusic
 from tqdm.auto import tqdm
 
 from mehldau.data.sources import Piece
-from mehldau.data.splits import split_by_group, write_manifest
+from mehldau.data.splits import SPLITS, by_split, write_manifest
 from mehldau.errors import UserError
 from mehldau.io import atomic_file
 from mehldau.tokenize.base import Tokenizer
@@ -37,6 +39,7 @@ class Corpus:
     splits: dict[str, list[tuple[Piece, np.ndarray]]]
     skipped: list[tuple[Piece, str]] = field(default_factory=list)
     from_cache: int = 0
+    hashes: dict[str, str] = field(default_factory=dict)  # piece id -> file content hash
 
     def sequences(self, split: str) -> list[np.ndarray]:
         return [seq for _, seq in self.splits[split]]
@@ -71,9 +74,11 @@ def file_hash(path: Path) -> str:
 
 
 def tokenize_pieces(
-    pieces: list[Piece], tokenizer: Tokenizer, cache_dir: str | Path | None, desc: str = "tokenize"
+    pieces: list[Piece], tokenizer: Tokenizer, cache_dir: str | Path | None, desc: str = "tokenize",
+    hashes: dict[str, str] | None = None,
 ) -> tuple[list[tuple[Piece, np.ndarray]], list[tuple[Piece, str]], int]:
-    """Tokenize every piece (from cache where possible). Returns (ok, skipped, n_from_cache)."""
+    """Tokenize every piece (from cache where possible). Returns (ok, skipped, n_from_cache);
+    `hashes`, when given, receives each readable file's content hash by piece id."""
     cache = Path(cache_dir).expanduser() / "tokens" / tokenizer.config_hash() if cache_dir else None
     ok, skipped, hits = [], [], 0
     for piece in tqdm(pieces, desc=desc, unit="file", leave=False, disable=None):
@@ -81,6 +86,8 @@ def tokenize_pieces(
             if not piece.path.is_file():
                 raise BadMidi("file not found")
             key = file_hash(piece.path)
+            if hashes is not None:
+                hashes[piece.id] = key
             npy = cache / key[:2] / f"{key}.npy" if cache else None
             bad = npy.with_suffix(".skip") if npy else None
             if npy is not None and npy.exists():
@@ -120,27 +127,34 @@ def build_corpus(
     tokenizer: Tokenizer,
     run_dir: str | Path | None,
     cache_dir: str | Path | None,
-    ratios: tuple[float, float, float] = (0.8, 0.1, 0.1),
-    split_seed: int = 0,
+    rule: dict | None = None,
 ) -> Corpus:
-    """Validate, tokenize (cached), split by group; write skipped.tsv and splits.json."""
-    ok, skipped, hits = tokenize_pieces(pieces, tokenizer, cache_dir)
+    """Validate and tokenize (cached) pieces whose splits are set; write skipped.tsv and the
+    manifest splits.json (`rule`: how the splits were made, recorded in it)."""
+    hashes: dict[str, str] = {}
+    ok, skipped, hits = tokenize_pieces(pieces, tokenizer, cache_dir, hashes=hashes)
     if not ok:
         raise UserError(
             f"none of the {len(pieces)} MIDI files could be used (first reason: "
             f"{skipped[0][1] if skipped else 'none'}); check data.root"
         )
     seqs = {p.id: s for p, s in ok}
-    splits = split_by_group([p for p, _ in ok], ratios=ratios, seed=split_seed)
+    splits = by_split([p for p, _ in ok])
     corpus = Corpus({k: [(p, seqs[p.id]) for p in v] for k, v in splits.items()}, skipped, hits)
+    corpus.hashes = hashes
     notes = [(p, n) for p, s in ok if (n := tokenizer.encode_note(s)) is not None]
     if run_dir is not None:
         run_dir = Path(run_dir)
         write_skipped(skipped, run_dir / "skipped.tsv")
-        write_manifest(splits, run_dir / "splits.json")
+        manifest = write_manifest([p for p, _ in ok], run_dir / "splits.json", rule, hashes)
+        titles = manifest["titles_in_several_splits"]
+        if titles:
+            print(f"warning: {len(titles)} tune titles are played in more than one split (the "
+                  f"same standard on two albums, e.g. '{next(iter(titles))}'); listed in "
+                  f"{run_dir / 'splits.json'}", file=sys.stderr)
         if notes:  # kept, but changed by the tokenizer (e.g. split at long silences)
             write_skipped(notes, run_dir / "changed.tsv")
-    sizes = ", ".join(f"{k} {len(v)}" for k, v in corpus.splits.items())
+    sizes = ", ".join(f"{k} {len(corpus.splits[k])}" for k in SPLITS)
     msg = f"data: {len(ok)} pieces ({hits} from cache; {sizes}), skipped {len(skipped)}"
     if skipped and run_dir is not None:
         msg += f" (see {Path(run_dir) / 'skipped.tsv'})"

@@ -2,14 +2,16 @@
 
 Every source yields `Piece`s with a stable id and a *group* key. Splits are made by group so
 that no album (PiJAMA), session folder, or family of versions of one tune ends up on both
-sides of an evaluation; see `splits.py`.
+sides of an evaluation. Each source assigns splits over its whole catalogue before it filters
+or parses anything (see `splits.py`), so a piece's split is the same in every run.
 """
 
 from __future__ import annotations
 
 import csv
 import re
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -27,7 +29,9 @@ class Piece:
     id: str  # stable across runs: a path relative to the source root, or PiJAMA's id
     path: Path
     group: str  # pieces sharing a group never go to different splits
-    style: str = ""  # pianist (PiJAMA) or top-level folder; used by style conditioning later
+    style: str = ""  # pianist (PiJAMA) or top-level folder: style tokens and split strata
+    split: str = "train"  # set by the source from its whole catalogue (splits.assign_splits)
+    title: str = ""  # the tune, normalised (tune_key): the same standard on two albums
 
 
 def tune_key(stem: str, pattern: str | None = None) -> str:
@@ -50,9 +54,11 @@ def tune_key(stem: str, pattern: str | None = None) -> str:
 
 
 def folder_source(
-    root: str | Path, group_by: str = "top_dir", group_regex: str | None = None
+    root: str | Path, group_by: str = "top_dir", group_regex: str | None = None,
+    ratios: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0,
 ) -> list[Piece]:
-    """All `.mid`/`.midi` files under `root` (recursive, any case).
+    """All `.mid`/`.midi` files under `root` (recursive, any case), split from the listing
+    (before any file is parsed, so a skipped file never moves another's split).
 
     `group_by`:
       - "top_dir": the top-level subdirectory a file sits in; a file directly in the root is
@@ -61,6 +67,8 @@ def folder_source(
       - "regex": files whose stems give the same `tune_key` share a group: the first capture
         group (or the whole match) of `group_regex`, or, without one, a normalised title, so
         "Spring Is Here.mid" and "Spring Is Here 2.mid" stay together.
+    A group's name starts with the folder's own name ("jazz/album 1"), so two folders'
+    "album 1" stay two groups when one run's manifest is checked against another's.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -84,12 +92,17 @@ def folder_source(
             group = rel.as_posix()
         else:
             group = tune_key(p.stem, group_regex)
-        pieces.append(Piece(id=rel.as_posix(), path=p, group=group, style=top or root.name))
-    return pieces
+        group = f"{root.name}/{group}"
+        pieces.append(Piece(id=rel.as_posix(), path=p, group=group, style=top or root.name,
+                            title=tune_key(p.stem)))
+    from mehldau.data.splits import assign_splits  # splits needs Piece: imported here
+
+    return assign_splits(pieces, ratios, seed)
 
 
 def pijama_source(
-    root: str | Path, csv_path: str | Path | None = None, pianist: str | None = "Brad Mehldau"
+    root: str | Path, csv_path: str | Path | None = None, pianist: str | None = "Brad Mehldau",
+    ratios: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0,
 ) -> list[Piece]:
     """PiJAMA as published: its metadata CSV plus the MIDI tree it points to.
 
@@ -97,7 +110,8 @@ def pijama_source(
     like `data/midi/<condition>/<artist>/<album>/<title>.midi`; they are resolved against
     `root`, then against `root`'s parent, and finally with a leading `data/` stripped, so
     both the repository layout and a bare unzip work). The group is artist + album, never
-    PiJAMA's own per-file `split` column, which puts most albums in several splits.
+    PiJAMA's own per-file `split` column, which puts most albums in several splits. Splits
+    are dealt over every album in the CSV, stratified by pianist, before `pianist` filters.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -115,16 +129,17 @@ def pijama_source(
             f"{csv_path} lacks PiJAMA columns {', '.join(missing)}; "
             "pass the published pijama.csv as data.csv"
         )
+    from mehldau.data.splits import assign_splits  # splits needs Piece: imported here
+
+    catalogue = assign_splits([
+        Piece(id=f"pijama-{r['id']}", path=Path(r["midi_filepath"]),
+              group=f"{r['artist']} / {r['album']}", style=r["artist"],
+              title=tune_key(r["title"])) for r in rows], ratios, seed)
     if pianist:
-        rows = [r for r in rows if r["artist"] == pianist]
-        if not rows:
+        catalogue = [p for p in catalogue if p.style == pianist]
+        if not catalogue:
             raise UserError(f"no PiJAMA rows for pianist '{pianist}'; check data.pianist spelling")
-    pieces = []
-    for r in rows:
-        path = _resolve_pijama_path(root, r["midi_filepath"])
-        group = f"{r['artist']} / {r['album']}"
-        pieces.append(Piece(id=f"pijama-{r['id']}", path=path, group=group, style=r["artist"]))
-    return pieces
+    return [replace(p, path=_resolve_pijama_path(root, str(p.path))) for p in catalogue]
 
 
 def _find_pijama_csv(root: Path) -> Path:
@@ -147,7 +162,8 @@ def _resolve_pijama_path(root: Path, rel: str) -> Path:
     return candidates[0]  # missing: reported as skipped by the corpus builder
 
 
-def demo_source(cache_root: str | Path, seed: int = 0) -> list[Piece]:
+def demo_source(cache_root: str | Path, seed: int = 0, ratios: Sequence[float] = (0.8, 0.1, 0.1),
+                split_seed: int = 0) -> list[Piece]:
     """The embedded demo corpus, synthesized once into `cache_root` and reused."""
     from mehldau.data.demo import DEMO_VERSION, write_demo_corpus
 
@@ -156,19 +172,25 @@ def demo_source(cache_root: str | Path, seed: int = 0) -> list[Piece]:
     if not done.exists():
         write_demo_corpus(root, seed=seed)
         done.write_text("ok\n")
-    return folder_source(root, group_by="top_dir")
+    return folder_source(root, group_by="top_dir", ratios=ratios, seed=split_seed)
 
 
-def pieces_from_config(data: DictConfig, cache_dir: str | Path) -> list[Piece]:
-    """The pieces named by a `data` config group (demo, folder or pijama)."""
+def pieces_from_config(data: DictConfig, cache_dir: str | Path,
+                       ratios: Sequence[float] = (0.8, 0.1, 0.1), split_seed: int = 0
+                       ) -> list[Piece]:
+    """The pieces named by a `data` config group (demo, folder or pijama), each with its
+    split from the source's whole catalogue (`ratios` train/val/test, `split_seed`)."""
     source = data.get("source")
+    ratios = tuple(ratios)
     if source == "demo":
-        return demo_source(cache_dir, seed=int(data.get("seed", 0)))
+        return demo_source(cache_dir, seed=int(data.get("seed", 0)), ratios=ratios,
+                           split_seed=split_seed)
     if source in ("folder", "pijama"):
         root = None if OmegaConf.is_missing(data, "root") else data.get("root")
         if root in (None, ""):
             raise UserError(f"data.root is required for data={source}: add data.root=PATH")
         if source == "folder":
-            return folder_source(root, data.get("group_by", "top_dir"), data.get("group_regex"))
-        return pijama_source(root, data.get("csv"), data.get("pianist"))
+            return folder_source(root, data.get("group_by", "top_dir"), data.get("group_regex"),
+                                 ratios, split_seed)
+        return pijama_source(root, data.get("csv"), data.get("pianist"), ratios, split_seed)
     raise UserError(f"unknown data source '{source}'; use data=demo, data=folder or data=pijama")
