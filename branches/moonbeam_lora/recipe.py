@@ -113,6 +113,8 @@ SPEC = ar.ModelSpec(
         seqs, mcfg.max_len, tok, seed=seed, transpose=aug.transpose,
         stretch=(aug.stretch_min, aug.stretch_max)),
     eval_dataset=lambda seqs, mcfg, tok, prefixes: EventWindowDataset(seqs, mcfg.max_len, tok),
+    score_dataset=lambda seqs, mcfg, tok, prefixes: EventWindowDataset(
+        seqs, mcfg.max_len, tok, stride=(mcfg.max_len - 2) // 2),
     tokenizer_config=_tokenizer_config,
     build_config=lambda cfg, tok: model_config(cfg),
     frame=_frame,
@@ -134,6 +136,11 @@ def train(cfg: DictConfig) -> Path:
 def load_model(ckpt: Path, device: torch.device | str = "cpu", force: bool = False
                ) -> tuple[MoonbeamForCausalLM, CompoundTokenizer]:
     return ar.load_model(SPEC, ckpt, device, force)
+
+
+def score(ckpt: Path, files: list, device: torch.device | str = "cpu",
+          style: str | None = None) -> list:
+    return ar.score(SPEC, ckpt, files, device, style)
 
 
 def merge_checkpoint(cfg: DictConfig, ckpt: Path) -> Path:

@@ -52,6 +52,11 @@ def merge_checkpoint(cfg: DictConfig, ckpt: Path) -> Path:
     return ar.merge_checkpoint(SPEC, cfg, ckpt)
 
 
+def score(ckpt: Path, files: list, device: torch.device | str = "cpu",
+          style: str | None = None) -> list:
+    return ar.score(SPEC, ckpt, files, device, style)  # eval windows: stride = num_latents
+
+
 def load_model(ckpt: Path, device: torch.device | str = "cpu", force: bool = False
                ) -> tuple[PerceiverAR, object]:
     return ar.load_model(SPEC, ckpt, device, force)

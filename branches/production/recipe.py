@@ -30,6 +30,9 @@ SPEC = ar.ModelSpec(
         seqs, mcfg.max_seq_len, tok.special_tokens["pad"], prefixes),
     decoder=lambda model, use_cache, prefix_len: KVCacheDecoder(
         model, model.config.max_seq_len, use_cache, prefix_len),
+    score_dataset=lambda seqs, mcfg, tok, prefixes: WindowDataset(
+        seqs, mcfg.max_seq_len, tok.special_tokens["pad"], prefixes,
+        stride=mcfg.max_seq_len // 2),
 )
 
 
@@ -43,6 +46,11 @@ def generate(cfg: DictConfig, ckpt: Path) -> list[Path]:
 
 def merge_checkpoint(cfg: DictConfig, ckpt: Path) -> Path:
     return ar.merge_checkpoint(SPEC, cfg, ckpt)
+
+
+def score(ckpt: Path, files: list, device: torch.device | str = "cpu",
+          style: str | None = None) -> list:
+    return ar.score(SPEC, ckpt, files, device, style)
 
 
 def load_model(ckpt: Path, device: torch.device | str = "cpu", force: bool = False

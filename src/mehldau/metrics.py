@@ -80,7 +80,7 @@ def note_stats(sources: Iterable[str | Path | symusic.Score], start: float = 0.0
         inside = (s >= start) & (s < stop)
         onsets += int(inside.sum())
         durations.append(e[inside] - s[inside])
-        sounding.append(_sounding(s, e, start, stop))
+        sounding.append(sounding(s, e, start, stop))
     d = np.concatenate(durations) if durations else np.zeros(0)
     frames = np.concatenate(sounding) if sounding else np.zeros(0, np.int64)
     busy = frames[frames > 0]
@@ -92,7 +92,7 @@ def note_stats(sources: Iterable[str | Path | symusic.Score], start: float = 0.0
         share_over_2s=float((d > LONG_NOTE_SECONDS).mean()) if len(d) else 0.0)
 
 
-def _sounding(start: np.ndarray, end: np.ndarray, t0: float, t1: float) -> np.ndarray:
+def sounding(start: np.ndarray, end: np.ndarray, t0: float, t1: float) -> np.ndarray:
     """Notes sounding in each 10 ms frame of t0 .. t1: a difference array over frames."""
     n = int(np.ceil((t1 - t0) * FRAMES_PER_SECOND - 1e-9))
     if n <= 0:

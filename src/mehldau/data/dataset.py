@@ -108,25 +108,44 @@ class RandomCropDataset(Dataset):
 
 
 class WindowDataset(Dataset):
-    """Non-overlapping windows for evaluation: every token is predicted exactly once."""
+    """Evaluation windows: every token after a piece's first is predicted exactly once.
+
+    Without `stride`: non-overlapping windows of `context_len` (what val loss uses; a token
+    sees 0 to context_len - 1 tokens before it). With `stride`: each window holds the up to
+    `context_len` tokens that end at its last target and labels only its last `stride`
+    targets, so every token sees at least `context_len - stride` tokens before it (all of
+    them near a piece's start): the scoring policy of `mehldau.evaluation.likelihood`.
+    """
 
     def __init__(self, sequences: Sequence[np.ndarray], context_len: int, pad_id: int,
-                 prefixes: Sequence[np.ndarray] | None = None) -> None:
-        self.context_len = context_len
-        self.pad_id = pad_id
-        self.windows: list[tuple[np.ndarray, np.ndarray | None]] = []
+                 prefixes: Sequence[np.ndarray] | None = None, stride: int | None = None
+                 ) -> None:
+        self.context_len, self.pad_id, self.stride = context_len, pad_id, stride
+        self.windows: list[tuple[np.ndarray, np.ndarray | None, int]] = []
         for i, s in enumerate(sequences):
             prefix = prefixes[i] if prefixes is not None else None
-            step = context_len - (0 if prefix is None else len(prefix))
-            for start in range(0, max(len(s) - 1, 1), step):
-                self.windows.append((s[start : start + step + 1], prefix))
+            room = context_len - (0 if prefix is None else len(prefix))
+            if stride is None:
+                for start in range(0, max(len(s) - 1, 1), room):
+                    self.windows.append((s[start : start + room + 1], prefix, room))
+                continue
+            if not 0 < stride <= room:
+                raise ValueError(f"stride must be in 1..{room}, got {stride}")
+            for a in range(0, len(s) - 1, stride):  # targets s[a+1 : b+1]
+                b = min(a + stride, len(s) - 1)
+                self.windows.append((s[max(b - room, 0) : b + 1], prefix, b - a))
 
     def __len__(self) -> int:
         return len(self.windows)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        window, prefix = self.windows[index]
-        return _pad_pair(window, self.context_len, self.pad_id, prefix)
+        window, prefix, n_targets = self.windows[index]
+        item = _pad_pair(window, self.context_len, self.pad_id, prefix)
+        if self.stride is not None:  # only the window's last n_targets are scored
+            y = item["labels"]
+            last = len(window) - 1 + (0 if prefix is None else len(prefix))
+            y[: last - n_targets] = IGNORE_INDEX
+        return item
 
 
 class CounterSampler(Sampler[int]):

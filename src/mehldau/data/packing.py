@@ -119,18 +119,33 @@ class PackedCropDataset(Dataset):
 
 
 class EventWindowDataset(Dataset):
-    """Evaluation: each sample cut into consecutive windows of up to `context_len - 2`
-    events, one window per item (not packed), so every event is predicted exactly once."""
+    """Evaluation: each sample cut into windows of up to `context_len - 2` events, one
+    window per item (not packed), so every event is predicted exactly once.
+
+    Without `stride`: consecutive windows (what val loss uses). With `stride`: each window
+    holds the up to `context_len - 2` events that end at its last target and labels only its
+    last `stride` events (the scoring policy of `mehldau.evaluation.likelihood`). Onsets are
+    re-based to each window's first event, as in training crops."""
 
     def __init__(self, sequences: Sequence[np.ndarray], context_len: int,
-                 tokenizer: CompoundTokenizer) -> None:
+                 tokenizer: CompoundTokenizer, stride: int | None = None) -> None:
         self.context_len = context_len
         self.windows = []
-        step = context_len - 2
+        room = context_len - 2
+        if stride is not None and not 0 < stride <= room:
+            raise ValueError(f"stride must be in 1..{room}, got {stride}")
         for events in split_samples(sequences):
-            for start in range(0, len(events), step):
-                rows = crop_rows(events, start, step)
-                self.windows.append((rows, _labels(tokenizer, rows)))
+            for start in range(0, len(events), stride or room):
+                if stride is None:
+                    rows = crop_rows(events, start, room)
+                    self.windows.append((rows, _labels(tokenizer, rows)))
+                    continue
+                end = min(start + stride, len(events))
+                first = max(end - room, 0)
+                rows = crop_rows(events, first, end - first)
+                labels = _labels(tokenizer, rows)
+                labels[1 : 1 + start - first] = IGNORE_INDEX  # context only
+                self.windows.append((rows, labels))
 
     def __len__(self) -> int:
         return len(self.windows)

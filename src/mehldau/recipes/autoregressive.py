@@ -36,9 +36,10 @@ from mehldau.adapters import (
     save_adapter,
     trainable_parameters,
 )
-from mehldau.data.corpus import BadMidi, build_corpus, read_score, unigram_entropy
+from mehldau.data.corpus import BadMidi, build_corpus, file_hash, read_score, unigram_entropy
 from mehldau.data.dataset import add_bos_eos
 from mehldau.data.sources import pieces_from_config
+from mehldau.data.splits import MANIFEST, splits_for_run
 from mehldau.errors import UserError
 from mehldau.io import atomic_dir, atomic_write_midi
 from mehldau.sampling import Decoder, SamplingConfig, sample_tokens
@@ -68,6 +69,9 @@ class ModelSpec:
     eval_dataset: Callable[..., Dataset]
     # (model, use_cache, prefix_len) -> incremental decoder for sampling
     decoder: Callable[[torch.nn.Module, bool, int], Decoder] | None = None
+    # (sequences, model config, tokenizer, style prefixes) -> windows of the likelihood
+    # policy (`mehldau.evaluation.likelihood`); default: eval_dataset
+    score_dataset: Callable[..., Dataset] | None = None
     # Hooks for a model whose tokens are not one id each (Moonbeam's compound rows):
     # (cfg) -> the tokenizer's config (default: cfg.branch.tokenizer.config)
     tokenizer_config: Callable[[DictConfig], dict] | None = None
@@ -119,7 +123,7 @@ def train(spec: ModelSpec, cfg: DictConfig) -> Path:
         raise UserError(f"unknown stage '{cfg.stage}'; use stage=pretrain or stage=adapt")
     adapt = cfg.stage == "adapt"
     base_ckpt = None
-    pieces = pieces_from_config(cfg.data, cfg.cache_dir)
+    pieces = pieces_from_config(cfg.data, cfg.cache_dir, cfg.split.ratios, cfg.split.seed)
     styles = sorted({_style_of(p, cfg) for p in pieces}) if cfg.style.enabled else []
     if adapt:
         base_ckpt, tokenizer, mcfg = _adapt_base(spec, cfg)
@@ -139,9 +143,11 @@ def train(spec: ModelSpec, cfg: DictConfig) -> Path:
         tokenizer = build_tokenizer(cfg.branch.tokenizer.name,
                                     {**tok_cfg, "styles": styles} if styles else tok_cfg)
         mcfg = model_config(spec, cfg, tokenizer)  # validated before anything is written
+    pieces, rule = splits_for_run(pieces, cfg.split.get("manifest"), base_ckpt,
+                                  bool(cfg.force), file_hash)
     run_dir.mkdir(parents=True, exist_ok=True)
     corpus = build_corpus(pieces, tokenizer, run_dir, cfg.cache_dir,
-                          tuple(cfg.split.ratios), cfg.split.seed)
+                          {**rule, **OmegaConf.to_container(cfg.split, resolve=True)})
     frame = spec.frame or add_bos_eos
     seqs = {s: [frame(x, tokenizer) for x in corpus.sequences(s)] for s in corpus.splits}
     if not seqs["train"]:
@@ -149,12 +155,15 @@ def train(spec: ModelSpec, cfg: DictConfig) -> Path:
     metrics = MetricsFile(run_dir / "metrics.jsonl")
     fresh = not tcfg.resume or not metrics.path.exists()
     if fresh:
+        # The no-context baseline is fitted on the training split alone: a baseline that has
+        # seen the val/test tokens' frequencies would flatter itself.
+        train_seqs = corpus.sequences("train")
+        baseline = (spec.baseline(train_seqs, tokenizer) if spec.baseline is not None
+                    else unigram_entropy(train_seqs, tokenizer.vocab_size))
         all_seqs = [x for s in corpus.splits for x in corpus.sequences(s)]
-        baseline = (spec.baseline(all_seqs, tokenizer) if spec.baseline is not None
-                    else unigram_entropy(all_seqs, tokenizer.vocab_size))
         metrics.write(
             {"step": 0, "split": "corpus", "unigram_entropy": baseline,
-             "tokens": int(sum(len(x) for x in all_seqs)),
+             "baseline_from": "train", "tokens": int(sum(len(x) for x in all_seqs)),
              "pieces": len(all_seqs), "skipped": len(corpus.skipped)})
 
     set_seed(cfg.seed)
@@ -195,6 +204,7 @@ def train(spec: ModelSpec, cfg: DictConfig) -> Path:
         OmegaConf.save(OmegaConf.create(resolved), d / "config.yaml")
         tokenizer.save(d / "tokenizer.json")
         (d / "model_config.json").write_text(json.dumps(mcfg.to_dict(), indent=2))
+        (d / MANIFEST).write_text((run_dir / MANIFEST).read_text())  # travels with weights
 
     meta = {"branch": spec.branch, "recipe": spec.recipe,
             "model": spec.model_class.__name__, "stage": cfg.stage}
@@ -435,6 +445,41 @@ def write_scores(scores: list, out: str | Path, notes_cut: list[int] | None = No
     return paths
 
 
+# --- held-out likelihood --------------------------------------------------------------------
+def score(spec: ModelSpec, ckpt: Path, files: list[tuple[str, Path]],
+          device: torch.device | str = "cpu", style: str | None = None,
+          batch_size: int = 8) -> list:
+    """Each file's summed nats under the checkpoint, with its notes and seconds as the
+    tokenizer reads them (`mehldau.evaluation.likelihood`'s policy). Unreadable files are
+    skipped with a line on stderr."""
+    from mehldau.evaluation.likelihood import piece_size, score_pieces
+
+    model, tokenizer = load_model(spec, ckpt, device)
+    mcfg = model.config
+    prefix = None
+    if tokenizer.styles:
+        if style is None:
+            raise UserError(f"{ckpt} is style-conditioned: name the style to score with")
+        prefix = np.array([_checked_style_id(tokenizer, style)])
+    frame = spec.frame or add_bos_eos
+    make = spec.score_dataset or spec.eval_dataset
+    pieces = []
+    for pid, path in files:
+        try:
+            midi = read_score(path)
+            tokens = tokenizer.encode(midi)
+        except BadMidi as e:
+            print(f"score: skipped {path}: {e}", file=sys.stderr)
+            continue
+        if len(tokens) == 0:
+            print(f"score: skipped {path}: no notes in the piano range", file=sys.stderr)
+            continue
+        pieces.append((pid, frame(tokens, tokenizer), *piece_size(midi)))
+    return score_pieces(
+        model, lambda seq: make([seq], mcfg, tokenizer, None if prefix is None else [prefix]),
+        pieces, device, batch_size)
+
+
 # --- merging --------------------------------------------------------------------------------
 def merge_checkpoint(spec: ModelSpec, cfg: DictConfig, ckpt: Path) -> Path:
     """Base + adapter folded into one plain checkpoint that loads without peft."""
@@ -451,6 +496,7 @@ def merge_checkpoint(spec: ModelSpec, cfg: DictConfig, ckpt: Path) -> Path:
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         tokenizer.save(tmp / "tokenizer.json")
         (tmp / "model_config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
-        if (ckpt / "config.yaml").is_file():
-            (tmp / "config.yaml").write_text((ckpt / "config.yaml").read_text())
+        for name in ("config.yaml", MANIFEST):
+            if (ckpt / name).is_file():
+                (tmp / name).write_text((ckpt / name).read_text())
     return out

@@ -1,0 +1,1 @@
+"""Note-level metrics comparing generated jazz piano with a human reference."""
