@@ -108,3 +108,60 @@ def test_summary_units() -> None:
     assert s["nats_per_note"] == pytest.approx(5.0)
     assert s["bits_per_second"] == pytest.approx(150 / math.log(2) / 15)
     assert s["nats_per_token"] == pytest.approx(2.0) and s["notes"] == 30
+
+
+class NGram(torch.nn.Module):
+    """A count model of order 3 (the two tokens before a target), fitted on long samples of
+    the test's process: calibrated, so its code length is the process's entropy, whatever the
+    tokenization. Scores like the real models: `model(input_ids, labels).loss`."""
+
+    def __init__(self, sequences: list[np.ndarray], vocab: int, alpha: float = 1e-4) -> None:
+        super().__init__()
+        counts: dict[tuple[int, int], np.ndarray] = {}
+        for s in sequences:
+            for t in range(2, len(s)):
+                counts.setdefault((int(s[t - 2]), int(s[t - 1])), np.zeros(vocab))[s[t]] += 1
+        self.logp = {k: np.log((v + alpha) / (v.sum() + alpha * vocab)) for k, v in counts.items()}
+        self.vocab = vocab
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor):
+        from types import SimpleNamespace
+
+        total, n = 0.0, 0
+        for x, y in zip(input_ids.tolist(), labels.tolist()):
+            for t, target in enumerate(y):
+                if target == IGNORE_INDEX:
+                    continue
+                table = self.logp.get((x[t - 1], x[t])) if t >= 1 else None
+                total -= table[target] if table is not None else -math.log(self.vocab)
+                n += 1
+        return SimpleNamespace(loss=torch.tensor(total / max(n, 1)))
+
+
+@pytest.mark.parametrize("name", ["performance", "duration"])
+def test_nats_per_note_is_the_same_for_two_tokenizations_of_the_same_notes(name, tmp_path
+                                                                          ) -> None:
+    """Notes every 0.25 s, each pitch uniform over 12, all else fixed: log 12 nats per note.
+    A calibrated model of either tokenization, scored by the policy, must find it (within
+    2 %: the piece's first tokens and its EOS), though their tokens differ in kind."""
+    from mehldau.data.dataset import add_bos_eos
+    from mehldau.evaluation.likelihood import score_pieces
+
+    rng = np.random.default_rng(0)
+    tok = build_tokenizer(name)
+
+    def piece(k: int, n: int):
+        notes = [(int(60 + rng.integers(12)), 0.25 * i, 0.2, 64) for i in range(n)]
+        score = read_score(write_midi(tmp_path / f"{k}.mid", notes))
+        return add_bos_eos(tok.encode(score), tok), score
+
+    train = [piece(k, 400)[0] for k in range(40)]
+    model = NGram(train, tok.vocab_size)
+    seq, score = piece(99, 600)
+    scores = score_pieces(
+        model, lambda s: WindowDataset([s], 64, tok.special_tokens["pad"], stride=32),
+        [("x", seq, *piece_size(score))], "cpu")
+    s = summarize(scores)
+    assert s["notes"] == 600
+    assert s["nats_per_note"] == pytest.approx(math.log(12), rel=0.02)
+    assert s["bits_per_second"] == pytest.approx(math.log2(12) * 4, rel=0.03)  # 4 notes/s

@@ -111,21 +111,32 @@ def bootstrap(groups_a: Sequence[Sequence[Any]], groups_b: Sequence[Sequence[Any
     windows of one piece are not independent.
 
     For distance-based stats (OA, KL) a resample repeats pieces, which adds zero distances, so
-    the resampled values are biased (OA low) and the interval need not contain the value:
-    compare intervals of systems measured the same way (`differ`) rather than reading one as
-    the value's own error bar."""
+    the resampled values are biased (OA low) unless the stat leaves out pairs of one original
+    item (`mehldau.evaluation.compare` does); compare intervals of systems measured the same
+    way (`differ`) rather than reading one as the value's own error bar."""
+    return bootstrap_many(groups_a, groups_b, lambda a, b: (stat(a, b),), n, seed, level)[0]
+
+
+def bootstrap_many(groups_a: Sequence[Sequence[Any]], groups_b: Sequence[Sequence[Any]],
+                   stat: Callable[[list, list], Sequence[float]], n: int = 200, seed: int = 0,
+                   level: float = 0.95) -> list[tuple[float, float, float]]:
+    """`bootstrap` for a stat of several values (one resampling shared by all of them)."""
     rng = np.random.default_rng(seed)
 
     def flat(groups, idx):
         return [item for i in idx for item in groups[i]]
 
     value = stat(flat(groups_a, range(len(groups_a))), flat(groups_b, range(len(groups_b))))
-    stats = [stat(flat(groups_a, rng.integers(0, len(groups_a), len(groups_a))),
-                  flat(groups_b, rng.integers(0, len(groups_b), len(groups_b))))
-             for _ in range(n)]
+    stats = np.array([stat(flat(groups_a, rng.integers(0, len(groups_a), len(groups_a))),
+                           flat(groups_b, rng.integers(0, len(groups_b), len(groups_b))))
+                      for _ in range(n)], dtype=float).reshape(n, -1)
     tail = 100 * (1 - level) / 2
-    lo, hi = np.percentile(stats, [tail, 100 - tail])
-    return float(value), float(lo), float(hi)
+    out = []
+    for k, v in enumerate(value):
+        col = stats[:, k][~np.isnan(stats[:, k])]
+        lo, hi = np.percentile(col, [tail, 100 - tail]) if len(col) else (np.nan, np.nan)
+        out.append((float(v), float(lo), float(hi)))
+    return out
 
 
 def differ(ci1: Sequence[float], ci2: Sequence[float]) -> bool:

@@ -1,0 +1,417 @@
+"""`mehldau-compare`: every branch on the same prompts, seeds and metrics, against the same
+human reference, with intervals that say when two branches are not told apart.
+
+The protocol (what makes the comparison one to trust):
+- the reference is the test split of the runs' shared manifest (or `reference=FOLDER`); runs
+  split differently are refused, since one of them would be tested on pieces it trained on;
+- K prompts, the first `prompt_seconds` of the first K reference pieces (sorted by id): the
+  autoregressive branches continue each excerpt, scg_diffusion is guided by rules computed
+  from the same excerpt, repeated to fill its window (its rules describe a whole window);
+- every branch draws `samples_per_prompt` samples of `seconds` per prompt with one seed and
+  one set of sampling settings (stated in the report: OA moves with temperature alone);
+- the generated continuation (after the prompt) is compared, feature by feature, with the
+  reference cut into `seconds`-long segments: mgeval's OA and KL (`distribution`), MusPy's
+  metrics, a sliding pitch-class entropy, the copy check against the training split, and the
+  held-out likelihood (`likelihood`), with bootstrap intervals over pieces;
+- two reference rows: the human ceiling (half the reference pieces against the other half)
+  and a floor of random notes as dense as the reference.
+
+Comparison never trains: it reads checkpoints. Each run generates in its own process
+(`worker`), which is also how its compute time and peak memory are measured.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+from mehldau.data.corpus import BadMidi, read_score
+from mehldau.data.splits import SPLITS, find_manifest, read_manifest
+from mehldau.errors import UserError
+from mehldau.evaluation import distribution as dist
+from mehldau.evaluation import features as feat
+from mehldau.evaluation.copying import TrainIndex, copy_report
+from mehldau.evaluation.features import FEATURES, Notes, cut, read_notes
+from mehldau.evaluation.likelihood import POLICY, PieceScore, summarize
+from mehldau.io import atomic_dir
+from mehldau.metrics import midi_files
+from mehldau.train.checkpoint import read_meta, resolve_checkpoint
+
+BRANCHES = ("production", "perceiver_mt", "moonbeam_lora", "scg_diffusion")
+SUMMARY_METRICS = ("pitch_class_entropy", "scale_consistency", "polyphony", "polyphony_rate",
+                   "pitch_range", "notes_per_second", "sliding_pitch_class_entropy")
+
+
+@dataclass
+class Run:
+    name: str
+    path: Path
+    ckpt: Path
+    branch: str
+    recipe: str
+    manifest: dict | None
+
+
+@dataclass
+class Item:
+    """One piece of music compared: a generated continuation or a reference segment."""
+
+    uid: str
+    group: str  # the reference piece it belongs to (bootstrap unit)
+    notes: Notes
+    source: str = ""  # its MIDI file
+
+
+@dataclass
+class System:
+    name: str
+    items: list[Item]
+    kind: str = "branch"  # branch | ceiling | floor | reference
+    extra: dict = field(default_factory=dict)
+
+
+# --- inputs -------------------------------------------------------------------------------
+def load_runs(paths: Sequence[str]) -> list[Run]:
+    if not paths:
+        raise UserError("runs= is empty; pass runs=[RUN1,RUN2,...]")
+    runs, names = [], set()
+    for p in paths:
+        path = Path(str(p)).expanduser()
+        try:
+            ckpt = resolve_checkpoint(path)
+        except UserError as e:
+            raise UserError(f"run {path}: {e}") from e
+        meta = read_meta(ckpt)
+        branch = meta.get("branch")
+        if branch not in BRANCHES:
+            raise UserError(f"run {path} is from unknown branch '{branch}'; compare reads "
+                            f"{', '.join(BRANCHES)} runs")
+        if branch == "scg_diffusion" and meta.get("stage") != "diffusion":
+            raise UserError(f"run {path} is an scg_diffusion {meta.get('stage')} run; pass "
+                            "the stage=diffusion run that builds on it")
+        name = path.name if path.name not in names else f"{path.name}-{len(runs)}"
+        names.add(name)
+        mpath = find_manifest(ckpt)
+        runs.append(Run(name, path, ckpt, branch, meta.get("recipe") or
+                        f"branches.{branch}.recipe",
+                        read_manifest(mpath) if mpath is not None else None))
+    return runs
+
+
+def shared_manifest(runs: list[Run]) -> dict:
+    """The one manifest all runs were split by; refused when they differ."""
+    missing = [r.name for r in runs if r.manifest is None]
+    if missing:
+        raise UserError(f"run {missing[0]} has no splits.json; pass reference=FOLDER")
+    first = runs[0]
+    for r in runs[1:]:
+        for s in SPLITS:
+            if set(r.manifest[s]["groups"]) != set(first.manifest[s]["groups"]):
+                raise UserError(
+                    f"runs {first.name} and {r.name} were split differently ({s} groups "
+                    "differ), so one may be tested on what it trained on; train them with one "
+                    "split.manifest or pass reference=FOLDER")
+    return first.manifest
+
+
+def reference_files(cfg: DictConfig, runs: list[Run]) -> tuple[list[tuple[str, Path]],
+                                                               list[Path]]:
+    """(reference pieces as (id, path), training files for the copy check)."""
+    if cfg.get("reference"):
+        root = Path(str(cfg.reference)).expanduser()
+        files = midi_files([root])
+        if not files:
+            raise UserError(f"reference {root} has no .mid/.midi files; pass a MIDI folder")
+        ref = [(str(f.relative_to(root) if root.is_dir() else f.name), f) for f in files]
+        train = []
+        if all(r.manifest is not None for r in runs):
+            train = [Path(e["path"]) for e in shared_manifest(runs)["train"]["pieces"]]
+    else:
+        manifest = shared_manifest(runs)
+        split = str(cfg.get("split", "test"))
+        if split not in ("val", "test"):
+            raise UserError(f"split must be val or test, got '{split}'")
+        ref = [(e["id"], Path(e["path"])) for e in manifest[split]["pieces"]]
+        train = [Path(e["path"]) for e in manifest["train"]["pieces"]]
+        if not ref:
+            raise UserError(f"the runs' manifest has no {split} pieces; pass reference=FOLDER")
+    missing = [p for _, p in ref if not p.is_file()]
+    if missing:
+        raise UserError(f"reference piece {missing[0]} is missing; restore the data or pass "
+                        "reference=FOLDER")
+    return sorted(ref), [p for p in train if p.is_file()]
+
+
+def write_prompts(ref: list[tuple[str, Path]], cfg: DictConfig, out: Path) -> list[dict]:
+    """The first `prompt_seconds` of each of the first K reference pieces, and the same
+    excerpt repeated to fill `seconds` (the rule source of scg_diffusion)."""
+    out.mkdir(parents=True, exist_ok=True)
+    ps, k = float(cfg.prompt_seconds), int(cfg.max_prompts)
+    prompts = []
+    for pid, path in ref:
+        if len(prompts) == k:
+            break
+        try:
+            secs = read_score(path).to("second")
+        except BadMidi as e:
+            print(f"compare: no prompt from {path}: {e}", file=sys.stderr)
+            continue
+        excerpt = secs.clip(0, ps, clip_end=False)
+        if excerpt.note_num() == 0:
+            print(f"compare: no prompt from {path}: no notes in its first {ps:g} s",
+                  file=sys.stderr)
+            continue
+        name = f"p{len(prompts):02d}"
+        excerpt.to("tick").dump_midi(str(out / f"{name}.mid"))
+        hard = secs.clip(0, ps, clip_end=True)
+        tiled = hard.copy()
+        for i in range(1, math.ceil(float(cfg.seconds) / ps) + 1):
+            shifted = hard.shift_time(i * ps, inplace=False)
+            for a, b in zip(tiled.tracks, shifted.tracks):
+                a.notes.extend(b.notes)
+                a.controls.extend(b.controls)
+        for track in tiled.tracks:
+            track.notes.sort()
+            track.controls.sort()
+        tiled.to("tick").dump_midi(str(out / f"{name}.tiled.mid"))
+        prompts.append({"name": name, "piece": pid, "source": str(path),
+                        "path": str(out / f"{name}.mid"),
+                        "tiled": str(out / f"{name}.tiled.mid")})
+    if not prompts:
+        raise UserError("no reference piece gave a prompt; check the reference files")
+    return prompts
+
+
+# --- running the branches ---------------------------------------------------------------
+def run_worker(run: Run, cfg: DictConfig, prompts: list[dict], ref: list[tuple[str, Path]],
+               work: Path, out_dir: Path) -> dict:
+    job = {"name": run.name, "ckpt": str(run.ckpt), "branch": run.branch,
+           "recipe": run.recipe, "prompts": prompts, "out_dir": str(out_dir),
+           "seconds": float(cfg.seconds), "prompt_seconds": float(cfg.prompt_seconds),
+           "samples_per_prompt": int(cfg.samples_per_prompt), "seed": int(cfg.seed),
+           "sampling": {k: cfg[k] for k in ("temperature", "top_k", "top_p")},
+           "device": str(cfg.device), "style": cfg.get("style"),
+           "score_files": [[i, str(p)] for i, p in ref] if cfg.likelihood else []}
+    work.mkdir(parents=True, exist_ok=True)
+    job_path, result_path = work / f"{run.name}.job.json", work / f"{run.name}.result.json"
+    job_path.write_text(json.dumps(job, indent=1))
+    print(f"compare: {run.name} ({run.branch}): generating {len(prompts)} x "
+          f"{cfg.samples_per_prompt} samples", file=sys.stderr)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).resolve().parents[3]), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "mehldau.evaluation.worker", str(job_path),
+                           str(result_path)], env=env)
+    if proc.returncode != 0 or not result_path.is_file():
+        raise UserError(f"run {run.name} failed to generate (exit {proc.returncode}); its "
+                        "error is above")
+    return json.loads(result_path.read_text())
+
+
+# --- measuring ---------------------------------------------------------------------------
+def reference_items(ref: list[tuple[str, Path]], seconds: float) -> list[Item]:
+    """Each reference piece cut into consecutive `seconds`-long segments (a piece shorter
+    than that is one segment)."""
+    items = []
+    for pid, path in ref:
+        notes = read_notes(path)
+        n = max(1, int(notes.seconds // seconds))
+        for k in range(n):
+            seg = cut(notes, k * seconds, seconds)
+            if len(seg):
+                items.append(Item(f"ref:{pid}:{k}", pid, seg, str(path)))
+    return items
+
+
+def generated_items(run: Run, result: dict, prompts: list[dict], start: float,
+                    seconds: float) -> list[Item]:
+    items = []
+    for p in prompts:
+        for k, f in enumerate(result["files"][p["name"]]):
+            items.append(Item(f"{run.name}:{p['name']}:{k}", p["piece"],
+                              cut(read_notes(f), start, seconds), f))
+    return items
+
+
+def floor_items(ref: list[Item], n_items: int, groups: list[str], seconds: float,
+                seed: int) -> list[Item]:
+    rng = np.random.default_rng(seed)
+    density = np.mean([len(i.notes) for i in ref])
+    return [Item(f"random:{k}", groups[k % len(groups)],
+                 feat.random_notes(max(1, int(round(density))), seconds, rng))
+            for k in range(n_items)]
+
+
+def _oa_kl(a: list[tuple[int, np.ndarray]], b: list[tuple[int, np.ndarray]]
+           ) -> tuple[float, float]:
+    """OA and KL of one feature over (item number, vector) pairs. Pairs of one original item
+    (a bootstrap repeat) are left out, so resampling adds no zero distances, which would
+    pull OA down."""
+    ua, xa = np.array([u for u, _ in a]), np.stack([v for _, v in a])
+    ub, xb = np.array([u for u, _ in b]), np.stack([v for _, v in b])
+    i, j = np.triu_indices(len(ub), 1)
+    keep = ub[i] != ub[j]
+    intra = np.linalg.norm(xb[i[keep]] - xb[j[keep]], axis=-1)
+    inter = np.linalg.norm(xa[:, None] - xb[None], axis=-1)[ua[:, None] != ub[None]]
+    if len(intra) < 2 or len(inter) < 2:
+        return math.nan, math.nan
+    grid, p, q = dist.densities(intra, inter)
+    return dist.overlap_area(p, q, grid), dist.kl_divergence(p, q, grid)
+
+
+def _by_group(items: list[Item], value) -> list[list]:
+    groups: dict[str, list] = {}
+    for it in items:
+        groups.setdefault(it.group, []).append(value(it))
+    return list(groups.values())
+
+
+def feature_table(system: System, reference: list[Item], n_boot: int, seed: int) -> dict:
+    """Per feature, and averaged over features: OA and KL against the reference, each with a
+    bootstrap interval over pieces (one resampling for all, so the mean's interval is real)."""
+    number = {it.uid: k for k, it in enumerate([*system.items, *reference])}
+    names = list(FEATURES)
+
+    def vectors(items):
+        return _by_group(items, lambda it: (number[it.uid],
+                                            [FEATURES[f](it.notes) for f in names]))
+
+    def stat(a, b):
+        pairs = [_oa_kl([(u, v[k]) for u, v in a], [(u, v[k]) for u, v in b])
+                 for k in range(len(names))]
+        oa, kl = np.array(pairs).T
+        if np.isnan(oa).all():  # too few pieces on a side (a resample of one piece)
+            return [*oa, *kl, math.nan, math.nan]
+        return [*oa, *kl, float(np.nanmean(oa)), float(np.nanmean(kl))]
+
+    values = dist.bootstrap_many(vectors(system.items), vectors(reference), stat, n_boot, seed)
+    out = {f: {"oa": values[k], "kl": values[len(names) + k]} for k, f in enumerate(names)}
+    out["mean"] = {"oa": values[-2], "kl": values[-1]}
+    return out
+
+
+def mean_with_interval(items: list[Item], value, n_boot: int, seed: int) -> tuple:
+    groups = _by_group(items, value)
+    groups = [[v for v in g if not math.isnan(v)] for g in groups]
+    groups = [g for g in groups if g]
+    if not groups:
+        return (math.nan, math.nan, math.nan)
+    return dist.bootstrap(groups, [[0.0]], lambda x, _: float(np.mean(x)), n=n_boot, seed=seed)
+
+
+def summary_metrics(items: list[Item], n_boot: int, seed: int) -> dict:
+    cache = {it.uid: {**feat.muspy_metrics(it.notes), "notes_per_second":
+                      len(it.notes) / max(it.notes.seconds, 1e-9),
+                      "sliding_pitch_class_entropy": feat.sliding(it.notes)["pitch_class_entropy"]}
+             for it in items}
+    return {m: mean_with_interval(items, lambda it, m=m: float(cache[it.uid][m]), n_boot, seed)
+            for m in SUMMARY_METRICS}
+
+
+def copy_table(items: list[Item], index: TrainIndex | None, threshold: int, min_len: int
+               ) -> dict:
+    if index is None:
+        return {}
+    reports = [copy_report(it.notes, index, threshold) for it in items]
+    shares = [index.copied_share(it.notes, min_len) for it in items]
+    longest = [r["longest"] for r in reports]
+    return {"longest_max": int(max(longest, default=0)),
+            "longest_median": float(np.median(longest)) if longest else 0.0,
+            "copied_share_mean": float(np.mean(shares)) if shares else 0.0,
+            "flagged": int(sum(r["flagged"] for r in reports)), "samples": len(reports),
+            "longest": longest,
+            "flagged_files": [it.source for it, r in zip(items, reports) if r["flagged"]]}
+
+
+def likelihood_table(result: dict, n_boot: int, seed: int) -> dict:
+    pieces = [PieceScore(**p) for p in result.get("likelihood_pieces", [])]
+    if not pieces:
+        return {}
+    summary = summarize(pieces)
+    groups = [[p] for p in pieces]
+    for key in ("nats_per_note", "bits_per_second"):
+        summary[key] = dist.bootstrap(groups, [[0]], lambda x, _, key=key: summarize(x)[key],
+                                      n=n_boot, seed=seed)
+    summary["policy"] = POLICY
+    return summary
+
+
+# --- the command -------------------------------------------------------------------------
+def compare(cfg: DictConfig) -> Path:
+    from mehldau.evaluation import report
+
+    runs = load_runs(list(cfg.runs))
+    for key in ("seconds", "prompt_seconds", "samples_per_prompt", "max_prompts"):
+        if cfg[key] is None or cfg[key] <= 0:
+            raise UserError(f"{key} must be positive, got {cfg[key]}")
+    out = Path(str(cfg.out)).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not empty; choose a new out= directory")
+    ref, train_files = reference_files(cfg, runs)
+    seconds, n_boot, seed = float(cfg.seconds), int(cfg.bootstrap), int(cfg.seed)
+    with atomic_dir(out) as tmp:
+        prompts = write_prompts(ref, cfg, tmp / "prompts")
+        results = {}
+        for run in runs:
+            results[run.name] = run_worker(run, cfg, prompts, ref, tmp / "work",
+                                           tmp / "midi" / run.name)
+        reference = reference_items(ref, seconds)
+        if len(reference) < 3:
+            raise UserError(f"the reference has {len(reference)} segments of {seconds:g} s; "
+                            "pass more reference pieces or a shorter seconds=")
+        systems = []
+        for run in runs:
+            start = 0.0 if run.branch == "scg_diffusion" else float(cfg.prompt_seconds)
+            systems.append(System(run.name, generated_items(run, results[run.name], prompts,
+                                                            start, seconds),
+                                  extra={"branch": run.branch, "run": str(run.path),
+                                         "checkpoint": str(run.ckpt),
+                                         "result": results[run.name]}))
+        pieces = sorted({it.group for it in reference})
+        half = set(pieces[::2])
+        ceiling = System("human ceiling", [it for it in reference if it.group in half],
+                         "ceiling")
+        ceiling_ref = [it for it in reference if it.group not in half]
+        n_gen = len(systems[0].items) if systems else len(reference)
+        floor = System("random notes", floor_items(reference, n_gen, pieces, seconds, seed),
+                       "floor")
+        index = None
+        if cfg.copy_check and train_files:
+            index = TrainIndex([read_notes(p) for p in train_files])
+        elif cfg.copy_check:
+            print("compare: no training files found; copy check skipped", file=sys.stderr)
+        table = {}
+        for s in [*systems, ceiling, floor]:
+            print(f"compare: measuring {s.name}", file=sys.stderr)
+            against = ceiling_ref if s.kind == "ceiling" else reference
+            table[s.name] = {
+                "kind": s.kind, "items": len(s.items),
+                "features": feature_table(s, against, n_boot, seed),
+                "metrics": summary_metrics(s.items, n_boot, seed),
+                "copy": copy_table(s.items, index, int(cfg.copy_threshold),
+                                   int(cfg.copy_min_len)) if s.kind != "floor" else {},
+                "likelihood": likelihood_table(s.extra.get("result", {}), n_boot, seed),
+                **{k: v for k, v in s.extra.items() if k != "result"}}
+            if s.kind == "branch":
+                r = s.extra["result"]
+                music = len(s.items) * seconds
+                table[s.name]["cost"] = {
+                    "compute_seconds_per_music_minute": r["generate_seconds"] / music * 60,
+                    "peak_rss_mb": r["peak_rss_mb"], "peak_cuda_mb": r.get("peak_cuda_mb")}
+        table["reference"] = {"kind": "reference", "items": len(reference),
+                              "metrics": summary_metrics(reference, n_boot, seed),
+                              "copy": copy_table(reference, index, int(cfg.copy_threshold),
+                                                 int(cfg.copy_min_len))}
+        report.write_all(tmp, cfg, table, systems, reference, prompts, ref, out)
+        shutil.rmtree(tmp / "work")  # the jobs' results are in report.json
+    print(f"compare: wrote {out / 'report.md'}", file=sys.stderr)
+    return out

@@ -1,0 +1,393 @@
+"""What `mehldau-compare` writes: report.md, report.json, metrics.csv, plots, audio and a
+blind listening kit. The numbers are computed in `compare`; this module only lays them out.
+
+Audio goes through the FluidSynth command-line synthesizer with a General MIDI soundfont
+(Debian: `fluidsynth`, `fluid-soundfont-gm`); without them the renders are skipped with one
+line, never the report.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from mehldau.evaluation.features import FEATURES, read_notes
+
+SOUNDFONTS = ("/usr/share/sounds/sf2/FluidR3_GM.sf2", "/usr/share/sounds/sf2/default-GM.sf2")
+HIGHER = {"oa"}  # better when higher; everything else in the main table: lower or nearest
+
+
+def _ci(v, fmt: str = "{:.3f}") -> str:
+    if not v or v[0] is None or (isinstance(v[0], float) and math.isnan(v[0])):
+        return "n/a"
+    return f"{fmt.format(v[0])} [{fmt.format(v[1])}, {fmt.format(v[2])}]"
+
+
+def _git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# --- tables ---------------------------------------------------------------------------------
+COLUMNS = [  # (header, getter, how "best" is decided, format)
+    ("mean OA ↑", lambda r: r.get("features", {}).get("mean", {}).get("oa"), "max", "{:.3f}"),
+    ("mean KL ↓", lambda r: r.get("features", {}).get("mean", {}).get("kl"), "min", "{:.3f}"),
+    ("nats/note ↓", lambda r: r.get("likelihood", {}).get("nats_per_note"), "min", "{:.3f}"),
+    ("bits/s ↓", lambda r: r.get("likelihood", {}).get("bits_per_second"), "min", "{:.1f}"),
+    ("notes/s", lambda r: r["metrics"]["notes_per_second"], "near", "{:.2f}"),
+    ("polyphony", lambda r: r["metrics"]["polyphony"], "near", "{:.2f}"),
+    ("PC entropy", lambda r: r["metrics"]["pitch_class_entropy"], "near", "{:.2f}"),
+    ("scale cons.", lambda r: r["metrics"]["scale_consistency"], "near", "{:.3f}"),
+]
+
+
+def _value(row: dict, get):
+    try:
+        v = get(row)
+    except (KeyError, TypeError):
+        return None
+    return v
+
+
+def main_table(table: dict) -> list[str]:
+    names = list(table)
+    branches = [n for n in names if table[n]["kind"] == "branch"]
+    ref = table.get("reference", {})
+    best: dict[str, str] = {}
+    for header, get, rule, _ in COLUMNS:
+        vals = {n: _value(table[n], get) for n in branches}
+        vals = {n: v[0] for n, v in vals.items() if v and not math.isnan(v[0])}
+        if not vals:
+            continue
+        if rule == "max":
+            best[header] = max(vals, key=vals.get)
+        elif rule == "min":
+            best[header] = min(vals, key=vals.get)
+        else:
+            target = _value(ref, get)
+            if target:
+                best[header] = min(vals, key=lambda n: abs(vals[n] - target[0]))
+    heads = [h for h, *_ in COLUMNS] + ["longest copy", "flagged", "s / music-min",
+                                        "peak MB"]
+    lines = ["| system | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
+    for n in names:
+        row = table[n]
+        cells = []
+        for header, get, _, fmt in COLUMNS:
+            v = _value(row, get)
+            text = _ci(v, fmt) if v else "n/a"
+            cells.append(f"**{text}**" if best.get(header) == n else text)
+        cp = row.get("copy") or {}
+        cells.append(f"{cp['longest_max']} (median {cp['longest_median']:.0f})" if cp
+                     else "n/a")
+        cells.append(f"{cp['flagged']}/{cp['samples']}" if cp else "n/a")
+        cost = row.get("cost") or {}
+        cells.append(f"{cost['compute_seconds_per_music_minute']:.1f}" if cost else "n/a")
+        mem = cost.get("peak_cuda_mb") or cost.get("peak_rss_mb")
+        cells.append(f"{mem:.0f}" if mem else "n/a")
+        label = n if row["kind"] == "branch" else f"*{n}*"
+        if row.get("branch"):
+            label += f" ({row['branch']})"
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def feature_rows(table: dict) -> list[str]:
+    names = [n for n in table if "features" in table[n]]
+    feats = list(FEATURES)
+    lines = ["| OA per feature | " + " | ".join(feats) + " |", "|---" * (len(feats) + 1) + "|"]
+    for n in names:
+        cells = [_ci(table[n]["features"][f]["oa"], "{:.2f}") for f in feats]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
+HOW_TO_READ = """\
+How to read it. Each row is measured on the same prompts, seeds and reference. **OA**
+(overlap area, mgeval's method on one shared grid) compares, feature by feature, how far the
+generated continuations sit from the reference segments with how far the reference segments
+sit from each other: 1 = indistinguishable from the reference's own spread. The *human
+ceiling* row (half the reference pieces against the other half) is what real music by the
+same pianist scores at this sample size; the *random notes* row is the floor. **KL** is the
+divergence of the reference's own distances from the generated-to-reference ones (0 best).
+**nats/note** and **bits/s** are the test split's likelihood under each model, on one context
+policy (below), divided by the file's notes and seconds, so a verbose tokenization cannot win
+("n/a" for the diffusion branch, which has no likelihood). notes/s, polyphony, pitch-class
+entropy and scale consistency (MusPy's definitions, on a 10 ms grid) are means per segment;
+the best of those is the branch nearest the *reference* row. **Copy check**: the longest
+run of notes (transposition-invariant pitch intervals and inter-onset times) a sample shares
+with the training split, and how many samples pass the flag threshold; the reference row is
+the human baseline (real music shares short runs too). OA rewards copies; the copy check is
+its counterweight. Brackets are 95 % bootstrap intervals over pieces: two branches whose
+intervals overlap are not called different. Bold marks the best branch per column.
+Beat-grid metrics are not reported: transcribed performances have no reliable beat grid."""
+
+
+# --- plots ----------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_oa(table: dict, path: Path) -> None:
+    plt = _plt()
+    names = [n for n in table if "features" in table[n]]
+    feats = list(FEATURES)
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    w = 0.8 / max(len(names), 1)
+    for k, n in enumerate(names):
+        v = np.array([table[n]["features"][f]["oa"] for f in feats], float)
+        x = np.arange(len(feats)) + k * w
+        ax.bar(x, v[:, 0], w, label=n)
+        ax.errorbar(x, v[:, 0], yerr=[v[:, 0] - v[:, 1], v[:, 2] - v[:, 0]], fmt="none",
+                    ecolor="k", lw=0.7, capsize=1.5)
+    ax.set_xticks(np.arange(len(feats)) + 0.4 - w / 2, feats, rotation=30, ha="right")
+    ax.set_ylabel("overlap area (OA)")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=8, ncol=3)
+    ax.set_title("OA per feature vs the reference (95 % bootstrap intervals)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_kde(systems, reference, path: Path) -> None:
+    """Per feature: the reference's intra-set distances and each system's inter-set ones."""
+    from mehldau.evaluation import distribution as dist
+
+    plt = _plt()
+    feats = list(FEATURES)
+    cols = 4
+    fig, axes = plt.subplots(math.ceil(len(feats) / cols), cols, figsize=(16, 10))
+    for ax, f in zip(axes.flat, feats):
+        b = [FEATURES[f](it.notes) for it in reference]
+        intra = dist.intra_distances(b)
+        for s in systems:
+            a = [FEATURES[f](it.notes) for it in s.items]
+            grid, p, q = dist.densities(intra, dist.inter_distances(a, b))
+            ax.plot(grid, q, lw=1, label=s.name)
+        grid, p, _ = dist.densities(intra, intra)
+        ax.plot(grid, p, "k--", lw=1.5, label="reference (intra)")
+        ax.set_title(f, fontsize=9)
+        ax.tick_params(labelsize=7)
+    for ax in axes.flat[len(feats):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle("Distance densities: reference to itself (dashed) vs each system to it")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_rolls(prompt: dict, files: dict[str, str], seconds: float, starts: dict[str, float],
+               path: Path) -> None:
+    """The same prompt's continuation by each system, and the pianist's, as piano rolls."""
+    plt = _plt()
+    fig, axes = plt.subplots(len(files), 1, figsize=(12, 2.2 * len(files)), sharex=True)
+    axes = np.atleast_1d(axes)
+    for ax, (name, f) in zip(axes, files.items()):
+        n = read_notes(f)
+        start = starts.get(name, 0.0)
+        for on, end, pitch in zip(n.onset, n.end, n.pitch):
+            if on >= start + seconds:
+                continue
+            colour = "0.6" if on < start else "C0"
+            ax.add_patch(plt.Rectangle((on - start, pitch - 0.4), end - on, 0.8, color=colour))
+        ax.set_xlim(-min(starts.values(), default=0.0), seconds)
+        ax.set_ylim(20, 109)
+        ax.set_ylabel(name, fontsize=8)
+    axes[-1].set_xlabel("seconds after the prompt (grey: the prompt)")
+    fig.suptitle(f"prompt {prompt['name']}: {prompt['piece']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_copies(table: dict, path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    rows = {n: r["copy"]["longest"] for n, r in table.items() if r.get("copy")}
+    if rows:
+        top = max(max(v, default=1) for v in rows.values())
+        bins = np.arange(0, top + 2) - 0.5
+        for n, v in rows.items():
+            ax.hist(v, bins=bins, histtype="step", lw=1.5, label=n, density=True)
+    ax.set_xlabel("longest run shared with the training split (notes)")
+    ax.set_ylabel("share of samples")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- audio ----------------------------------------------------------------------------------
+def soundfont(cfg: DictConfig) -> Path | None:
+    given = cfg.get("soundfont")
+    for cand in ([given] if given else SOUNDFONTS):
+        if cand and Path(str(cand)).expanduser().is_file():
+            return Path(str(cand)).expanduser()
+    return None
+
+
+def render(midi: str | Path, wav: Path, font: Path) -> bool:
+    wav.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["fluidsynth", "-ni", "-q", "-F", str(wav), "-r", "44100", str(font),
+                           str(midi)], capture_output=True, timeout=300)
+    return proc.returncode == 0 and wav.is_file()
+
+
+def write_listening_kit(out: Path, clips: list[tuple[str, str, Path]], seed: int) -> None:
+    """The renders under shuffled names and an answer key, for blind A/B tests."""
+    kit = out / "listening"
+    kit.mkdir(parents=True, exist_ok=True)
+    order = list(range(len(clips)))
+    random.Random(seed).shuffle(order)
+    key = {}
+    for k, i in enumerate(order):
+        system, prompt, wav = clips[i]
+        name = f"clip_{k + 1:03d}{wav.suffix}"
+        shutil.copyfile(wav, kit / name)
+        key[name] = {"system": system, "prompt": prompt}
+    (kit / "answer_key.json").write_text(json.dumps(key, indent=1))
+    (kit / "README.txt").write_text(
+        "Blind listening: play the clips in any order and note which you think are human or "
+        "which you prefer; answer_key.json says what each one is. Each clip is one prompt's "
+        "continuation (the prompt included) or the pianist's own.\n")
+
+
+# --- everything -----------------------------------------------------------------------------
+def write_all(out: Path, cfg: DictConfig, table: dict, systems, reference, prompts: list[dict],
+              ref: list, final: Path | None = None) -> None:
+    """Everything into `out`, a temp directory that becomes `final`: paths written in the
+    report name `final`."""
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    plot_oa(table, plots / "oa_per_feature.png")
+    plot_kde(systems, reference, plots / "kde.png")
+    plot_copies(table, plots / "copy_lengths.png")
+    first = prompts[0]
+    starts = {s.name: (0.0 if s.extra["branch"] == "scg_diffusion"
+                       else float(cfg.prompt_seconds)) for s in systems}
+    starts["pianist"] = float(cfg.prompt_seconds)
+    roll_files = {s.name: s.extra["result"]["files"][first["name"]][0] for s in systems}
+    roll_files["pianist"] = first["source"]
+    plot_rolls(first, roll_files, float(cfg.seconds), starts,
+               plots / f"pianoroll_{first['name']}.png")
+
+    font = soundfont(cfg) if cfg.audio else None
+    audio_note = None
+    if cfg.audio and (font is None or shutil.which("fluidsynth") is None):
+        audio_note = ("audio skipped: needs the fluidsynth command and a General MIDI soundfont "
+                      "(Debian: apt-get install fluidsynth fluid-soundfont-gm, or soundfont=FILE)")
+        print(f"compare: {audio_note}", file=sys.stderr)
+    elif cfg.audio:
+        clips = []
+        for s in systems:
+            for p in prompts:
+                f = s.extra["result"]["files"][p["name"]][0]
+                wav = out / "audio" / s.name / f"{p['name']}.wav"
+                if render(f, wav, font):
+                    clips.append((s.name, p["name"], wav))
+        for p in prompts:  # the pianist's own continuation of each prompt
+            secs = read_notes(p["source"])
+            if secs.seconds > 0:
+                import symusic
+
+                clip = symusic.Score(p["source"]).to("second").clip(
+                    0, float(cfg.prompt_seconds) + float(cfg.seconds), clip_end=True)
+                mid = out / "audio" / "pianist" / f"{p['name']}.mid"
+                mid.parent.mkdir(parents=True, exist_ok=True)
+                clip.to("tick").dump_midi(str(mid))
+                wav = mid.with_suffix(".wav")
+                if render(mid, wav, font):
+                    clips.append(("pianist", p["name"], wav))
+        write_listening_kit(out, clips, int(cfg.seed))
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    report = {"config": config, "git_revision": _git_revision(), "seed": int(cfg.seed),
+              "sampling": {k: config[k] for k in ("temperature", "top_k", "top_p")},
+              "prompts": prompts, "reference_pieces": [str(p) for _, p in ref],
+              "reference_segments": len(reference), "table": table}
+    def moved(text: str) -> str:
+        return text.replace(str(out), str(final)) if final is not None else text
+
+    (out / "report.json").write_text(moved(json.dumps(report, indent=1, default=float)))
+    write_csv(out / "metrics.csv", table)
+    (out / "report.md").write_text(moved(markdown(cfg, table, prompts, ref, reference,
+                                                  audio_note)))
+
+
+def write_csv(path: Path, table: dict) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["system", "kind", "group", "name", "stat", "value", "lo", "hi"])
+        for name, row in table.items():
+            for feat, d in row.get("features", {}).items():
+                for stat, v in d.items():
+                    w.writerow([name, row["kind"], "feature", feat, stat, *v])
+            for m, v in row.get("metrics", {}).items():
+                w.writerow([name, row["kind"], "metric", m, "mean", *v])
+            for k, v in (row.get("likelihood") or {}).items():
+                if isinstance(v, (list, tuple)):
+                    w.writerow([name, row["kind"], "likelihood", k, "pooled", *v])
+            for k, v in (row.get("copy") or {}).items():
+                if isinstance(v, (int, float)):
+                    w.writerow([name, row["kind"], "copy", k, "value", v, "", ""])
+            for k, v in (row.get("cost") or {}).items():
+                if v is not None:
+                    w.writerow([name, row["kind"], "cost", k, "value", v, "", ""])
+
+
+def markdown(cfg: DictConfig, table: dict, prompts: list[dict], ref: list, reference,
+             audio_note: str | None) -> str:
+    from mehldau.evaluation.likelihood import POLICY
+
+    runs = [f"`{n}` ({r['branch']}: {r['checkpoint']})" for n, r in table.items()
+            if r["kind"] == "branch"]
+    source = (f"`{cfg.reference}`" if cfg.get("reference")
+              else f"the {cfg.split} split of the runs' shared manifest")
+    lines = [
+        "# mehldau-compare report", "",
+        f"Runs: {', '.join(runs)}.", "",
+        f"Reference: {len(ref)} pieces ({source}), "
+        f"cut into {len(reference)} segments of {float(cfg.seconds):g} s. Prompts: the first "
+        f"{float(cfg.prompt_seconds):g} s of {len(prompts)} of them; "
+        f"{int(cfg.samples_per_prompt)} samples of {float(cfg.seconds):g} s per prompt and "
+        f"branch (scg_diffusion: guided by rules from the same excerpt). Sampling: "
+        f"temperature {cfg.temperature}, top_k {cfg.top_k}, top_p {cfg.top_p}, seed {cfg.seed}. "
+        f"Bootstrap: {int(cfg.bootstrap)} resamples of pieces.", "",
+        *main_table(table), "",
+        *feature_rows(table), "",
+        HOW_TO_READ, "",
+        f"Likelihood context policy: {POLICY}.", "",
+        "Files: `report.json` (every value with its interval, the config, seeds, git revision), "
+        "`metrics.csv`, `plots/` (OA per feature, distance densities, the first prompt's "
+        "continuations as piano rolls, copy lengths), `midi/`, `prompts/`"
+        + (", `audio/` and `listening/` (shuffled renders + answer key)." if not audio_note
+           and cfg.audio else "."),
+    ]
+    flagged = [(n, f) for n, r in table.items() for f in (r.get("copy") or {}).get(
+        "flagged_files", [])]
+    if flagged:
+        lines += ["", f"Flagged by the copy check (≥ {cfg.copy_threshold} notes shared with "
+                  "the training split):", *[f"- {n}: `{f}`" for n, f in flagged[:20]]]
+    if audio_note:
+        lines += ["", audio_note]
+    return "\n".join(lines) + "\n"
