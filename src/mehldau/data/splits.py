@@ -13,7 +13,9 @@ The rule, per stratum (PiJAMA: the pianist; a folder: the top-level folder), wit
 pianist with three albums or more has at least one album in val and one in test; the
 groups of smaller strata are pooled and dealt together. Dealing: groups in a seeded order
 (the stratum's name is part of the seed, so adding a pianist moves no one else), one each
-to val and test first, then each to the split furthest below its share of pieces.
+to test and val first (the first that holds at most twice the split's share of pieces, so a
+box set does not take half a pianist's music out of training), then each to the split
+furthest below its share of pieces.
 
 A manifest (`splits.json`) freezes the result; `split.manifest=FILE` reuses one, and
 `check_leaks` refuses adapting on data whose val/test groups (or files) a base trained on.
@@ -61,9 +63,14 @@ def _deal(groups: dict[str, int], ratios: np.ndarray, rng: np.random.Generator
     counts = dict.fromkeys(SPLITS, 0)
     out: dict[str, str] = {}
     queue = list(names)
-    for s in ("val", "test"):  # never empty when there are enough groups
-        if len(names) >= 3 and ratios[SPLITS.index(s)] > 0:
-            g = queue.pop()
+    for s in ("test", "val"):  # never empty when there are enough groups
+        i = SPLITS.index(s)
+        if len(names) >= 3 and ratios[i] > 0:
+            # the next group in seeded order that is at most twice the split's share (else
+            # the smallest): one 32-track box set must not take half a pianist into test
+            fits = [g for g in queue if groups[g] <= 2 * targets[i]]
+            g = fits[0] if fits else min(queue, key=lambda g: groups[g])
+            queue.remove(g)
             out[g] = s
             counts[s] += groups[g]
     for g in queue:
