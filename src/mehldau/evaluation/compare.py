@@ -398,7 +398,8 @@ def compare(cfg: DictConfig) -> Path:
                 "features": feature_table(s, against, n_boot, seed),
                 "metrics": summary_metrics(s.items, n_boot, seed),
                 "copy": copy_table(s.items, index, int(cfg.copy_threshold),
-                                   int(cfg.copy_min_len)) if s.kind != "floor" else {},
+                                   int(cfg.copy_min_len))
+                if s.kind == "branch" else {},  # the reference row holds the human baseline
                 "likelihood": likelihood_table(s.extra.get("result", {}), n_boot, seed),
                 **{k: v for k, v in s.extra.items() if k != "result"}}
             if s.kind == "branch":

@@ -121,13 +121,16 @@ How to read it. Each row is measured on the same prompts, seeds and reference. *
 generated continuations sit from the reference segments with how far the reference segments
 sit from each other: 1 = indistinguishable from the reference's own spread. The *human
 ceiling* row (half the reference pieces against the other half) is what real music by the
-same pianist scores at this sample size; the *random notes* row is the floor. **KL** is the
+same pianist scores at this sample size; it is no upper bound for continuations, which
+start from excerpts of the reference pieces themselves and so can sit closer to them than
+one half of the pieces sits to the other. The *random notes* row is the floor. **KL** is the
 divergence of the reference's own distances from the generated-to-reference ones (0 best).
 **nats/note** and **bits/s** are the test split's likelihood under each model, on one context
 policy (below), divided by the file's notes and seconds, so a verbose tokenization cannot win
 ("n/a" for the diffusion branch, which has no likelihood). notes/s, polyphony, pitch-class
 entropy and scale consistency (MusPy's definitions, on a 10 ms grid) are means per segment;
-the best of those is the branch nearest the *reference* row. **Copy check**: the longest
+the best of those is the branch nearest the *reference* row (the 15 s sliding pitch-class
+entropy in report.json is one window when `seconds` is shorter). **Copy check**: the longest
 run of notes (transposition-invariant pitch intervals and inter-onset times) a sample shares
 with the training split, and how many samples pass the flag threshold; the reference row is
 the human baseline (real music shares short runs too). OA rewards copies; the copy check is
@@ -156,8 +159,8 @@ def plot_oa(table: dict, path: Path) -> None:
         v = np.array([table[n]["features"][f]["oa"] for f in feats], float)
         x = np.arange(len(feats)) + k * w
         ax.bar(x, v[:, 0], w, label=n)
-        ax.errorbar(x, v[:, 0], yerr=[v[:, 0] - v[:, 1], v[:, 2] - v[:, 0]], fmt="none",
-                    ecolor="k", lw=0.7, capsize=1.5)
+        ax.vlines(x, v[:, 1], v[:, 2], color="k", lw=0.7)  # the interval (may exclude
+        # the value: a resample holds fewer distinct pieces)
     ax.set_xticks(np.arange(len(feats)) + 0.4 - w / 2, feats, rotation=30, ha="right")
     ax.set_ylabel("overlap area (OA)")
     ax.set_ylim(0, 1.05)
@@ -210,7 +213,7 @@ def plot_rolls(prompt: dict, files: dict[str, str], seconds: float, starts: dict
                 continue
             colour = "0.6" if on < start else "C0"
             ax.add_patch(plt.Rectangle((on - start, pitch - 0.4), end - on, 0.8, color=colour))
-        ax.set_xlim(-min(starts.values(), default=0.0), seconds)
+        ax.set_xlim(-max(starts.values(), default=0.0), seconds)
         ax.set_ylim(20, 109)
         ax.set_ylabel(name, fontsize=8)
     axes[-1].set_xlabel("seconds after the prompt (grey: the prompt)")
@@ -246,10 +249,21 @@ def soundfont(cfg: DictConfig) -> Path | None:
     return None
 
 
+def excerpt_midi(src: str | Path, start: float, seconds: float, dst: Path) -> None:
+    """The notes of `src` starting in [start, start + seconds), moved to start at 0."""
+    import symusic
+
+    secs = symusic.Score(str(src)).to("second")
+    clip = secs.clip(start, start + seconds, clip_end=False).shift_time(-start, inplace=False)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    clip.to("tick").dump_midi(str(dst))
+
+
 def render(midi: str | Path, wav: Path, font: Path) -> bool:
     wav.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(["fluidsynth", "-ni", "-q", "-F", str(wav), "-r", "44100", str(font),
-                           str(midi)], capture_output=True, timeout=300)
+    # gain 1.0 instead of FluidSynth's 0.2: renders of soft playing were near -55 dBFS
+    proc = subprocess.run(["fluidsynth", "-ni", "-q", "-g", "1.0", "-F", str(wav), "-r",
+                           "44100", str(font), str(midi)], capture_output=True, timeout=300)
     return proc.returncode == 0 and wav.is_file()
 
 
@@ -268,8 +282,9 @@ def write_listening_kit(out: Path, clips: list[tuple[str, str, Path]], seed: int
     (kit / "answer_key.json").write_text(json.dumps(key, indent=1))
     (kit / "README.txt").write_text(
         "Blind listening: play the clips in any order and note which you think are human or "
-        "which you prefer; answer_key.json says what each one is. Each clip is one prompt's "
-        "continuation (the prompt included) or the pianist's own.\n")
+        "which you prefer; answer_key.json says what each one is. Each clip is the measured "
+        "continuation of one prompt (the prompt itself cut off) by a model or by the "
+        "pianist.\n")
 
 
 # --- everything -----------------------------------------------------------------------------
@@ -298,26 +313,19 @@ def write_all(out: Path, cfg: DictConfig, table: dict, systems, reference, promp
                       "(Debian: apt-get install fluidsynth fluid-soundfont-gm, or soundfont=FILE)")
         print(f"compare: {audio_note}", file=sys.stderr)
     elif cfg.audio:
+        # Every clip is what was measured: `seconds` of continuation, prompt cut off, so a
+        # blind listener cannot tell the systems apart by length or by a shared opening.
         clips = []
-        for s in systems:
-            for p in prompts:
-                f = s.extra["result"]["files"][p["name"]][0]
-                wav = out / "audio" / s.name / f"{p['name']}.wav"
-                if render(f, wav, font):
-                    clips.append((s.name, p["name"], wav))
-        for p in prompts:  # the pianist's own continuation of each prompt
-            secs = read_notes(p["source"])
-            if secs.seconds > 0:
-                import symusic
-
-                clip = symusic.Score(p["source"]).to("second").clip(
-                    0, float(cfg.prompt_seconds) + float(cfg.seconds), clip_end=True)
-                mid = out / "audio" / "pianist" / f"{p['name']}.mid"
-                mid.parent.mkdir(parents=True, exist_ok=True)
-                clip.to("tick").dump_midi(str(mid))
-                wav = mid.with_suffix(".wav")
-                if render(mid, wav, font):
-                    clips.append(("pianist", p["name"], wav))
+        ps = float(cfg.prompt_seconds)
+        sources = [(s.name, p["name"], s.extra["result"]["files"][p["name"]][0],
+                    0.0 if s.extra["branch"] == "scg_diffusion" else ps)
+                   for s in systems for p in prompts]
+        sources += [("pianist", p["name"], p["source"], ps) for p in prompts]
+        for system, prompt, midi, start in sources:
+            mid = out / "audio" / system / f"{prompt}.mid"
+            excerpt_midi(midi, start, float(cfg.seconds), mid)
+            if render(mid, mid.with_suffix(".wav"), font):
+                clips.append((system, prompt, mid.with_suffix(".wav")))
         write_listening_kit(out, clips, int(cfg.seed))
 
     config = OmegaConf.to_container(cfg, resolve=True)
