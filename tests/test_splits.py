@@ -163,3 +163,13 @@ def test_check_leaks_by_group_and_by_content(tmp_path: Path) -> None:
     check_leaks(copies, base, "base")  # no hashes asked: groups differ, not caught
     with pytest.raises(UserError, match="force=true"):
         check_leaks(copies, base, "base", hash_of=file_hash)
+
+
+def test_manifest_paths_are_absolute(tmp_path: Path, monkeypatch) -> None:
+    # compare reads the reference from the manifest, maybe from another working directory
+    write_midi(tmp_path / "data" / "a.mid", scale_notes(8))
+    monkeypatch.chdir(tmp_path)
+    pieces = folder_source("data", group_by="file")
+    manifest = write_manifest(pieces, tmp_path / "splits.json")
+    paths = [Path(e["path"]) for s in SPLITS for e in manifest[s]["pieces"]]
+    assert paths and all(p.is_absolute() and p.is_file() for p in paths)

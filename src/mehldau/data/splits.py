@@ -133,7 +133,7 @@ def write_manifest(pieces: Sequence[Piece], path: str | Path, rule: dict | None 
     splits = by_split(pieces)
     manifest: dict = {
         s: {"groups": sorted({p.group for p in ps}),
-            "pieces": [{"id": p.id, "group": p.group, "path": str(p.path),
+            "pieces": [{"id": p.id, "group": p.group, "path": str(Path(p.path).absolute()),
                         **({"sha": hashes[p.id]} if p.id in hashes else {})} for p in ps]}
         for s, ps in splits.items()}
     manifest["version"] = MANIFEST_VERSION
