@@ -91,6 +91,16 @@ def test_compare_bad_runs_are_one_line_errors(runs, tmp_path, capsys) -> None:
     assert "not empty" in err([f"runs=[{runs['prod']}]", f"out={tmp_path / 'full'}", *FAST])
     assert "seconds must be positive" in err([f"runs=[{runs['prod']}]",
                                               f"out={tmp_path / 'd'}", "seconds=0"])
+    # a reference folder with one broken file: skipped and named, the rest compared
+    ref = tmp_path / "ref"
+    for k in range(3):
+        write_midi(ref / f"r{k}.mid", scale_notes(40, step=0.25, seed=k))
+    (ref / "broken.mid").write_bytes(b"MThd not really")
+    assert compare([f"runs=[{runs['prod']}]", f"out={tmp_path / 'r'}", f"reference={ref}",
+                    "audio=false", "likelihood=false", *FAST]) == 0
+    assert "skipped reference file" in capsys.readouterr().err
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["prompts"][0]["piece"] \
+        == "r0.mid"
     meta = json.loads((other / "checkpoints" / "step_0000002" / "meta.json").read_text())
     meta["branch"] = "mystery"
     (other / "checkpoints" / "step_0000002" / "meta.json").write_text(json.dumps(meta))

@@ -149,7 +149,20 @@ def reference_files(cfg: DictConfig, runs: list[Run]) -> tuple[list[tuple[str, P
     if missing:
         raise UserError(f"reference piece {missing[0]} is missing; restore the data or pass "
                         "reference=FOLDER")
-    return sorted(ref), [p for p in train if p.is_file()]
+    ref = [(i, p) for i, p in sorted(ref) if _usable(p, "reference")]
+    if not ref:
+        raise UserError("no reference piece could be read; check the reference files")
+    return ref, [p for p in train if p.is_file() and _usable(p, "training")]
+
+
+def _usable(path: Path, what: str) -> bool:
+    """A file every later step can read; one that is not is skipped with one line."""
+    try:
+        read_score(path)
+        return True
+    except BadMidi as e:
+        print(f"compare: skipped {what} file {path}: {e}", file=sys.stderr)
+        return False
 
 
 def write_prompts(ref: list[tuple[str, Path]], cfg: DictConfig, out: Path) -> list[dict]:
