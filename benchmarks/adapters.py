@@ -70,8 +70,8 @@ def dir_bytes(path: Path) -> int:
 def worker(variant: str, device: str, dtype: torch.dtype, L: int, batch: int,
            steps: int) -> dict:
     """Build one variant, train it, measure; runs in its own process."""
-    from branches.production.model import MusicTransformer, MusicTransformerConfig
     from mehldau.adapters.lora import AdapterConfig, apply_lora, trainable_parameters
+    from mehldau.nn.music_transformer import MusicTransformer, MusicTransformerConfig
 
     cuda = device == "cuda"
     # Load every library (peft, bitsandbytes) and the CPU kernels before the memory baseline.

@@ -33,7 +33,7 @@ if args["kind"] == "perceiver":
     from mehldau.nn.perceiver_ar import PerceiverAR, PerceiverARConfig
     model = PerceiverAR(PerceiverARConfig(max_seq_len=M, num_latents=N, **common))
 else:
-    from branches.production.model import MusicTransformer, MusicTransformerConfig
+    from mehldau.nn.music_transformer import MusicTransformer, MusicTransformerConfig
     model = MusicTransformer(MusicTransformerConfig(max_seq_len=M, **common))
 model = model.to(dev).train()
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4)

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from branches.production.model import MusicTransformer, MusicTransformerConfig
+from mehldau.nn.music_transformer import MusicTransformer, MusicTransformerConfig
 from mehldau.nn.relative_attention import relative_logits_naive, relative_logits_skew
 from mehldau.sampling import KVCacheDecoder, SamplingConfig, sample_tokens
 

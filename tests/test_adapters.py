@@ -11,7 +11,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from branches.production.model import MusicTransformer, MusicTransformerConfig
 from mehldau.adapters.lora import (
     ADAPTER_DIR,
     EMBEDDINGS,
@@ -25,6 +24,7 @@ from mehldau.adapters.lora import (
     trainable_parameters,
 )
 from mehldau.errors import UserError
+from mehldau.nn.music_transformer import MusicTransformer, MusicTransformerConfig
 
 WEIGHTS = "model.safetensors"
 

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from conftest import scale_notes, write_midi
 
+from mehldau.constants import IGNORE_INDEX
 from mehldau.data.corpus import build_corpus, tokenize_pieces, unigram_entropy
-from mehldau.data.dataset import IGNORE_INDEX, RandomCropDataset, WindowDataset, add_bos_eos
+from mehldau.data.dataset import RandomCropDataset, WindowDataset, add_bos_eos
 from mehldau.data.sources import PIJAMA_COLUMNS, Piece, folder_source, pijama_source
 from mehldau.data.splits import split_by_group
 from mehldau.errors import UserError

@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 from conftest import scale_notes, write_midi
 
-from branches.production.model import MusicTransformer, MusicTransformerConfig
+from mehldau.constants import IGNORE_INDEX
 from mehldau.data.corpus import read_score
-from mehldau.data.dataset import IGNORE_INDEX, WindowDataset
+from mehldau.data.dataset import WindowDataset
 from mehldau.data.packing import EventWindowDataset
 from mehldau.evaluation.likelihood import PieceScore, dataset_nats, piece_size, summarize
+from mehldau.nn.music_transformer import MusicTransformer, MusicTransformerConfig
 from mehldau.tokenize import build_tokenizer
 
 

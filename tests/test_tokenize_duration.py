@@ -240,7 +240,7 @@ def test_no_note_is_open_after_any_window_restart(tok):
     """A Music Transformer sampling far past its 24-token context (the KV cache rebuilt ~40
     times): every NOTE it draws is followed by its DURATION, so every note of the result
     ends where the model said, whatever window it was drawn in."""
-    from branches.production.model import MusicTransformer, MusicTransformerConfig
+    from mehldau.nn.music_transformer import MusicTransformer, MusicTransformerConfig
     from mehldau.sampling import KVCacheDecoder
 
     torch.manual_seed(0)

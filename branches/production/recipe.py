@@ -1,7 +1,8 @@
 """The production branch: a Music Transformer trained, adapted and sampled by the core's
 autoregressive recipe (`mehldau.recipes.autoregressive`). What is specific to this branch:
-its model, plain random crops of `max_seq_len` tokens for training, non-overlapping windows
-for evaluation, and a KV-cache decoder that re-prefills half a window past the context.
+its model (`mehldau.nn.music_transformer`), plain random crops of `max_seq_len` tokens for
+training, non-overlapping windows for evaluation, strided windows for held-out likelihood,
+and a KV-cache decoder that re-prefills 7/8 of a window when it passes the context.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from branches.production.model import MusicTransformer, MusicTransformerConfig
 from mehldau.data.dataset import RandomCropDataset, WindowDataset
+from mehldau.nn.music_transformer import MusicTransformer, MusicTransformerConfig
 from mehldau.recipes import autoregressive as ar
 from mehldau.sampling import KVCacheDecoder
 

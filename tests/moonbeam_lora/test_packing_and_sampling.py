@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mehldau.data.dataset import IGNORE_INDEX
+from mehldau.constants import IGNORE_INDEX
 from mehldau.data.packing import EventWindowDataset, PackedCropDataset, split_samples
 from mehldau.nn.moonbeam import MoonbeamConfig, MoonbeamForCausalLM
 from mehldau.sampling import SamplingConfig

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from branches.production.model import MusicTransformer, MusicTransformerConfig
+from mehldau.nn.music_transformer import MusicTransformer, MusicTransformerConfig
 from mehldau.sampling import KVCacheDecoder, SamplingConfig, filter_logits, sample_tokens
 
 

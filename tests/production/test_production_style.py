@@ -13,7 +13,8 @@ from conftest import MICRO, make_folder
 from branches.production.recipe import load_model
 from mehldau.cli.generate import main as generate
 from mehldau.cli.train import main as train
-from mehldau.data.dataset import IGNORE_INDEX, RandomCropDataset, WindowDataset
+from mehldau.constants import IGNORE_INDEX
+from mehldau.data.dataset import RandomCropDataset, WindowDataset
 from mehldau.tokenize import build_tokenizer
 from mehldau.train.checkpoint import latest_checkpoint
 

@@ -14,9 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from mehldau.constants import IGNORE_INDEX
 from mehldau.tokenize.base import Tokenizer
-
-IGNORE_INDEX = -100
 
 
 def add_bos_eos(seq: np.ndarray, tokenizer: Tokenizer) -> np.ndarray:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mehldau.data.dataset import IGNORE_INDEX
+from mehldau.constants import IGNORE_INDEX
 from mehldau.tokenize.compound import EOS, NUM_ATTRIBUTES, SOS, CompoundTokenizer
 
 _SOS_ROW = np.full((1, NUM_ATTRIBUTES), SOS, np.int64)

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from mehldau.nn.relative_attention import RelativeSelfAttention
 
-KV = tuple[torch.Tensor, torch.Tensor]
+KV = tuple[torch.Tensor, torch.Tensor]  # one layer's cached keys and values
+KVCache = list[KV]  # a model's, layer by layer
 
 
 @dataclass

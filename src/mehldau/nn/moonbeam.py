@@ -31,15 +31,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mehldau.constants import IGNORE_INDEX
 from mehldau.errors import UserError
-
-KV = tuple[torch.Tensor, torch.Tensor]
+from mehldau.nn.blocks import KV
 
 ATTRIBUTES = ("onset", "dur", "octave", "pitch", "instrument", "velocity")  # input columns
 FME_ATTRIBUTES = ("onset", "dur", "octave", "pitch", "velocity")
 SOS, EOS, PAD = -1, -2, -3  # special values of a whole input row (detected on onset only)
 EOS_POSITION = 2**15  # every rotary position of an EOS row (§3.3 step 2)
-IGNORE_INDEX = -100  # label rows without a target (the trainer's convention)
 
 
 @dataclass

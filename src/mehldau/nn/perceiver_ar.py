@@ -41,12 +41,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from mehldau.nn.blocks import Block, CausalLMOutput, init_weights
+from mehldau.constants import IGNORE_INDEX
+from mehldau.nn.blocks import Block, CausalLMOutput, KVCache, init_weights
 from mehldau.tokenize.base import Tokenizer
-
-IGNORE_INDEX = -100  # as in mehldau.data.dataset
-
-KVCache = list[tuple[Tensor, Tensor]]
 
 
 @dataclass

@@ -28,7 +28,8 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from mehldau.data.dataset import IGNORE_INDEX, CounterSampler
+from mehldau.constants import IGNORE_INDEX
+from mehldau.data.dataset import CounterSampler
 from mehldau.errors import UserError
 from mehldau.train.checkpoint import latest_checkpoint, save_checkpoint
 from mehldau.train.loggers import MetricsFile, NullLogger

@@ -7,7 +7,7 @@ input/output embeddings as in the reference hyper-parameters.
 
 Unlike the reference, no absolute sinusoidal signal is added: with positions only relative,
 a cached key means the same thing wherever the window starts, which keeps KV-cached sampling
-past the training length well-defined (see `sample` in `recipe.py`).
+past the training length well-defined (`mehldau.sampling.KVCacheDecoder`).
 """
 
 from __future__ import annotations
@@ -18,9 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mehldau.nn.blocks import Block, CausalLMOutput, init_weights
-
-KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+from mehldau.nn.blocks import Block, CausalLMOutput, KVCache, init_weights
 
 
 @dataclass
