@@ -336,3 +336,22 @@ def test_augment_crops_and_specials(tok):
     assert out[0] == 1 and out[-1] == 2 and ((out[1:-1] >= 3) & (out[1:-1] < 311)).all()
     with pytest.raises(ValueError):
         tok.augment(ids, stretch=0.0)
+
+
+def test_saving_a_tokenizer_does_not_need_miditok(tmp_path, monkeypatch) -> None:
+    import importlib.metadata as md
+
+    from mehldau.tokenize.base import load_tokenizer
+
+    real = md.version
+
+    def version(name: str) -> str:
+        if name == "miditok":
+            raise md.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(md, "version", version)
+    tok = PerformanceTokenizer()
+    tok.save(tmp_path / "tokenizer.json")
+    assert "miditok" not in tok.to_dict()["versions"]
+    assert load_tokenizer(tmp_path / "tokenizer.json") == tok

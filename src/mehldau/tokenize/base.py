@@ -139,13 +139,18 @@ class Tokenizer(ABC):
 
     # --- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        from importlib.metadata import version  # miditok 3.1 has no `__version__`
+        from importlib.metadata import PackageNotFoundError, version
 
+        versions = {"symusic": symusic.__version__}
+        try:  # recorded when installed (miditok 3.1 has no `__version__`); never required
+            versions["miditok"] = version("miditok")
+        except PackageNotFoundError:
+            pass
         return {
             "tokenizer": self.name,
             "codec_version": self.codec_version,
             "config": dataclasses.asdict(self.config),
-            "versions": {"symusic": symusic.__version__, "miditok": version("miditok")},
+            "versions": versions,
         }
 
     def config_hash(self) -> str:
