@@ -2,8 +2,8 @@
 # One call on a CUDA machine: the CUDA tests (fused FlexAttention path = skew path, forward and
 # backward, fp32 and bf16), then the production benchmark in bf16. Figures go to stdout and,
 # when $OUT is set (the device tool), to $OUT/gpu_check.log.
-# The GPU machine lacks some of our dependencies: fetch them first on a networked machine with
-#   bash ../shared/tools/gpu-wheels.sh      (writes .whl/, carried to the GPU machine)
+# The GPU machine lacks some of our dependencies: build the project's non-torch dependencies
+# as wheels beforehand on a networked machine (e.g. `pip wheel ... -w .whl/`), carry .whl/ over,
 # and this script installs them into /tmp/site. wandb is not needed: nothing here logs.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -19,7 +19,7 @@ from mehldau.data.splits import split_by_group
 from mehldau.errors import UserError
 from mehldau.tokenize import build_tokenizer
 
-# The real PiJAMA metadata header (shared/data/pijama/pijama.csv), so the tests need no data.
+# The header of PiJAMA's published pijama.csv, copied here so the tests need no data.
 PIJAMA_HEADER = ("id,artist,album,title,recording_condition,midi_filepath,mp3_filepath,"
                  "youtube_url,duration_sec,performance_start_sec,performance_end_sec,split,"
                  "acoust_id,mb_album_id,mb_artist_id,mb_track_id,mb_recording_id,agreement,"

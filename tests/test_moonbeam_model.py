@@ -1,7 +1,7 @@
 """Moonbeam (`mehldau.nn.moonbeam`): the released parameter layout, strict loading of a
 checkpoint in the released format, and the FME / MRA maths against hand-computed cases.
 
-The expected tables below are written from `/work/shared/specs/moonbeam.md` §1.2, not from
+The expected tables below are written from `docs/moonbeam.md` §1.2, not from
 the model, so a renamed or reshaped parameter fails here before it fails on a real file.
 """
 
@@ -68,7 +68,7 @@ def spec_table(H: int, I: int, N: int, KV: int, G: int, NG: int, V: int) -> dict
 
 
 RELEASED = {
-    # config, spec table, total params, tensor count (spec §1.1, §1.2)
+    # config, docs table, total params, tensor count (docs/moonbeam.md §1.1, §1.2)
     "309M": (MoonbeamConfig.moonbeam_309m, spec_table(1536, 5376, 9, 768, 1024, 2, 2341),
              309_424_128, 116),
     "839M": (MoonbeamConfig.moonbeam_839m, spec_table(1920, 6720, 15, 960, 1536, 4, 8487),

@@ -48,7 +48,7 @@ def notes_in_seconds(score: symusic.Score) -> list[tuple[int, bool, np.ndarray]]
     return out
 
 
-# --- vocabulary layout (spec 3.6) -------------------------------------------------------------
+# --- vocabulary layout (docs/moonbeam.md §3.6) -----------------------------------------------
 def test_vocab_layout_839m(tok):
     assert tok.vocab_size == 8487
     assert tok.event_shape == (6,)

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mehldau.data.packing import EventWindowDataset, PackedCropDataset, split_samples
 from mehldau.errors import UserError
+from mehldau.generation import cap_durations, device_for, generate_seconds, write_scores
 from mehldau.nn.moonbeam import MoonbeamConfig, MoonbeamForCausalLM, load_released
 from mehldau.recipes import autoregressive as ar
 from mehldau.sampling import SamplingConfig
@@ -155,12 +156,12 @@ def prompt_rows(tokenizer: CompoundTokenizer, path: str | Path, seconds: float) 
 
 
 def generate(cfg: DictConfig, ckpt: Path) -> list[Path]:
-    device = ar.device_for(cfg.device)
+    device = device_for(cfg.device)
     model, tokenizer = load_model(ckpt, device, force=bool(cfg.get("force", False)))
     if cfg.get("style") is not None:
         raise UserError("moonbeam_lora models have no style conditioning; drop style=")
     tps = tokenizer.config.ticks_per_second
-    seconds = ar.generate_seconds(cfg)
+    seconds = generate_seconds(cfg)
     start = 0.0
     rows = np.full((1, NUM_ATTRIBUTES), -1, np.int64)  # a bare SOS
     if cfg.prompt is not None:
@@ -176,6 +177,6 @@ def generate(cfg: DictConfig, ckpt: Path) -> list[Path]:
         model, tokenizer, prompt, int(cfg.max_tokens or 60 * seconds), opts,
         model.config.max_len, generator=gen, max_ticks=round((start + seconds) * tps),
         use_cache=bool(cfg.use_cache), progress=True)
-    capped = [ar.cap_durations(tokenizer.decode(r), cfg.get("max_note_seconds"))
+    capped = [cap_durations(tokenizer.decode(r), cfg.get("max_note_seconds"))
               for r in samples]
-    return ar.write_scores([s for s, _ in capped], cfg.out, [n for _, n in capped])
+    return write_scores([s for s, _ in capped], cfg.out, [n for _, n in capped])

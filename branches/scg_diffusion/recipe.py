@@ -39,6 +39,7 @@ from mehldau.data.rolls import (
 from mehldau.data.sources import pieces_from_config
 from mehldau.data.splits import MANIFEST, splits_for_run
 from mehldau.errors import UserError
+from mehldau.generation import device_for, generate_seconds, write_scores
 from mehldau.guidance.rules import (
     RULES,
     chord_label,
@@ -54,7 +55,6 @@ from mehldau.guidance.stochastic_control_guidance import SCGConfig, scg_sample
 from mehldau.io import atomic_file, atomic_write_midi
 from mehldau.nn.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
 from mehldau.nn.vqvae import VQVAE, VQVAEConfig, note_f1
-from mehldau.recipes import autoregressive as ar
 from mehldau.tokenize.base import Tokenizer, build_tokenizer, load_tokenizer
 from mehldau.tokenize.pianoroll import tensor_to_roll
 from mehldau.train.checkpoint import (
@@ -327,7 +327,7 @@ def load_model(ckpt: Path, device: torch.device | str = "cpu"
 def _sample_frames(cfg: DictConfig, dcfg: LatentDiffusionConfig, fps: int) -> int:
     """`seconds` in frames, rounded up to what the model accepts; at most the trained length."""
     longest = dcfg.frames / fps
-    seconds = ar.generate_seconds(cfg, default=longest)
+    seconds = generate_seconds(cfg, default=longest)
     if seconds > longest + 1e-9:
         raise UserError(f"seconds={seconds:g} is longer than this model's {longest:g} s samples; "
                         f"use seconds<={longest:g} (longer pieces would need stitching)")
@@ -411,7 +411,7 @@ def _targets(cfg: DictConfig, tokenizer: Tokenizer, names: list[str], frames: in
 
 
 def generate(cfg: DictConfig, ckpt: Path) -> list[Path]:
-    device = ar.device_for(cfg.device)
+    device = device_for(cfg.device)
     model, tokenizer = load_model(ckpt, device)
     dcfg = model.config
     for key, kind in _REPAIRS.items():  # decode.<key>=N overrides the checkpoint's repairs
@@ -460,7 +460,7 @@ def generate(cfg: DictConfig, ckpt: Path) -> list[Path]:
             scales = rule_scales(u_loss) if normalize == "unguided" else None
             groups = B if normalize == "candidates" else None
             guided = draw(lambda rolls: weighted_loss(losses(rolls), weights, scales, groups))
-    paths = ar.write_scores([tokenizer.decode(r) for r in tensor_to_roll(guided.cpu())],
+    paths = write_scores([tokenizer.decode(r) for r in tensor_to_roll(guided.cpu())],
                             cfg.out)
     if targets is None:
         print("no rules.reference or rules.targets: sampled without guidance", file=sys.stderr)

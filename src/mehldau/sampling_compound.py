@@ -145,7 +145,7 @@ def sample_events(model: MoonbeamForCausalLM, tokenizer, prompt: torch.Tensor,
             ids = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
             raw.append(ids[:, 0] - offsets[a])
         row = torch.stack(raw, dim=1)  # (B, 6) raw values, Δonset first
-        alive &= ~(row == eos).any(1)  # spec 5: an EOS class in any attribute ends it
+        alive &= ~(row == eos).any(1)  # docs/moonbeam.md §5: an EOS class in any attribute ends it
         onset = onset + row[:, ONSET]
         row[:, ONSET] = onset
         rows.append(row)

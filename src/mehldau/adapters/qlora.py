@@ -6,7 +6,8 @@ transformers' `BitsAndBytesConfig` only quantizes Hugging Face models loaded wit
 for `bnb.nn.Linear4bit` itself. On CPU (CI, development) it runs in fp32 with a plain AdamW,
 and applies the workaround for bitsandbytes' CPU repacking bug: after an eval-mode no-grad
 forward, `Linear4bit` permanently repacks its weight into a layout whose kernel has no
-autograd, silently dropping gradients (see the project notes); we switch that repacking off.
+autograd, silently dropping gradients; we switch that repacking off (see
+docs/implementation_notes.md, "bitsandbytes on CPU").
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Packed training contexts and evaluation windows of compound rows (Moonbeam's tokens).
 
-The reference (spec 4.3) packs whole samples `[SOS] events [EOS]` greedily into a context and
-truncates the ones that do not fit, which would keep only the first minute of a ten-minute
-Mehldau performance. Here every sample is cut into crops that fit, at a random place, so the
-whole performance is seen over training; short samples (and the tail of a context) are
-packed as in the reference, each with its own id in `attention_mask` so the model's
-block-diagonal causal mask keeps them apart.
+The reference (docs/moonbeam.md §4.3) packs whole samples `[SOS] events [EOS]` greedily into
+a context and truncates the ones that do not fit, which would keep only the first minute of a
+ten-minute Mehldau performance. Here every sample is cut into crops that fit, at a random
+place, so the whole performance is seen over training; short samples (and the tail of a
+context) are packed as in the reference, each with its own id in `attention_mask` so the
+model's block-diagonal causal mask keeps them apart.
 
 Deviations, each because the reference's choice trains on nothing useful:
 - each crop's onsets are re-based so its first event is at 0 (what the reference's

@@ -2,7 +2,7 @@
 tokens (onset, duration, octave, pitch class, instrument, velocity), weights-compatible with
 the released `moonbeam_309M.pt` / `moonbeam_839M.pt` checkpoints.
 
-Pieces, following `/work/shared/specs/moonbeam.md` (section numbers below refer to it):
+Pieces, following `docs/moonbeam.md` (section numbers below refer to it):
 - Fundamental Music Embedding (FME) per numeric attribute, a word embedding for the
   instrument, concatenated (not summed) and passed through a supplementary MLP (§3.2);
 - Multidimensional Relative Attention (MRA): a LLaMA backbone with no sequence-index
@@ -65,7 +65,7 @@ class MoonbeamConfig:
     rope_theta_octave: float = 19.0
     rope_theta_pitch: float = 20.0
     rope_theta_velocity: float = 131.0
-    # FME bases (§3.2). The spec gives their values, not their JSON keys, so `from_json`
+    # FME bases (§3.2). The configs give their values, not JSON keys, so `from_json`
     # keeps these defaults (equal to both released configs).
     fme_base_onset: float = 199999.0
     fme_base_dur: float = 1031.0

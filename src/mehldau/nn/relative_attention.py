@@ -13,7 +13,8 @@ neither the paper's code (tensor2tensor, "T2T") nor the public PyTorch ports imp
 
 Why hand-written: no library we keep (torch, transformers, ...) implements Music Transformer
 relative attention with skewing, and the public ports keep E as an untrained tensor, share one
-table across heads, clip far distances, or have no KV cache (see the project notes).
+table across heads, clip far distances, or have no KV cache (see docs/implementation_notes.md,
+"Relative attention: why learned per-head embeddings").
 
 Conventions (T2T `get_relative_embeddings_left` / `dot_product_self_attention_relative_v2`):
 - ``rel_emb`` has shape (H, R, Dh), one table per head (T2T's default
@@ -95,7 +96,8 @@ def relative_logits_skew(q: Tensor, rel_emb: Tensor) -> Tensor:
 def relative_logits_gather(q: Tensor, rel_emb: Tensor, q_pos: Tensor, k_len: int) -> Tensor:
     """Relative logits for queries at absolute positions `q_pos` against keys 0..k_len-1.
 
-    For KV-cached decoding (notes section 10): no skew and no prefix recompute.
+    For KV-cached decoding (docs/implementation_notes.md, "KV cache with relative attention"):
+    no skew and no prefix recompute.
     q: (B, H, Tq, Dh); rel_emb: (H, R, Dh); q_pos: LongTensor (Tq,). Returns (B, H, Tq, k_len),
     equal to rows `q_pos` of `relative_logits_naive` on the full sequence: q . E_{p-j} for
     0 <= p-j < R, else 0 (including j > p). Cost O(Tq * (R + k_len)) per head (plus Dh).
@@ -111,7 +113,8 @@ def relative_logits_gather(q: Tensor, rel_emb: Tensor, q_pos: Tensor, k_len: int
 
 
 # ----------------------------------------------------------------------------------------------
-# FlexAttention helpers (GPU training / inference; forward-only on CPU)
+# FlexAttention helpers (GPU training / inference; forward-only on CPU, see
+# docs/implementation_notes.md, "FlexAttention on CPU")
 
 
 def _causal(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:

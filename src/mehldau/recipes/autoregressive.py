@@ -41,7 +41,8 @@ from mehldau.data.dataset import add_bos_eos
 from mehldau.data.sources import pieces_from_config
 from mehldau.data.splits import MANIFEST, splits_for_run
 from mehldau.errors import UserError
-from mehldau.io import atomic_dir, atomic_write_midi
+from mehldau.generation import cap_durations, device_for, generate_seconds, write_scores
+from mehldau.io import atomic_dir
 from mehldau.sampling import Decoder, SamplingConfig, sample_tokens
 from mehldau.tokenize.base import Tokenizer, build_tokenizer, load_tokenizer
 from mehldau.train.checkpoint import (
@@ -351,42 +352,6 @@ def prompt_tokens(tokenizer: Tokenizer, path: str | Path, seconds: float) -> np.
     return np.concatenate([tokens, shifts]).astype(tokens.dtype) if len(shifts) else tokens
 
 
-def cap_durations(score, max_seconds: float | None):
-    """Cut notes longer than `max_seconds` (Magenta's `max_note_duration`): a note-on/off
-    model sometimes never emits a note's note-off, which would otherwise ring to the end.
-    Returns (score, number of notes cut): notes closed by this safety net, not by the model."""
-    if not max_seconds:
-        return score, 0
-    secs = score.to("second")
-    cut = 0
-    for track in secs.tracks:
-        for note in track.notes:
-            if note.duration > float(max_seconds):
-                note.duration = float(max_seconds)
-                cut += 1
-    return secs.to("tick"), cut
-
-
-def generate_seconds(cfg: DictConfig, default: float = 30.0) -> float:
-    """`seconds=` of mehldau-generate, or the branch's default when it is null."""
-    return float(cfg.seconds) if cfg.get("seconds") is not None else default
-
-
-def device_for(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("device=cuda but no CUDA GPU is visible; use device=cpu")
-    return torch.device(name)
-
-
-def out_paths(out: str | Path, n: int) -> list[Path]:
-    out = Path(out).expanduser()
-    if n == 1:
-        return [out]
-    return [out.with_name(f"{out.stem}_{i + 1}{out.suffix}") for i in range(n)]
-
-
 def generate(spec: ModelSpec, cfg: DictConfig, ckpt: Path) -> list[Path]:
     device = device_for(cfg.device)
     model, tokenizer = load_model(spec, ckpt, device, force=bool(cfg.get("force", False)))
@@ -428,21 +393,6 @@ def generate(spec: ModelSpec, cfg: DictConfig, ckpt: Path) -> list[Path]:
 def _grammar(tokenizer: Tokenizer, device: torch.device) -> torch.Tensor | None:
     mask = tokenizer.next_token_mask()
     return None if mask is None else torch.as_tensor(mask, device=device)
-
-
-def write_scores(scores: list, out: str | Path, notes_cut: list[int] | None = None
-                 ) -> list[Path]:
-    """Each score to its file (FILE.mid, or FILE_1.mid, ... for several), all or none.
-    `notes_cut`: per score, the notes the `max_note_seconds` safety net closed (reported)."""
-    paths = out_paths(out, len(scores))
-    for score, path in zip(scores, paths):
-        atomic_write_midi(score, path)
-    for i, (score, path) in enumerate(zip(scores, paths)):
-        line = f"{path}: {score.note_num()} notes, {score.to('second').end():.1f} s"
-        if notes_cut is not None:
-            line += f", {notes_cut[i]} closed by the max_note_seconds cut"
-        print(line, file=sys.stderr)
-    return paths
 
 
 # --- held-out likelihood --------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Moonbeam compound tokens (spec: /work/shared/specs/moonbeam.md, sections 3.1, 3.6 and 4).
+"""Moonbeam compound tokens (spec: docs/moonbeam.md, sections 3.1, 3.6 and 4).
 
 One row of six integer attributes per note, in the reference's column order:
 
