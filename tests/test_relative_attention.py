@@ -242,3 +242,37 @@ def test_sdpa_baseline_is_skew_without_the_relative_term():
     _, past = base(x[:, :5], use_cache=True)
     y_step, _ = base(x[:, 5:6], past_kv=past)
     assert torch.allclose(y_step[:, 0], y_full[:, 5], atol=1e-5)
+
+
+def test_auto_falls_back_to_skew_once_when_flex_cannot_run(monkeypatch, capsys) -> None:
+    import mehldau.nn.relative_attention as ra
+
+    torch.manual_seed(0)
+    attn = ra.RelativeSelfAttention(16, 2, 8, impl="auto").eval()
+    skew = ra.RelativeSelfAttention(16, 2, 8, impl="skew").eval()
+    skew.load_state_dict(attn.state_dict())
+    x = torch.randn(2, 12, 16)
+    calls = []
+
+    def broken(*args):
+        calls.append(1)
+        raise RuntimeError("no Triton for this GPU\nmore lines")
+
+    monkeypatch.setattr(ra, "_FLEX_FAILURE", None)
+    monkeypatch.setattr(ra, "_flex_relative_attention", broken)
+    monkeypatch.setattr(ra, "HAS_FLEX", True)
+    monkeypatch.setattr(ra, "_fused_device", lambda x: True)  # as on a GPU: auto picks flex
+    with torch.no_grad():
+        first, _ = attn(x)
+        second, _ = attn(x)
+    monkeypatch.undo()
+    with torch.no_grad():
+        expected, _ = skew(x)
+    assert torch.allclose(first, expected, atol=1e-6) and torch.allclose(second, expected)
+    assert len(calls) == 1  # tried once, then skew directly
+    err = capsys.readouterr().err
+    assert err.count("FlexAttention path failed") == 1 and "no Triton for this GPU" in err
+    with pytest.raises(RuntimeError):  # an explicit impl='flex' is not silently replaced
+        explicit = ra.RelativeSelfAttention(16, 2, 8, impl="flex").eval()
+        monkeypatch.setattr(ra, "_flex_relative_attention", broken)
+        explicit(x)

@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-try:  # FlexAttention appeared in torch 2.5; the project floor is torch 2.4.
+try:  # FlexAttention: torch >= 2.5 (training with our learned score_mod table: >= 2.6)
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     HAS_FLEX = True
@@ -44,6 +45,22 @@ except ImportError:  # pragma: no cover - depends on the installed torch
     HAS_FLEX = False
 
 IMPLS = ("auto", "skew", "flex", "naive", "sdpa")
+
+# Why FlexAttention could not run, once it failed (e.g. no Triton for this GPU): from then on
+# impl="auto" takes the skew path, which computes the same numbers (tested equal).
+_FLEX_FAILURE: str | None = None
+
+
+def _fused_device(x: Tensor) -> bool:
+    return x.is_cuda  # compiled FlexAttention is fused on CUDA only (eager elsewhere)
+
+
+def _flex_failed(error: Exception) -> None:
+    global _FLEX_FAILURE
+    first = str(error).splitlines()[0][:200] if str(error) else ""
+    _FLEX_FAILURE = f"{type(error).__name__}: {first}"
+    print(f"attention: the fused FlexAttention path failed ({_FLEX_FAILURE}); attn_impl=auto "
+          "uses the skew path from now on (same numbers, more memory)", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,7 +248,8 @@ class RelativeSelfAttention(nn.Module):
         if self.impl != "auto":
             return self.impl
         dropout_active = self.training and self.dropout > 0.0
-        return "flex" if (x.is_cuda and HAS_FLEX and not dropout_active) else "skew"
+        usable = _fused_device(x) and HAS_FLEX and _FLEX_FAILURE is None
+        return "flex" if (usable and not dropout_active) else "skew"
 
     def _split_heads(self, t: Tensor) -> Tensor:
         B, T, _ = t.shape
@@ -280,8 +298,14 @@ class RelativeSelfAttention(nn.Module):
             if impl == "flex":
                 if dropout_p > 0.0:
                     raise ValueError("impl='flex' has no attention dropout; use 'skew'")
-                y = _flex_relative_attention(q, k, v, self.rel_emb)  # (B, H, T, Dh)
-            elif impl == "skew":
+                try:
+                    y = _flex_relative_attention(q, k, v, self.rel_emb)  # (B, H, T, Dh)
+                except Exception as e:  # compile or kernel failure: auto falls back, once
+                    if self.impl != "auto":
+                        raise
+                    _flex_failed(e)
+                    impl = "skew"
+            if impl == "skew":
                 causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # (T, T)
                 s_rel = relative_logits_skew(q, self.rel_emb)  # (B, H, T, T), junk above diag
                 # SDPA scales q.k itself and adds attn_mask afterwards, so pre-scale S_rel;
@@ -290,7 +314,7 @@ class RelativeSelfAttention(nn.Module):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
             elif impl == "sdpa":
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
-            else:  # naive
+            elif impl == "naive":
                 causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # (T, T)
                 s_rel = relative_logits_naive(q, self.rel_emb)  # (B, H, T, T)
                 att = (q @ k.transpose(-2, -1) + s_rel) * scale  # (B, H, T, T)
