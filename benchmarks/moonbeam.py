@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from branches.moonbeam_lora.recipe import model_config
 from mehldau.adapters import apply_lora
+from mehldau.branches.moonbeam_lora.recipe import model_config
 from mehldau.nn.moonbeam import MoonbeamConfig, MoonbeamForCausalLM
 from mehldau.recipes.autoregressive import adapter_config
 from mehldau.sampling import SamplingConfig

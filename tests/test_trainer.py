@@ -28,3 +28,17 @@ def test_train_config_rejects_non_positive_values() -> None:
         TrainConfig(batch_size=0)
     with pytest.raises(UserError, match="train.lr must be positive"):
         TrainConfig(lr=-1.0)
+
+
+def test_a_checkpoint_cannot_choose_the_module_we_import(tmp_path) -> None:
+    from mehldau.errors import UserError
+    from mehldau.train.checkpoint import branch_recipe
+
+    # the meta's "recipe" is never imported: only mehldau.branches.<known branch>.recipe
+    recipe = branch_recipe(tmp_path, {"branch": "production", "recipe": "antigravity"})
+    assert recipe.__name__ == "mehldau.branches.production.recipe"
+    old = branch_recipe(tmp_path, {"branch": "scg_diffusion",
+                                   "recipe": "branches.scg_diffusion.recipe"})  # older layout
+    assert old.__name__ == "mehldau.branches.scg_diffusion.recipe"
+    with pytest.raises(UserError, match="unknown branch 'os'"):
+        branch_recipe(tmp_path, {"branch": "os", "recipe": "os"})

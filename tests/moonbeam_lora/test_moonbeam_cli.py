@@ -11,8 +11,8 @@ import torch
 from conftest import make_folder
 from omegaconf import OmegaConf
 
-from branches.moonbeam_lora.recipe import fold_pedal, model_config
 from mehldau.adapters import apply_lora
+from mehldau.branches.moonbeam_lora.recipe import fold_pedal, model_config
 from mehldau.cli.generate import main as generate
 from mehldau.cli.train import main as train
 from mehldau.errors import UserError
@@ -96,7 +96,7 @@ def test_scratch_train_generate_then_lora_from_a_released_file(tmp_path: Path, c
     assert json.loads((ck / "tokenizer.json").read_text())["config"]["fold_pedal"] is False
     pointer = json.loads((ck / "base.json").read_text())
     assert pointer["path"] == str(pt.resolve())
-    from branches.moonbeam_lora.recipe import load_model
+    from mehldau.branches.moonbeam_lora.recipe import load_model
 
     merged, _ = load_model(ck)
     assert torch.equal(merged.decoder.gru.weight_hh_l0, gru_before)  # the GRU stayed frozen

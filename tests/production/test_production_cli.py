@@ -189,9 +189,11 @@ def test_generate_rejects_broken_checkpoints(trained: Path, tmp_path: Path, caps
     other = tmp_path / "other_branch"
     shutil.copytree(src, other)
     meta = json.loads((other / "meta.json").read_text())
+    # the branch named in meta.json picks the recipe (its "recipe" entry is never imported),
+    # and that recipe refuses what it cannot use
     (other / "meta.json").write_text(json.dumps({**meta, "branch": "scg_diffusion",
-                                                 "recipe": "branches.production.recipe"}))
-    assert "from branch 'scg_diffusion'" in _gen_error([f"ckpt={other}", f"out={out}"], capsys)
+                                                 "recipe": "mehldau.branches.production.recipe"}))
+    assert "is the pretrain stage" in _gen_error([f"ckpt={other}", f"out={out}"], capsys)
     assert "from branch 'scg_diffusion', not 'production'" in _gen_error(
         [f"ckpt={other}", f"out={out}", "branch=production"], capsys)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import MICRO, make_folder
 
-from branches.production.recipe import load_model
+from mehldau.branches.production.recipe import load_model
 from mehldau.cli.generate import main as generate
 from mehldau.cli.train import main as train
 from mehldau.constants import IGNORE_INDEX

@@ -20,16 +20,21 @@ from mehldau.errors import UserError
 
 
 def config_dir() -> Path:
-    """The repository's `configs/` (editable install), or `$MEHLDAU_CONFIG_DIR`."""
+    """`$MEHLDAU_CONFIG_DIR`, else the config tree installed with the package (`mehldau.configs`:
+    the repository's `configs/` in an editable install, a copy inside a wheel)."""
     env = os.environ.get("MEHLDAU_CONFIG_DIR")
     if env:
         return Path(env).expanduser().resolve()
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        if (parent / "configs" / "train.yaml").is_file():
-            return parent / "configs"
-    raise UserError("cannot find the configs/ folder; install with `pip install -e .` from the "
-                    "repository or set MEHLDAU_CONFIG_DIR")
+    from importlib.resources import files
+
+    try:
+        tree = Path(str(files("mehldau.configs")))
+    except ModuleNotFoundError:
+        tree = None
+    if tree is None or not (tree / "train.yaml").is_file():
+        raise UserError("cannot find mehldau's configs; reinstall mehldau (pip install .) or set "
+                        "MEHLDAU_CONFIG_DIR to a copy of its configs/ folder")
+    return tree
 
 
 def compose(config_name: str, overrides: Sequence[str]) -> DictConfig:

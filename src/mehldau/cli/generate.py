@@ -6,12 +6,11 @@ loads the model and tokenizer saved beside the weights and writes the files.
 
 from __future__ import annotations
 
-import importlib
 import sys
 
 from mehldau.cli.common import compose_or_show, require, run_cli
 from mehldau.errors import UserError
-from mehldau.train.checkpoint import read_meta, resolve_checkpoint
+from mehldau.train.checkpoint import branch_recipe, read_meta, resolve_checkpoint
 
 USAGE = """usage: mehldau-generate ckpt=RUN_OR_CHECKPOINT out=FILE.mid [key=value ...]
 
@@ -43,12 +42,7 @@ def _main(args: list[str]) -> int:
     if wanted is not None and wanted != branch:
         raise UserError(f"checkpoint {ckpt} is from branch '{branch}', not '{wanted}'; "
                         f"drop branch= or pass a {wanted} checkpoint")
-    recipe_name = meta.get("recipe") or f"branches.{branch}.recipe"
-    try:
-        recipe = importlib.import_module(recipe_name)
-    except ModuleNotFoundError as e:
-        raise UserError(f"checkpoint {ckpt} names unknown branch '{branch}'; it was not written "
-                        "by this version of mehldau") from e
+    recipe = branch_recipe(ckpt, meta)
     for path in recipe.generate(cfg, ckpt):
         print(f"wrote {path}")
     return 0

@@ -5,11 +5,10 @@ The result loads, generates and can be adapted again without peft or the base on
 
 from __future__ import annotations
 
-import importlib
 import sys
 
 from mehldau.cli.common import compose_or_show, require, run_cli
-from mehldau.train.checkpoint import read_meta, resolve_checkpoint
+from mehldau.train.checkpoint import branch_recipe, resolve_checkpoint
 
 USAGE = """usage: mehldau-merge ckpt=ADAPTER_RUN_OR_CHECKPOINT out=DIR [force=true]"""
 
@@ -20,9 +19,7 @@ def _main(args: list[str]) -> int:
         return 0
     require(cfg, "ckpt", "out")
     ckpt = resolve_checkpoint(cfg.ckpt)
-    meta = read_meta(ckpt)
-    recipe = importlib.import_module(meta.get("recipe") or f"branches.{meta.get('branch')}.recipe")
-    print(f"wrote {recipe.merge_checkpoint(cfg, ckpt)}")
+    print(f"wrote {branch_recipe(ckpt).merge_checkpoint(cfg, ckpt)}")
     return 0
 
 

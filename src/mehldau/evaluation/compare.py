@@ -45,9 +45,8 @@ from mehldau.evaluation.features import FEATURES, Notes, cut, read_notes
 from mehldau.evaluation.likelihood import POLICY, PieceScore, summarize
 from mehldau.io import atomic_dir
 from mehldau.metrics import midi_files
-from mehldau.train.checkpoint import read_meta, resolve_checkpoint
+from mehldau.train.checkpoint import BRANCHES, read_meta, resolve_checkpoint
 
-BRANCHES = ("production", "perceiver_mt", "moonbeam_lora", "scg_diffusion")
 SUMMARY_METRICS = ("pitch_class_entropy", "scale_consistency", "polyphony", "polyphony_rate",
                    "pitch_range", "notes_per_second", "sliding_pitch_class_entropy")
 
@@ -102,8 +101,7 @@ def load_runs(paths: Sequence[str]) -> list[Run]:
         name = path.name if path.name not in names else f"{path.name}-{len(runs)}"
         names.add(name)
         mpath = find_manifest(ckpt)
-        runs.append(Run(name, path, ckpt, branch, meta.get("recipe") or
-                        f"branches.{branch}.recipe",
+        runs.append(Run(name, path, ckpt, branch, f"mehldau.branches.{branch}.recipe",
                         read_manifest(mpath) if mpath is not None else None))
     return runs
 

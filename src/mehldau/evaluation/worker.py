@@ -9,7 +9,6 @@ resident set only grows) and no branch's state (seeds, caches, threads) leaks in
 
 from __future__ import annotations
 
-import importlib
 import json
 import resource
 import sys
@@ -21,7 +20,7 @@ import torch
 from mehldau.cli.common import compose
 from mehldau.errors import UserError
 from mehldau.io import atomic_file
-from mehldau.train.checkpoint import resolve_checkpoint
+from mehldau.train.checkpoint import branch_recipe, resolve_checkpoint
 
 
 def _generate_config(job: dict, prompt: dict, out: Path):
@@ -43,7 +42,7 @@ def _generate_config(job: dict, prompt: dict, out: Path):
 
 def run(job: dict) -> dict:
     ckpt = resolve_checkpoint(job["ckpt"])
-    recipe = importlib.import_module(job["recipe"])
+    recipe = branch_recipe(ckpt)
     device = job["device"]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -13,6 +13,7 @@ a half checkpoint that `latest_checkpoint` would pick up):
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from mehldau.io import atomic_dir
 
 WEIGHTS = "model.safetensors"
 META = "meta.json"
+BRANCHES = ("production", "perceiver_mt", "moonbeam_lora", "scg_diffusion")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -132,3 +134,18 @@ def load_weights(model: torch.nn.Module, ckpt: Path, branch: str) -> None:
     if extra:
         raise UserError(f"checkpoint {ckpt} has unexpected weight '{extra[0]}'; wrong branch?")
     model.load_state_dict(state, strict=True)
+
+
+def branch_recipe(ckpt: Path, meta: dict[str, Any] | None = None):
+    """The installed recipe module of the branch a checkpoint names.
+
+    The module is always `mehldau.branches.<branch>.recipe` for one of `BRANCHES`, never a
+    module name read from the checkpoint, so a downloaded run directory cannot make us import
+    code of its choosing (older checkpoints named `branches.<branch>.recipe`; the branch is
+    what counts)."""
+    meta = read_meta(ckpt) if meta is None else meta
+    branch = meta.get("branch")
+    if branch not in BRANCHES:
+        raise UserError(f"checkpoint {ckpt} names unknown branch '{branch}'; it was not written "
+                        f"by mehldau (branches: {', '.join(BRANCHES)})")
+    return importlib.import_module(f"mehldau.branches.{branch}.recipe")
