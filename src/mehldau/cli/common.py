@@ -37,6 +37,13 @@ def config_dir() -> Path:
     return tree
 
 
+def finalize(cfg: DictConfig) -> None:
+    """Resolve interpolations and fill the defaults that depend on the machine."""
+    OmegaConf.resolve(cfg)
+    if "cache_dir" in cfg and cfg.cache_dir is None:
+        cfg.cache_dir = str(Path("~/.cache/mehldau").expanduser())
+
+
 def compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -48,9 +55,7 @@ def compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
     try:
         with initialize_config_dir(str(config_dir()), version_base="1.3"):
             cfg = hydra_compose(config_name, overrides=list(overrides))
-        OmegaConf.resolve(cfg)
-        if "cache_dir" in cfg and cfg.cache_dir is None:
-            cfg.cache_dir = str(Path("~/.cache/mehldau").expanduser())
+        finalize(cfg)
     except HydraException as e:
         msg = str(e) or str(e.__cause__ or "") or type(e).__name__
         raise UserError(_one_line_hydra_error(msg)) from e
