@@ -12,7 +12,7 @@ MIDI files (generated, or the human reference) over a time span of each:
   falls in the span (durations are not clipped at its end).
 
 Notes are read as every tokenizer of this project reads them: the piano-family tracks when
-the file has any, the sustain pedal folded into note ends (`PerformanceTokenizer`'s rule), so
+the file has any, the sustain pedal folded into note ends (`mehldau.tokenize.notes`), so
 the reference is measured on the same notes the models learn from. Pooling over the set
 (rather than averaging per file) weights every second of music equally.
 
@@ -29,11 +29,10 @@ from pathlib import Path
 import numpy as np
 import symusic
 
-from mehldau.tokenize.performance import PerformanceTokenizer
+from mehldau.tokenize.notes import score_notes
 
 FRAMES_PER_SECOND = 100
 LONG_NOTE_SECONDS = 2.0
-_NOTES = PerformanceTokenizer()  # only its note extraction is used (tracks, pedal folding)
 
 
 @dataclass
@@ -59,7 +58,7 @@ def read_notes(source: str | Path | symusic.Score, fold_pedal: bool = True
         score = score.copy()
         for track in score.tracks:
             track.controls.clear()
-    start, end, _, _ = _NOTES.score_notes(score)
+    start, end, _, _ = score_notes(score)
     return np.asarray(start, np.float64), np.asarray(end, np.float64)
 
 

@@ -24,14 +24,13 @@ import numpy as np
 import symusic
 
 from mehldau.metrics import sounding  # 10 ms frames, the rule of the note statistics
-from mehldau.tokenize.performance import PerformanceTokenizer
+from mehldau.tokenize.notes import score_notes
 
 # Note-length bins: 13 log-spaced edges 0.02 s .. 8 s (ratio ~1.65 per bin); lengths outside
 # are counted in the end bins, so a smeared 20 s note still registers as "very long".
 LENGTH_EDGES = np.geomspace(0.02, 8.0, 13)
 MUSPY_RESOLUTION = 50  # ticks per beat; at MUSPY_QPM = 120 that is 100 ticks per second
 MUSPY_QPM = 120.0
-_EXTRACTOR = PerformanceTokenizer()  # only its note extraction is used
 
 
 @dataclass
@@ -81,7 +80,7 @@ def read_notes(source: str | Path | symusic.Score, start: float = 0.0,
         score = score.copy()
         for track in score.tracks:
             track.controls.clear()
-    return cut(Notes.from_arrays(*_EXTRACTOR.score_notes(score)), start, seconds)
+    return cut(Notes.from_arrays(*score_notes(score)), start, seconds)
 
 
 def _scalar(x: float) -> np.ndarray:

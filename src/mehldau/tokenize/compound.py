@@ -49,6 +49,7 @@ import symusic
 
 from mehldau.errors import UserError
 from mehldau.tokenize.base import Tokenizer, register
+from mehldau.tokenize.notes import SUSTAIN_CC, fold_pedal, pedal_spans
 
 SOS, EOS, PAD = -1, -2, -3  # row markers: the row is the value repeated six times
 SOS_OUT_ID = 0  # flat id fed as the first GRU input, column 0 of every label row
@@ -57,7 +58,6 @@ OCTAVE_VOCAB, PITCH_CLASS_VOCAB, INSTRUMENT_VOCAB, VELOCITY_VOCAB = 13, 14, 131,
 DRUM_INSTRUMENT = 128
 _DECODE_TPQ = 50  # with 120 BPM one tick is 10 ms, as the reference's compound_to_midi
 _DECODE_QPM = 120.0
-_SUSTAIN_CC = 64
 _LONG_GAP = ("split", "clamp", "drop")
 # Per released checkpoint (spec section 2, "Per-config values").
 PRESETS: dict[str, dict[str, int]] = {
@@ -389,12 +389,10 @@ def _clean_rows(tokens: Any) -> np.ndarray:
 
 
 def _fold_track_pedal(track: symusic.Track, start: np.ndarray, end: np.ndarray) -> np.ndarray:
-    from mehldau.tokenize.performance import _fold_pedal, _pedal_spans
-
     controls = track.controls.numpy()
-    pedal = controls["number"] == _SUSTAIN_CC
+    pedal = controls["number"] == SUSTAIN_CC
     if not pedal.any():
         return end
     piece_end = float(max(np.max(end, initial=0.0), np.max(controls["time"][pedal])))
-    down, up = _pedal_spans(controls["time"][pedal], controls["value"][pedal], piece_end)
-    return _fold_pedal(end, down, up)
+    down, up = pedal_spans(controls["time"][pedal], controls["value"][pedal], piece_end)
+    return fold_pedal(end, down, up)

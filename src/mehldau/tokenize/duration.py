@@ -57,11 +57,11 @@ import symusic
 
 from mehldau.errors import UserError
 from mehldau.tokenize.base import Tokenizer, register
+from mehldau.tokenize.notes import piano_score
 from mehldau.tokenize.performance import (
     PerformanceConfig,
     PerformanceTokenizer,
     clean_ids,
-    piano_score,
     split_ends,
     write_time_shifts,
 )

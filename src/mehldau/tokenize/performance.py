@@ -47,12 +47,10 @@ import symusic
 
 from mehldau.errors import UserError
 from mehldau.tokenize.base import Tokenizer, register
+from mehldau.tokenize.notes import piano_score, score_notes
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 _NUM_SPECIAL = 3
-_SUSTAIN_CC = 64
-_PIANO_PROGRAMS = range(0, 8)  # General MIDI piano family
-_DECODE_QPM = 120.0
 _DEFAULT_VELOCITY = 64  # for note-ons decoded before any VELOCITY event
 
 
@@ -211,45 +209,9 @@ class PerformanceTokenizer(Tokenizer):
                                 self.velocity_to_bin(velocity) if bins else velocity)
 
     def score_notes(self, score: symusic.Score) -> tuple[np.ndarray, ...]:
-        """Notes of all non-drum tracks in seconds, sustain pedal folded into their ends:
-        (start, end, pitch, velocity). The note extraction every tokenizer here shares."""
-        score = score.to("second")
-        tracks = []
-        for track in score.tracks:
-            if track.is_drum:
-                continue
-            notes, controls = track.notes.numpy(), track.controls.numpy()
-            pedal = controls["number"] == _SUSTAIN_CC
-            tracks.append((track.program, notes, controls["time"][pedal], controls["value"][pedal]))
-        if not tracks:
-            return tuple(np.zeros(0) for _ in range(4))
-        # An unreleased pedal lasts until the last note or controller event of the piece.
-        piece_end = max(
-            [float(np.max(n["time"] + n["duration"], initial=0.0)) for _, n, _, _ in tracks]
-            + [float(np.max(t, initial=0.0)) for _, _, t, _ in tracks])
-        spans = [_pedal_spans(t, v, piece_end) for _, _, t, v in tracks]
-        shared = None
-        if self.config.shared_pedal:
-            pedal_only = [i for i, (_, n, _, _) in enumerate(tracks)
-                          if len(n["time"]) < len(spans[i][0])]
-            if pedal_only:
-                shared = _union_spans([spans[i] for i in pedal_only])
-        keep_piano = self.config.piano_only and any(
-            program in _PIANO_PROGRAMS and len(n["time"]) for program, n, _, _ in tracks)
-        starts, ends, pitches, velocities = [], [], [], []
-        for (program, notes, _, _), (down, up) in zip(tracks, spans):
-            if keep_piano and program not in _PIANO_PROGRAMS:
-                continue
-            if shared is not None and len(down) == 0 and program in _PIANO_PROGRAMS:
-                down, up = shared
-            s = notes["time"].astype(np.float64)
-            e = s + notes["duration"].astype(np.float64)
-            starts.append(s)
-            ends.append(_fold_pedal(e, down, up))
-            pitches.append(notes["pitch"].astype(np.int64))
-            velocities.append(notes["velocity"].astype(np.int64))
-        return (np.concatenate(starts), np.concatenate(ends), np.concatenate(pitches),
-                np.concatenate(velocities))
+        """Notes in seconds, pedal folded: `mehldau.tokenize.notes.score_notes` with this
+        tokenizer's `piano_only` and `shared_pedal`."""
+        return score_notes(score, self.config.piano_only, self.config.shared_pedal)
 
     def clean_notes(self, start: np.ndarray, end: np.ndarray, pitch: np.ndarray,
                      vbin: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -418,61 +380,6 @@ def write_time_shifts(out: np.ndarray, first: np.ndarray, gap: np.ndarray,
     has = num_shifts > 0
     last = gap[has] - (num_shifts[has] - 1) * max_shift  # 1..max_shift
     out[first[has] + num_shifts[has] - 1] = offset + last - 1
-
-
-def piano_score(start: np.ndarray, end: np.ndarray, pitch: np.ndarray, velocity: np.ndarray,
-                ticks_per_step: int, tpq: int) -> symusic.Score:
-    """Notes on a step grid -> a one-track piano Score at 120 BPM (what every decoder writes)."""
-    order = np.lexsort((pitch, start))
-    score = symusic.Score(tpq)
-    score.tempos.append(symusic.Tempo(0, _DECODE_QPM))
-    track = symusic.Track(name="Piano", program=0, is_drum=False)
-    track.notes = symusic.Note.from_numpy(
-        time=(start[order] * ticks_per_step).astype(np.int32),
-        duration=((end - start)[order] * ticks_per_step).astype(np.int32),
-        pitch=pitch[order].astype(np.int8),
-        velocity=velocity[order].astype(np.int8),
-    )
-    score.tracks.append(track)
-    return score
-
-
-def _pedal_spans(times: np.ndarray, values: np.ndarray, piece_end: float
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """CC64 events -> (press times, release times); value >= 64 is down."""
-    order = np.argsort(times, kind="stable")
-    t = times[order].astype(np.float64)
-    down = values[order] >= 64
-    was_down = np.concatenate([[False], down[:-1]])
-    press, release = t[down & ~was_down], t[~down & was_down]
-    if len(release) < len(press):  # still down at the end
-        release = np.append(release, max(piece_end, press[-1]))
-    return press, release
-
-
-def _union_spans(spans: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    if len(spans) == 1:
-        return spans[0]
-    down = np.concatenate([d for d, _ in spans])
-    up = np.concatenate([u for _, u in spans])
-    order = np.argsort(down, kind="stable")
-    down, up = down[order], np.maximum.accumulate(up[order])
-    new = np.ones(len(down), bool)
-    new[1:] = down[1:] > up[:-1]  # a press after every earlier span ended starts a new span
-    group = np.cumsum(new) - 1
-    ends = np.zeros(int(new.sum()))
-    np.maximum.at(ends, group, up)
-    return down[new], ends
-
-
-def _fold_pedal(end: np.ndarray, down: np.ndarray, up: np.ndarray) -> np.ndarray:
-    """Move each note end that falls while the pedal is down to the pedal release."""
-    if len(down) == 0 or len(end) == 0:
-        return end
-    i = np.searchsorted(down, end, side="right") - 1
-    j = np.maximum(i, 0)
-    held = (i >= 0) & (end < up[j])
-    return np.where(held, up[j], end)
 
 
 def _keep_notes_open(time: np.ndarray, pitch: np.ndarray, is_on: np.ndarray, pos: np.ndarray

@@ -48,7 +48,8 @@ import torch
 
 from mehldau.errors import UserError
 from mehldau.tokenize.base import Tokenizer, register
-from mehldau.tokenize.performance import PerformanceConfig, PerformanceTokenizer, piano_score
+from mehldau.tokenize.notes import piano_score
+from mehldau.tokenize.performance import PerformanceConfig, PerformanceTokenizer
 
 MIN_PITCH, MAX_PITCH = 21, 108  # A0..C8
 NUM_KEYS = MAX_PITCH - MIN_PITCH + 1  # 88
