@@ -28,6 +28,23 @@ class CausalLMOutput:
     past_key_values: list[KV] | None = None
 
 
+def decoder_parts(cfg) -> tuple[nn.Embedding, nn.Dropout, nn.ModuleList, nn.LayerNorm,
+                                nn.Linear]:
+    """The frame both id-based decoders share (Music Transformer, Perceiver AR): token
+    embedding, embedding dropout, `n_layers` relative-attention Blocks, final norm, output head
+    (untied). A builder, not a block: it reads the model config's fields by name (vocab_size,
+    d_model, n_heads, d_ff, n_layers, max_relative_position, dropout, attn_dropout,
+    activation, attn_impl); built in this order, so parameter names and initial values are
+    what each model had when it built them itself."""
+    embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+    drop = nn.Dropout(cfg.dropout)
+    layers = nn.ModuleList(
+        Block(cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.max_relative_position, cfg.dropout,
+              cfg.attn_dropout, cfg.activation, cfg.attn_impl) for _ in range(cfg.n_layers))
+    return embed, drop, layers, nn.LayerNorm(cfg.d_model), nn.Linear(cfg.d_model,
+                                                                      cfg.vocab_size, bias=False)
+
+
 def init_weights(model: nn.Module, n_layers: int) -> None:
     """GPT-2's init: normal(0.02) weights, zero biases, and residual output projections
     scaled by 1/sqrt(2 * n_layers) so early activations stay bounded with depth."""

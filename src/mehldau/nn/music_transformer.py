@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mehldau.nn.blocks import Block, CausalLMOutput, KVCache, init_weights
+from mehldau.nn.blocks import CausalLMOutput, KVCache, decoder_parts, init_weights
 
 
 @dataclass
@@ -60,13 +60,7 @@ class MusicTransformer(nn.Module):
     def __init__(self, cfg: MusicTransformerConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(
-            Block(cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.max_relative_position, cfg.dropout,
-                  cfg.attn_dropout, cfg.activation, cfg.attn_impl) for _ in range(cfg.n_layers))
-        self.norm = nn.LayerNorm(cfg.d_model)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.embed_tokens, self.drop, self.layers, self.norm, self.lm_head = decoder_parts(cfg)
         init_weights(self, cfg.n_layers)
 
     def forward(

@@ -42,7 +42,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from mehldau.constants import IGNORE_INDEX
-from mehldau.nn.blocks import Block, CausalLMOutput, KVCache, init_weights
+from mehldau.nn.blocks import CausalLMOutput, KVCache, decoder_parts, init_weights
 from mehldau.tokenize.base import Tokenizer
 
 
@@ -100,14 +100,8 @@ class PerceiverAR(nn.Module):
     def __init__(self, cfg: PerceiverARConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.drop = nn.Dropout(cfg.dropout)
-        # One block type for all layers: layer 0 is used through `Block.cross`.
-        self.layers = nn.ModuleList(
-            Block(cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.max_relative_position, cfg.dropout,
-                  cfg.attn_dropout, cfg.activation, cfg.attn_impl) for _ in range(cfg.n_layers))
-        self.norm = nn.LayerNorm(cfg.d_model)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # Layer 0 of Perceiver AR is used through `Block.cross`: one block type for all.
+        self.embed_tokens, self.drop, self.layers, self.norm, self.lm_head = decoder_parts(cfg)
         init_weights(self, cfg.n_layers)
 
     def _key_keep(self, attention_mask: Tensor | None, n_latents: int, x: Tensor
