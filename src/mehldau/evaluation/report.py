@@ -23,7 +23,6 @@ from omegaconf import DictConfig, OmegaConf
 from mehldau.evaluation.features import FEATURES, read_notes
 
 SOUNDFONTS = ("/usr/share/sounds/sf2/FluidR3_GM.sf2", "/usr/share/sounds/sf2/default-GM.sf2")
-HIGHER = {"oa"}  # better when higher; everything else in the main table: lower or nearest
 
 
 def _ci(v, fmt: str = "{:.3f}") -> str:

@@ -35,8 +35,8 @@ from mehldau.constants import IGNORE_INDEX
 from mehldau.errors import UserError
 from mehldau.nn.blocks import KV
 
-ATTRIBUTES = ("onset", "dur", "octave", "pitch", "instrument", "velocity")  # input columns
-FME_ATTRIBUTES = ("onset", "dur", "octave", "pitch", "velocity")
+# Input columns: onset, duration, octave, pitch class, instrument, velocity; all but the
+# instrument go through a Fundamental Music Embedding (docs/moonbeam.md §3.2).
 SOS, EOS, PAD = -1, -2, -3  # special values of a whole input row (detected on onset only)
 EOS_POSITION = 2**15  # every rotary position of an EOS row (§3.3 step 2)
 
