@@ -20,14 +20,12 @@ from __future__ import annotations
 import json
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 
-from mehldau.data.corpus import build_corpus, file_hash
 from mehldau.data.rolls import (
     LatentCropDataset,
     RollCropDataset,
@@ -36,8 +34,6 @@ from mehldau.data.rolls import (
     count_latent_rows,
     encode_rolls,
 )
-from mehldau.data.sources import pieces_from_config
-from mehldau.data.splits import MANIFEST, splits_for_run
 from mehldau.errors import UserError
 from mehldau.generation import device_for, generate_seconds, write_scores
 from mehldau.guidance.rules import (
@@ -55,15 +51,21 @@ from mehldau.guidance.stochastic_control_guidance import SCGConfig, scg_sample
 from mehldau.io import atomic_file, atomic_write_midi
 from mehldau.nn.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
 from mehldau.nn.vqvae import VQVAE, VQVAEConfig, note_f1
+from mehldau.recipes.run import (
+    checkpoint_extras,
+    metrics_file,
+    run_corpus,
+    run_dir_for,
+    run_pieces,
+)
 from mehldau.tokenize.base import Tokenizer, build_tokenizer, load_tokenizer
 from mehldau.tokenize.pianoroll import tensor_to_roll
 from mehldau.train.checkpoint import (
-    checkpoint_dirs,
     load_weights,
     read_meta,
     resolve_checkpoint,
 )
-from mehldau.train.loggers import MetricsFile, make_logger
+from mehldau.train.loggers import make_logger
 from mehldau.train.trainer import TrainConfig, fit, make_accelerator
 
 BRANCH = "scg_diffusion"
@@ -124,11 +126,7 @@ def train(cfg: DictConfig) -> Path:
     if cfg.style.enabled:
         raise UserError("scg_diffusion has no style conditioning; drop style.enabled")
     tcfg = train_config(cfg, stage)
-    run_dir = Path(cfg.run_dir or f"runs/{BRANCH}/{stage}-{datetime.now():%Y%m%d-%H%M%S}"
-                   ).expanduser()
-    if checkpoint_dirs(run_dir) and not tcfg.resume:
-        raise UserError(f"{run_dir} already has checkpoints; add train.resume=true to continue "
-                        "it or choose another run_dir")
+    run_dir = run_dir_for(cfg, f"{BRANCH}/{stage}-", tcfg.resume)
     if stage == "autoencoder":
         if cfg.init is not None:
             raise UserError("stage=autoencoder trains from scratch; drop init= (init= is for "
@@ -143,21 +141,15 @@ def train(cfg: DictConfig) -> Path:
         dcfg = diffusion_config(cfg, ae_cfg)  # validated before anything is written
         frames = dcfg.frames
 
-    pieces = pieces_from_config(cfg.data, cfg.cache_dir, cfg.split.ratios, cfg.split.seed)
     # The diffusion stage keeps its autoencoder's splits unless told otherwise: a latent
     # model must not be validated on pieces its autoencoder learned to reconstruct.
-    pieces, rule = splits_for_run(pieces, cfg.split.get("manifest"), base, bool(cfg.force),
-                                  file_hash)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    corpus = build_corpus(pieces, tokenizer, run_dir, cfg.cache_dir,
-                          {**rule, **OmegaConf.to_container(cfg.split, resolve=True)})
+    corpus = run_corpus(cfg, run_pieces(cfg), tokenizer, run_dir, base)
     rolls = {s: corpus.sequences(s) for s in corpus.splits}
     aug = cfg.augment
-    metrics = MetricsFile(run_dir / "metrics.jsonl")
-    if not tcfg.resume or not metrics.path.exists():
-        all_rolls = [r for s in corpus.splits for r in corpus.sequences(s)]
-        metrics.write({"step": 0, "split": "corpus", "frames": int(sum(map(len, all_rolls))),
-                       "pieces": len(all_rolls), "skipped": len(corpus.skipped)})
+    all_rolls = [r for s in corpus.splits for r in corpus.sequences(s)]
+    metrics, _ = metrics_file(run_dir, tcfg.resume, {
+        "frames": int(sum(map(len, all_rolls))), "pieces": len(all_rolls),
+        "skipped": len(corpus.skipped)})
     accelerator = make_accelerator(tcfg.mixed_precision)
     set_seed(cfg.seed)
     val_windows = RollWindowDataset(rolls["val"], frames) if rolls["val"] else None
@@ -191,13 +183,7 @@ def train(cfg: DictConfig) -> Path:
     print(f"model: {BRANCH} {stage}, {n / 1e6:.2f}M trainable parameters", file=sys.stderr)
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
-
-    def write_extra(d: Path) -> None:
-        OmegaConf.save(OmegaConf.create(resolved), d / "config.yaml")
-        tokenizer.save(d / "tokenizer.json")
-        (d / "model_config.json").write_text(json.dumps(model_dict, indent=2))
-        (d / MANIFEST).write_text((run_dir / MANIFEST).read_text())  # travels with weights
-
+    write_extra = checkpoint_extras(cfg, tokenizer, model_dict, run_dir)
     meta = {"branch": BRANCH, "recipe": __name__, "model": type(model).__name__,
             "stage": stage}
     if base is not None:

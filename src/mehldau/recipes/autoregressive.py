@@ -16,7 +16,6 @@ import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,24 +35,29 @@ from mehldau.adapters import (
     save_adapter,
     trainable_parameters,
 )
-from mehldau.data.corpus import BadMidi, build_corpus, file_hash, read_score, unigram_entropy
+from mehldau.data.corpus import BadMidi, read_score, unigram_entropy
 from mehldau.data.dataset import add_bos_eos
-from mehldau.data.sources import pieces_from_config
-from mehldau.data.splits import MANIFEST, splits_for_run
+from mehldau.data.splits import MANIFEST
 from mehldau.errors import UserError
 from mehldau.generation import cap_durations, device_for, generate_seconds, write_scores
 from mehldau.io import atomic_dir
+from mehldau.recipes.run import (
+    checkpoint_extras,
+    metrics_file,
+    run_corpus,
+    run_dir_for,
+    run_pieces,
+)
 from mehldau.sampling import Decoder, SamplingConfig, sample_tokens
 from mehldau.tokenize.base import Tokenizer, build_tokenizer, load_tokenizer
 from mehldau.train.checkpoint import (
     WEIGHTS,
-    checkpoint_dirs,
     load_weights,
     read_meta,
     resolve_checkpoint,
     save_weights,
 )
-from mehldau.train.loggers import MetricsFile, make_logger
+from mehldau.train.loggers import make_logger
 from mehldau.train.trainer import TrainConfig, evaluate, fit, make_accelerator
 
 
@@ -116,15 +120,12 @@ def train(spec: ModelSpec, cfg: DictConfig) -> Path:
         tcfg = TrainConfig(**OmegaConf.to_container(cfg.train, resolve=True))
     except TypeError as e:
         raise UserError(f"bad train config: {e}; see configs/train/default.yaml") from e
-    run_dir = Path(cfg.run_dir or f"runs/{spec.branch}/{datetime.now():%Y%m%d-%H%M%S}").expanduser()
-    if checkpoint_dirs(run_dir) and not tcfg.resume:
-        raise UserError(f"{run_dir} already has checkpoints; add train.resume=true to continue "
-                        "it or choose another run_dir")
+    run_dir = run_dir_for(cfg, f"{spec.branch}/", tcfg.resume)
     if cfg.stage not in ("pretrain", "adapt"):
         raise UserError(f"unknown stage '{cfg.stage}'; use stage=pretrain or stage=adapt")
     adapt = cfg.stage == "adapt"
     base_ckpt = None
-    pieces = pieces_from_config(cfg.data, cfg.cache_dir, cfg.split.ratios, cfg.split.seed)
+    pieces = run_pieces(cfg)
     styles = sorted({_style_of(p, cfg) for p in pieces}) if cfg.style.enabled else []
     if adapt:
         base_ckpt, tokenizer, mcfg = _adapt_base(spec, cfg)
@@ -144,28 +145,20 @@ def train(spec: ModelSpec, cfg: DictConfig) -> Path:
         tokenizer = build_tokenizer(cfg.branch.tokenizer.name,
                                     {**tok_cfg, "styles": styles} if styles else tok_cfg)
         mcfg = model_config(spec, cfg, tokenizer)  # validated before anything is written
-    pieces, rule = splits_for_run(pieces, cfg.split.get("manifest"), base_ckpt,
-                                  bool(cfg.force), file_hash)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    corpus = build_corpus(pieces, tokenizer, run_dir, cfg.cache_dir,
-                          {**rule, **OmegaConf.to_container(cfg.split, resolve=True)})
+    corpus = run_corpus(cfg, pieces, tokenizer, run_dir, base_ckpt)
     frame = spec.frame or add_bos_eos
     seqs = {s: [frame(x, tokenizer) for x in corpus.sequences(s)] for s in corpus.splits}
     if not seqs["train"]:
         raise UserError("the training split is empty; use more files or change split.ratios")
-    metrics = MetricsFile(run_dir / "metrics.jsonl")
-    fresh = not tcfg.resume or not metrics.path.exists()
-    if fresh:
-        # The no-context baseline is fitted on the training split alone: a baseline that has
-        # seen the val/test tokens' frequencies would flatter itself.
-        train_seqs = corpus.sequences("train")
-        baseline = (spec.baseline(train_seqs, tokenizer) if spec.baseline is not None
-                    else unigram_entropy(train_seqs, tokenizer.vocab_size))
-        all_seqs = [x for s in corpus.splits for x in corpus.sequences(s)]
-        metrics.write(
-            {"step": 0, "split": "corpus", "unigram_entropy": baseline,
-             "baseline_from": "train", "tokens": int(sum(len(x) for x in all_seqs)),
-             "pieces": len(all_seqs), "skipped": len(corpus.skipped)})
+    # The no-context baseline is fitted on the training split alone: a baseline that has seen
+    # the val/test tokens' frequencies would flatter itself.
+    train_seqs = corpus.sequences("train")
+    all_seqs = [x for s in corpus.splits for x in corpus.sequences(s)]
+    metrics, fresh = metrics_file(run_dir, tcfg.resume, {
+        "unigram_entropy": spec.baseline(train_seqs, tokenizer) if spec.baseline is not None
+        else unigram_entropy(train_seqs, tokenizer.vocab_size),
+        "baseline_from": "train", "tokens": int(sum(len(x) for x in all_seqs)),
+        "pieces": len(all_seqs), "skipped": len(corpus.skipped)})
 
     set_seed(cfg.seed)
     if base_ckpt is not None and base_ckpt.is_file():
@@ -200,13 +193,7 @@ def train(spec: ModelSpec, cfg: DictConfig) -> Path:
         model, hooks = _with_adapter(model, acfg, base_ckpt, accelerator.device)
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
-
-    def write_extra(d: Path) -> None:
-        OmegaConf.save(OmegaConf.create(resolved), d / "config.yaml")
-        tokenizer.save(d / "tokenizer.json")
-        (d / "model_config.json").write_text(json.dumps(mcfg.to_dict(), indent=2))
-        (d / MANIFEST).write_text((run_dir / MANIFEST).read_text())  # travels with weights
-
+    write_extra = checkpoint_extras(cfg, tokenizer, mcfg.to_dict(), run_dir)
     meta = {"branch": spec.branch, "recipe": spec.recipe,
             "model": spec.model_class.__name__, "stage": cfg.stage}
     if adapt:
