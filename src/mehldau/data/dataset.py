@@ -53,7 +53,29 @@ def _pad_pair(window: np.ndarray, length: int, pad_id: int, prefix: np.ndarray |
     return {"input_ids": torch.from_numpy(x), "labels": torch.from_numpy(y)}
 
 
-class RandomCropDataset(Dataset):
+class CropDataset(Dataset):
+    """What every training crop dataset shares: item i is a pure function of (seed, i), so a
+    resumed run needs only a sample counter (`CounterSampler`) and never runs out (`len` is
+    2**62); each item draws its piece with probability proportional to the piece's length, so
+    every second of music is equally likely to be trained on. Subclasses crop, augment and
+    trim; they call `_init_crops(lengths, seed)`, then `_rng(index)` and `_pick(rng)`."""
+
+    def _init_crops(self, lengths: Sequence[float], seed: int) -> None:
+        lengths = np.asarray(lengths, dtype=np.float64)
+        self.probs = lengths / lengths.sum()
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return 2**62  # indexed by a global sample counter, never exhausted
+
+    def _rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, index])
+
+    def _pick(self, rng: np.random.Generator) -> int:
+        return int(rng.choice(len(self.probs), p=self.probs))
+
+
+class RandomCropDataset(CropDataset):
     """Random crops of `context_len + 1` tokens, chosen with probability ∝ piece length, each
     position of a piece covered about equally often (`crop_start`).
 
@@ -79,19 +101,14 @@ class RandomCropDataset(Dataset):
         self.prefixes = list(prefixes) if prefixes is not None else None
         self.context_len = context_len
         self.tokenizer = tokenizer
-        self.seed = seed
         self.transpose = transpose
         self.stretch = stretch
-        lengths = np.array([len(s) for s in self.sequences], dtype=np.float64)
-        self.probs = lengths / lengths.sum()
+        self._init_crops([len(s) for s in self.sequences], seed)
         self.pad_id = tokenizer.special_tokens["pad"]
 
-    def __len__(self) -> int:
-        return 2**62  # indexed by a global sample counter, never exhausted
-
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, index])
-        k = rng.choice(len(self.sequences), p=self.probs)
+        rng = self._rng(index)
+        k = self._pick(rng)
         seq = self.sequences[k]
         prefix = self.prefixes[k] if self.prefixes is not None else None
         want = self.context_len + 1 - (0 if prefix is None else len(prefix))

@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mehldau.constants import IGNORE_INDEX
+from mehldau.data.dataset import CropDataset
 from mehldau.tokenize.compound import EOS, NUM_ATTRIBUTES, SOS, CompoundTokenizer
 
 _SOS_ROW = np.full((1, NUM_ATTRIBUTES), SOS, np.int64)
@@ -74,7 +75,7 @@ def _item(parts: list[tuple[np.ndarray, np.ndarray]], context_len: int) -> dict[
             "attention_mask": torch.from_numpy(sample)}
 
 
-class PackedCropDataset(Dataset):
+class PackedCropDataset(CropDataset):
     """Training contexts of `context_len` rows: random crops, packed, augmented per crop.
 
     A sample is drawn with probability proportional to its length, then a crop of it that
@@ -90,21 +91,17 @@ class PackedCropDataset(Dataset):
             raise ValueError("PackedCropDataset needs at least one sample with events")
         if context_len < 3:
             raise ValueError(f"context_len must be >= 3, got {context_len}")
-        lengths = np.array([len(s) for s in self.samples], np.float64)
-        self.probs = lengths / lengths.sum()
-        self.context_len, self.tokenizer, self.seed = context_len, tokenizer, seed
+        self._init_crops([len(s) for s in self.samples], seed)
+        self.context_len, self.tokenizer = context_len, tokenizer
         self.transpose, self.stretch = transpose, stretch
         self.min_crop = max(1, min(min_crop, context_len - 2))
 
-    def __len__(self) -> int:
-        return 2**62  # indexed by a global sample counter, never exhausted
-
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, index])
+        rng = self._rng(index)
         parts: list[tuple[np.ndarray, np.ndarray]] = []
         room = self.context_len
         while room >= self.min_crop + 2:
-            events = self.samples[rng.choice(len(self.samples), p=self.probs)]
+            events = self.samples[self._pick(rng)]
             n = min(len(events), room - 2)
             rows = crop_rows(events, int(rng.integers(0, len(events) - n + 1)), n)
             if self.transpose > 0 or self.stretch != (1.0, 1.0):

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mehldau.data.dataset import CropDataset
 from mehldau.tokenize.pianoroll import VELOCITY, PianoRollTokenizer, crop, roll_to_tensor
 
 
@@ -31,7 +32,7 @@ def count_latent_rows(batch: dict[str, torch.Tensor]) -> int:
     return int(z.shape[0] * z.shape[2])
 
 
-class RollCropDataset(Dataset):
+class RollCropDataset(CropDataset):
     """Training crops of `frames` frames, augmented per crop (transposition in
     [-transpose, transpose] semitones, time stretch in `stretch`). A piece is chosen with
     probability proportional to its length; item i depends only on (seed, i), so resuming needs
@@ -45,19 +46,15 @@ class RollCropDataset(Dataset):
             raise ValueError("RollCropDataset needs at least one roll with notes")
         if frames < 1:
             raise ValueError(f"frames must be >= 1, got {frames}")
-        lengths = np.array([len(r) for r in self.rolls], np.float64)
-        self.probs = lengths / lengths.sum()
-        self.frames, self.tokenizer, self.seed = frames, tokenizer, seed
+        self._init_crops([len(r) for r in self.rolls], seed)
+        self.frames, self.tokenizer = frames, tokenizer
         self.transpose, self.stretch, self.tries = transpose, stretch, tries
 
-    def __len__(self) -> int:
-        return 2**62  # indexed by a global sample counter, never exhausted
-
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, index])
+        rng = self._rng(index)
         out = None
         for _ in range(self.tries):
-            roll = self.rolls[rng.choice(len(self.rolls), p=self.probs)]
+            roll = self.rolls[self._pick(rng)]
             stretch = float(rng.uniform(*self.stretch))
             shift = int(rng.integers(-self.transpose, self.transpose + 1))
             # Cut a little more than needed before stretching, so the stretched crop is full.
@@ -129,7 +126,7 @@ def encode_rolls(encode: Callable[[torch.Tensor], torch.Tensor], rolls: Sequence
     return out
 
 
-class LatentCropDataset(Dataset):
+class LatentCropDataset(CropDataset):
     """Diffusion training crops of `rows` latent rows from pre-encoded pieces (`encode_rolls`),
     a piece chosen in proportion to its length, crops without a sounding row drawn again;
     item i depends only on (seed, i)."""
@@ -139,17 +136,13 @@ class LatentCropDataset(Dataset):
         self.latents = [(z, a) for z, a in latents if a.any()]
         if not self.latents:
             raise ValueError("LatentCropDataset needs at least one latent with notes")
-        lengths = np.array([z.shape[1] for z, _ in self.latents], np.float64)
-        self.probs = lengths / lengths.sum()
-        self.rows, self.seed, self.tries = rows, seed, tries
-
-    def __len__(self) -> int:
-        return 2**62
+        self._init_crops([z.shape[1] for z, _ in self.latents], seed)
+        self.rows, self.tries = rows, tries
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, index])
+        rng = self._rng(index)
         for _ in range(self.tries):
-            z, active = self.latents[rng.choice(len(self.latents), p=self.probs)]
+            z, active = self.latents[self._pick(rng)]
             start = int(rng.integers(0, max(z.shape[1] - self.rows, 0) + 1))
             if active[start:start + self.rows].any():
                 break

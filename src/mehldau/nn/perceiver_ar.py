@@ -42,6 +42,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from mehldau.constants import IGNORE_INDEX
+from mehldau.data.dataset import CropDataset
 from mehldau.nn.blocks import CausalLMOutput, KVCache, decoder_parts, init_weights
 from mehldau.tokenize.base import Tokenizer
 
@@ -295,7 +296,7 @@ def _check_sizes(max_seq_len: int, num_latents: int,
     return prefixes
 
 
-class PerceiverCropDataset(Dataset):
+class PerceiverCropDataset(CropDataset):
     """Training crops: N latent targets placed at random (Flaxformer's FULL_LATENTS).
 
     Item i is a pure function of (seed, i). A piece is chosen with probability ∝ its length;
@@ -325,17 +326,13 @@ class PerceiverCropDataset(Dataset):
         self.sequences = list(sequences)
         self.max_seq_len, self.num_latents = max_seq_len, num_latents
         self.tokenizer = tokenizer
-        self.seed, self.transpose, self.stretch = seed, transpose, stretch
-        lengths = np.array([len(s) for s in self.sequences], dtype=np.float64)
-        self.probs = lengths / lengths.sum()
+        self.transpose, self.stretch = transpose, stretch
+        self._init_crops([len(s) for s in self.sequences], seed)
         self.pad_id = tokenizer.special_tokens["pad"]
 
-    def __len__(self) -> int:
-        return 2**62  # indexed by a global sample counter, never exhausted
-
     def __getitem__(self, index: int) -> dict[str, Tensor]:
-        rng = np.random.default_rng([self.seed, index])
-        k = int(rng.choice(len(self.sequences), p=self.probs))
+        rng = self._rng(index)
+        k = self._pick(rng)
         seq = self.sequences[k]
         prefix = self.prefixes[k] if self.prefixes is not None else np.zeros(0, np.int64)
         M, N, p = self.max_seq_len, self.num_latents, len(prefix)
