@@ -8,14 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import default_collate
 
-from mehldau.nn.perceiver_ar import (
-    IGNORE_INDEX,
-    PerceiverAR,
-    PerceiverARConfig,
-    PerceiverCropDataset,
-    PerceiverDecoder,
-    PerceiverWindowDataset,
-)
+from mehldau.constants import IGNORE_INDEX
+from mehldau.data.perceiver_windows import PerceiverCropDataset, PerceiverWindowDataset
+from mehldau.nn.perceiver_ar import PerceiverAR, PerceiverARConfig
+from mehldau.sampling import PerceiverDecoder
 from mehldau.tokenize import build_tokenizer
 
 V, M, N = 40, 24, 8

@@ -14,14 +14,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from mehldau.nn.perceiver_ar import (
-    PerceiverAR,
-    PerceiverARConfig,
-    PerceiverCropDataset,
-    PerceiverDecoder,
-    PerceiverWindowDataset,
-)
+from mehldau.data.perceiver_windows import PerceiverCropDataset, PerceiverWindowDataset
+from mehldau.nn.perceiver_ar import PerceiverAR, PerceiverARConfig
 from mehldau.recipes import autoregressive as ar
+from mehldau.sampling import PerceiverDecoder
 
 SPEC = ar.ModelSpec(
     branch="perceiver_mt",

@@ -9,11 +9,17 @@ mode that re-runs the window, the reference its cached path is tested against.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn as nn
+from torch import Tensor
 from tqdm.auto import tqdm
+
+from mehldau.nn.blocks import KVCache
+
+if TYPE_CHECKING:
+    from mehldau.nn.perceiver_ar import PerceiverAR
 
 
 @dataclass
@@ -157,3 +163,96 @@ def sample_tokens(
             logits = decoder.step(nxt[:, 0])
     bar.close()
     return seqs
+
+
+class PerceiverDecoder:
+    """Cached sampler state for one `PerceiverAR` (the `mehldau.sampling.Decoder` protocol).
+
+    State over the token history h[0..t] (t = the last token):
+    - the input window: h[s..t], behind the pinned prefix h[:prefix_len] once s > 0 (the style
+      token stays at the start of every window, as in training);
+    - the latents: the last `n_latents` positions of the window, h[l..t], l = t+1 - n_latents.
+    Each `step` appends one token to both; layer 0 attends over the cached window, the latent
+    layers over the cached latents. When the latents would exceed N or the window M, a
+    *refill* (arXiv 2202.07765 Appendix E.3; Flaxformer's reset-fill) runs one full forward
+    over a new window with n_latents = fill = config.refill or max(N - 128, N // 2, 1), and
+    rebuilds every cache from it. The refill window is the last min(t+1, M - (N - fill))
+    tokens (prefix included): it leaves room for exactly N - fill cached steps in both the
+    window and the latents (then the next step refills), so past M the context dips by at
+    most N - fill tokens, instead of a full-M refill at every step once the history passes M.
+    (With this window the latent limit is always reached first or together with the window
+    limit; the window check stays as a guard.)
+
+    `use_cache=False` runs the same layout uncached at every step (the reference the cache is
+    tested against). Put the model in eval mode first.
+    """
+
+    def __init__(self, model: PerceiverAR, use_cache: bool = True, prefix_len: int = 0) -> None:
+        cfg = model.config
+        self.model, self.use_cache, self.prefix_len = model, use_cache, prefix_len
+        self.max_len, self.max_latents = cfg.max_seq_len, cfg.num_latents
+        self.fill = cfg.refill_latents
+        self.refill_len = self.max_len - (self.max_latents - self.fill)  # window after a refill
+        if not 0 <= prefix_len < self.refill_len:
+            raise ValueError(f"prefix_len must be in [0, {self.refill_len}), got {prefix_len}")
+        self.history: Tensor | None = None  # (B, t+1)
+        self.window_start = 0  # s
+        self.n_latents = 0
+        self.past: KVCache | None = None
+        self.refills: list[tuple[int, int]] = []  # (history length, window start) per refill
+
+    @property
+    def latent_start(self) -> int:  # l, in history positions
+        return self.history.size(1) - self.n_latents
+
+    def window_len(self) -> int:
+        n, s = self.history.size(1), self.window_start
+        return n - s + (self.prefix_len if s > 0 else 0)
+
+    def window(self) -> Tensor:
+        """The current input window (B, W); its last `n_latents` positions are the latents."""
+        s = self.window_start
+        if s == 0 or self.prefix_len == 0:
+            return self.history[:, s:]
+        return torch.cat([self.history[:, :self.prefix_len], self.history[:, s:]], dim=1)
+
+    @torch.no_grad()
+    def prefill(self, ids: Tensor) -> Tensor:
+        if ids.size(1) < max(self.prefix_len, 1):
+            raise ValueError(f"the prompt needs at least max(prefix_len, 1) tokens, "
+                             f"got {ids.size(1)}")
+        self.history, self.past, self.refills = ids, None, []
+        if ids.size(1) > self.max_latents:
+            return self._refill()
+        self.window_start, self.n_latents = 0, ids.size(1)  # all latents: a plain Transformer
+        return self._run()
+
+    @torch.no_grad()
+    def step(self, token: Tensor) -> Tensor:
+        token = token.view(-1, 1).to(self.history)  # (B, 1)
+        self.history = torch.cat([self.history, token], dim=1)
+        if self.n_latents + 1 > self.max_latents or self.window_len() > self.max_len:
+            return self._refill()
+        self.n_latents += 1
+        if not self.use_cache:
+            return self._run()
+        out = self.model(token, past_key_values=self.past, use_cache=True)
+        self.past = out.past_key_values
+        return out.logits[:, -1]
+
+    def _refill(self) -> Tensor:
+        n = self.history.size(1)
+        # The pinned prefix counts towards the window, so past it we keep refill_len - prefix.
+        self.window_start = 0 if n <= self.refill_len else n - (self.refill_len - self.prefix_len)
+        self.n_latents = min(self.fill, self.window_len())
+        self.refills.append((n, self.window_start))
+        return self._run()
+
+    def _run(self) -> Tensor:  # one full forward over the current layout
+        out = self.model(self.window(), num_latents=self.n_latents, use_cache=self.use_cache)
+        self.past = out.past_key_values
+        return out.logits[:, -1]  # (B, V)
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets: items are {"input_ids", "labels", "attention_mask"}, each of length M.
