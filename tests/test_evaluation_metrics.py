@@ -222,3 +222,23 @@ def test_copy_check_survives_chord_jitter():
     gridded = Notes.from_arrays(np.round(piece.onset, 2), piece.end, piece.pitch)
     assert copy_report(gridded, index)["flagged"]
     assert index.longest_match(_chordal_piece(rng)) < 10
+
+
+def test_note_stats_of_a_held_chord_and_a_line(tmp_path):
+    from mehldau.metrics import note_stats
+
+    score = symusic.Score(480)
+    score.tempos.append(symusic.Tempo(0, 120.0))  # 960 ticks per second
+    track = symusic.Track(name="piano", program=0)
+    for p in (60, 64, 67):  # a chord held 3 s
+        track.notes.append(symusic.Note(0, 3 * 960, p, 80))
+    for i in range(4):  # then a line of four 0.5 s notes
+        track.notes.append(symusic.Note(int((3 + 0.5 * i) * 960), 480, 72 + i, 80))
+    score.tracks.append(track)
+    score.dump_midi(str(tmp_path / "x.mid"))
+    stats = note_stats([tmp_path / "x.mid"])
+    assert stats.notes == 7 and stats.seconds == pytest.approx(5.0)
+    assert stats.notes_per_second == pytest.approx(7 / 5)
+    assert stats.polyphony == pytest.approx((3 * 300 + 1 * 200) / 500, rel=0.01)
+    assert stats.median_duration == pytest.approx(0.5)
+    assert stats.share_over_2s == pytest.approx(3 / 7)

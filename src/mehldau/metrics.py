@@ -67,7 +67,7 @@ def note_stats(sources: Iterable[str | Path | symusic.Score], start: float = 0.0
     """Pooled statistics of the span `start .. start + seconds` of every source (to each
     piece's end when `seconds` is None; a piece shorter than the span counts its own length).
     `fold_pedal=False` measures key-down durations (pedal ignored) instead."""
-    n_files, total, onsets, durations, sounding = 0, 0.0, 0, [], []
+    n_files, total, onsets, durations, per_frame = 0, 0.0, 0, [], []
     for source in sources:
         s, e = read_notes(source, fold_pedal)
         stop = float(e.max(initial=start)) if seconds is None else start + seconds
@@ -79,9 +79,9 @@ def note_stats(sources: Iterable[str | Path | symusic.Score], start: float = 0.0
         inside = (s >= start) & (s < stop)
         onsets += int(inside.sum())
         durations.append(e[inside] - s[inside])
-        sounding.append(sounding(s, e, start, stop))
+        per_frame.append(sounding(s, e, start, stop))
     d = np.concatenate(durations) if durations else np.zeros(0)
-    frames = np.concatenate(sounding) if sounding else np.zeros(0, np.int64)
+    frames = np.concatenate(per_frame) if per_frame else np.zeros(0, np.int64)
     busy = frames[frames > 0]
     return NoteStats(
         files=n_files, seconds=round(total, 3), notes=onsets,
