@@ -56,18 +56,18 @@ import numpy as np
 import symusic
 
 from mehldau.errors import UserError
-from mehldau.tokenize.base import Tokenizer, register
+from mehldau.tokenize.base import register
 from mehldau.tokenize.notes import piano_score
 from mehldau.tokenize.performance import (
+    EOS_ID,
+    NUM_SPECIAL,
+    PAD_ID,
+    IdTokenizer,
     PerformanceConfig,
     PerformanceTokenizer,
     clean_ids,
-    split_ends,
     write_time_shifts,
 )
-
-PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
-_NUM_SPECIAL = 3
 
 
 @dataclass
@@ -108,7 +108,7 @@ class DurationConfig:
 
 
 @register
-class DurationTokenizer(Tokenizer):
+class DurationTokenizer(IdTokenizer):
     """Notes as (VELOCITY, NOTE, DURATION) at their onsets: `encode(score) -> (T,) int64`.
 
     Id ranges: `note_range`, `duration_range` (grid value `durations[i]` -> offset + i),
@@ -134,26 +134,11 @@ class DurationTokenizer(Tokenizer):
             lo = up_to
         self.durations = np.concatenate(grid).astype(np.int64)  # (D,) steps, increasing
         self.num_pitches = c.max_pitch - c.min_pitch + 1
-        self.note_offset = _NUM_SPECIAL
-        self.duration_offset = self.note_offset + self.num_pitches
-        self.time_shift_offset = self.duration_offset + len(self.durations)
-        self.velocity_offset = self.time_shift_offset + c.max_shift_steps
-        self.style_offset = self.velocity_offset + c.num_velocity_bins
-        self._vocab_size = self.style_offset + len(c.styles)
-        self.note_range = range(self.note_offset, self.duration_offset)
-        self.duration_range = range(self.duration_offset, self.time_shift_offset)
-        self.time_shift_range = range(self.time_shift_offset, self.velocity_offset)
-        self.velocity_range = range(self.velocity_offset, self.style_offset)
+        self._lay_out(note=self.num_pitches, duration=len(self.durations),
+                      time_shift=c.max_shift_steps, velocity=c.num_velocity_bins,
+                      style=len(c.styles))
 
     # --- interface -----------------------------------------------------------------------
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def special_tokens(self) -> dict[str, int]:
-        return {"pad": PAD_ID, "bos": BOS_ID, "eos": EOS_ID}
-
     @property
     def max_duration_seconds(self) -> float:
         return float(self.durations[-1]) / self.config.steps_per_second
@@ -235,7 +220,7 @@ class DurationTokenizer(Tokenizer):
 
     # --- decode --------------------------------------------------------------------------
     def _clean_ids(self, tokens: np.ndarray) -> np.ndarray:
-        return clean_ids(tokens, _NUM_SPECIAL, self.style_offset)
+        return clean_ids(tokens, NUM_SPECIAL, self.style_offset)
 
     def _parse(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         """Clean ids -> complete notes (a NOTE with a DURATION right after it): onset step,
@@ -274,25 +259,14 @@ class DurationTokenizer(Tokenizer):
                            self._perf.decode_tpq)
 
     # --- augmentation --------------------------------------------------------------------
-    def augment(self, tokens: np.ndarray, transpose: int = 0, stretch: float = 1.0) -> np.ndarray:
-        """Transpose by semitones and stretch time on an encoded sequence (or a crop).
-
-        Onsets, durations and the crop's total time are multiplied by `stretch` and rounded
-        (durations back to the grid); notes pushed out of min_pitch..max_pitch are dropped, as
-        are the pieces of a note cut by either end of a crop. A leading BOS and a trailing EOS
-        are kept.
-        """
-        if transpose == 0 and stretch == 1.0:
-            return tokens
-        head, raw, tail = split_ends(tokens, stretch)
-        ev = self._parse(self._clean_ids(raw))
-        pitch = ev["pitch"] + int(transpose)
-        keep = (pitch >= self.config.min_pitch) & (pitch <= self.config.max_pitch)
-        keep &= ev["vbin"] >= 0  # a crop that starts at a NOTE has lost its VELOCITY
+    def _rebuild(self, ev: dict[str, np.ndarray], pitch: np.ndarray, keep: np.ndarray,
+                 stretch: float) -> np.ndarray:
+        """`augment`: onsets, durations and the crop's total time are multiplied by `stretch`
+        and rounded (durations back to the grid); the pieces of a note cut by either end of a
+        crop are dropped."""
+        keep = keep & (ev["vbin"] >= 0)  # a crop that starts at a NOTE has lost its VELOCITY
         start = np.floor(ev["time"][keep] * stretch + 0.5).astype(np.int64)
         dur = np.floor(self.durations[ev["dur_index"][keep]] * stretch + 0.5).astype(np.int64)
-        vbin = ev["vbin"][keep]
         end_time = max(int(np.floor(ev["total"] * stretch + 0.5)), int(start.max(initial=0)))
-        body = self._notes_to_ids(start, pitch[keep], self.duration_index(np.maximum(dur, 1)),
-                                  vbin, end_time=end_time)
-        return np.concatenate([head, body, tail])
+        return self._notes_to_ids(start, pitch[keep], self.duration_index(np.maximum(dur, 1)),
+                                  ev["vbin"][keep], end_time=end_time)

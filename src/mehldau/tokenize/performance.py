@@ -49,8 +49,8 @@ from mehldau.errors import UserError
 from mehldau.tokenize.base import Tokenizer, register
 from mehldau.tokenize.notes import piano_score, score_notes
 
-PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
-_NUM_SPECIAL = 3
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2  # the id tokenizers' special tokens, first in the vocabulary
+NUM_SPECIAL = 3
 _DEFAULT_VELOCITY = 64  # for note-ons decoded before any VELOCITY event
 
 
@@ -88,8 +88,47 @@ class PerformanceConfig:
                             f"got {self.num_velocity_bins}")
 
 
+class IdTokenizer(Tokenizer):
+    """What the one-id-per-token tokenizers (performance, duration) share: PAD, BOS and EOS
+    first, then consecutive blocks of ids (`_lay_out`), the style block last."""
+
+    _vocab_size: int
+
+    def _lay_out(self, **sizes: int) -> None:
+        """Set `<block>_offset` and `<block>_range` for each block, in the order given, after
+        the special tokens; the vocabulary ends with the last block."""
+        at = NUM_SPECIAL
+        for block, size in sizes.items():
+            setattr(self, f"{block}_offset", at)
+            setattr(self, f"{block}_range", range(at, at + size))
+            at += size
+        self._vocab_size = at
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return {"pad": PAD_ID, "bos": BOS_ID, "eos": EOS_ID}
+
+    def augment(self, tokens: np.ndarray, transpose: int = 0, stretch: float = 1.0) -> np.ndarray:
+        """Transpose by semitones and stretch time on an encoded sequence (or a crop).
+
+        Notes pushed out of min_pitch..max_pitch lose all their events; a leading BOS and a
+        trailing EOS are kept, other special or invalid ids dropped. How times are rescaled
+        is each tokenizer's `_rebuild`."""
+        if transpose == 0 and stretch == 1.0:
+            return tokens
+        head, raw, tail = split_ends(tokens, stretch)
+        ev = self._parse(self._clean_ids(raw))
+        pitch = ev["pitch"] + int(transpose)
+        keep = (pitch >= self.config.min_pitch) & (pitch <= self.config.max_pitch)
+        return np.concatenate([head, self._rebuild(ev, pitch, keep, stretch), tail])
+
+
 @register
-class PerformanceTokenizer(Tokenizer):
+class PerformanceTokenizer(IdTokenizer):
     """Performance events: `encode(score) -> (T,) int64`, `decode(ids) -> Score`.
 
     Id layout (offsets are attributes, ranges are `range` objects):
@@ -104,16 +143,9 @@ class PerformanceTokenizer(Tokenizer):
         self.config = config if config is not None else PerformanceConfig()
         c = self.config
         self.num_pitches = c.max_pitch - c.min_pitch + 1
-        self.note_on_offset = _NUM_SPECIAL
-        self.note_off_offset = self.note_on_offset + self.num_pitches
-        self.time_shift_offset = self.note_off_offset + self.num_pitches
-        self.velocity_offset = self.time_shift_offset + c.max_shift_steps
-        self.style_offset = self.velocity_offset + c.num_velocity_bins
-        self._vocab_size = self.style_offset + len(c.styles)
-        self.note_on_range = range(self.note_on_offset, self.note_off_offset)
-        self.note_off_range = range(self.note_off_offset, self.time_shift_offset)
-        self.time_shift_range = range(self.time_shift_offset, self.velocity_offset)
-        self.velocity_range = range(self.velocity_offset, self.style_offset)
+        self._lay_out(note_on=self.num_pitches, note_off=self.num_pitches,
+                      time_shift=c.max_shift_steps, velocity=c.num_velocity_bins,
+                      style=len(c.styles))
         # Magenta's binning: bins of ceil(127 / n) velocities starting at 1.
         self.velocity_bin_size = math.ceil(127 / c.num_velocity_bins)
         # Decoded MIDI: 120 BPM, and a tick grid on which one step is a whole number of ticks.
@@ -121,15 +153,6 @@ class PerformanceTokenizer(Tokenizer):
         if (c.steps_per_second * self.ticks_per_step) % 2:
             self.ticks_per_step *= 2
         self.decode_tpq = c.steps_per_second * self.ticks_per_step // 2  # 500 at 100 steps/s
-
-    # --- interface -----------------------------------------------------------------------
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def special_tokens(self) -> dict[str, int]:
-        return {"pad": PAD_ID, "bos": BOS_ID, "eos": EOS_ID}
 
     # --- id helpers ----------------------------------------------------------------------
     def note_on_id(self, pitch: int) -> int:
@@ -281,7 +304,7 @@ class PerformanceTokenizer(Tokenizer):
                 "vbin": vbin[pos], "total": int(time[-1]) if len(ids) else 0}
 
     def _clean_ids(self, tokens: np.ndarray) -> np.ndarray:
-        return clean_ids(tokens, _NUM_SPECIAL, self.style_offset)
+        return clean_ids(tokens, NUM_SPECIAL, self.style_offset)
 
     def decode(self, tokens: np.ndarray) -> symusic.Score:
         """Ids -> one-track piano Score (ticks, 120 BPM, one step = `ticks_per_step` ticks).
@@ -316,30 +339,20 @@ class PerformanceTokenizer(Tokenizer):
         secs[self.time_shift_offset:self.velocity_offset] = steps / self.config.steps_per_second
         return secs
 
-    def augment(self, tokens: np.ndarray, transpose: int = 0, stretch: float = 1.0) -> np.ndarray:
-        """Transpose by semitones and stretch time on an encoded sequence, vectorised.
-
-        Notes pushed out of min_pitch..max_pitch lose all their events. Each event's absolute
-        time (in steps) is multiplied by `stretch` and rounded; a note keeps one step at least,
-        events of one instant are put back in `encode`'s order and VELOCITY events re-emitted
-        where the bin changes, so the result equals encoding the transformed score up to one
-        step of rounding. Works on crops too (orphan note-offs and open notes are kept). A
-        leading BOS and trailing EOS are kept; other special or invalid ids are dropped.
-        """
-        if transpose == 0 and stretch == 1.0:
-            return tokens
-        head, raw, tail = split_ends(tokens, stretch)
-        ev = self._parse(self._clean_ids(raw))
-        pitch = ev["pitch"] + int(transpose)
-        keep = (pitch >= self.config.min_pitch) & (pitch <= self.config.max_pitch)
+    def _rebuild(self, ev: dict[str, np.ndarray], pitch: np.ndarray, keep: np.ndarray,
+                 stretch: float) -> np.ndarray:
+        """`augment`, vectorised: each kept event's absolute time (in steps) is multiplied by
+        `stretch` and rounded; a note keeps one step at least, events of one instant are put
+        back in `encode`'s order and VELOCITY events re-emitted where the bin changes, so the
+        result equals encoding the transformed score up to one step of rounding. Works on
+        crops too (orphan note-offs and open notes are kept)."""
         pitch, is_on, vbin, pos = pitch[keep], ev["is_on"][keep], ev["vbin"][keep], ev["pos"][keep]
         time = np.floor(ev["time"][keep] * stretch + 0.5).astype(np.int64)
         time = _keep_notes_open(time, pitch, is_on, pos)
         end_time = max(int(np.floor(ev["total"] * stretch + 0.5)), int(time.max(initial=0)))
         order = np.lexsort((pos, pitch, is_on, time))
-        body = self._events_to_ids(time[order], is_on[order], pitch[order],
+        return self._events_to_ids(time[order], is_on[order], pitch[order],
                                    np.where(is_on, vbin, -1)[order], end_time=end_time)
-        return np.concatenate([head, body, tail])
 
 
 # --- helpers ---------------------------------------------------------------------------------
