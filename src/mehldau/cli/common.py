@@ -64,8 +64,10 @@ def compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
     return cfg
 
 
-def compose_or_show(config_name: str, args: Sequence[str], usage: str) -> DictConfig | None:
-    """Compose from `key=value` args; handle `-h/--help` and `--cfg` (print and return None)."""
+def compose_or_show(config_name: str, args: Sequence[str], usage: str,
+                    required: Sequence[str] = ()) -> DictConfig | None:
+    """Compose from `key=value` args; handle `-h/--help` and `--cfg` (print and return None);
+    then a one-line error for each `required` key left `???`."""
     if any(a in ("-h", "--help") for a in args):
         print(usage)
         return None
@@ -73,6 +75,7 @@ def compose_or_show(config_name: str, args: Sequence[str], usage: str) -> DictCo
     if "--cfg" in args:
         print(OmegaConf.to_yaml(cfg))
         return None
+    require(cfg, *required)
     return cfg
 
 

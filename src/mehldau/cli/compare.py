@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from mehldau.cli.common import compose_or_show, require, run_cli
+from mehldau.cli.common import compose_or_show, run_cli
 
 USAGE = """usage: mehldau-compare runs=[RUN1,RUN2,...] out=DIR [key=value ...]
 
@@ -18,10 +18,9 @@ Options: reference=FOLDER split=test|val prompt_seconds=S max_prompts=K seconds=
 def _main(args: list[str]) -> int:
     from mehldau.evaluation.compare import compare
 
-    cfg = compose_or_show("compare", args, USAGE)
+    cfg = compose_or_show("compare", args, USAGE, required=("runs", "out"))
     if cfg is None:
         return 0
-    require(cfg, "runs", "out")
     compare(cfg)
     return 0
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from mehldau.cli.common import compose_or_show, require, run_cli
+from mehldau.cli.common import compose_or_show, run_cli
 from mehldau.errors import UserError
 from mehldau.train.checkpoint import branch_recipe, read_meta, resolve_checkpoint
 
@@ -22,10 +22,9 @@ scg_diffusion: rules.reference=FILE.mid rules.offset=S rules.use=[pitch_histogra
 
 
 def _main(args: list[str]) -> int:
-    cfg = compose_or_show("generate", args, USAGE)
+    cfg = compose_or_show("generate", args, USAGE, required=("ckpt", "out"))
     if cfg is None:
         return 0
-    require(cfg, "ckpt", "out")
     for key in ("seconds", "num_samples", "temperature"):
         if key == "seconds" and cfg.seconds is None:
             continue  # the branch's default

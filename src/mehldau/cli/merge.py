@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import sys
 
-from mehldau.cli.common import compose_or_show, require, run_cli
+from mehldau.cli.common import compose_or_show, run_cli
 from mehldau.train.checkpoint import branch_recipe, resolve_checkpoint
 
 USAGE = """usage: mehldau-merge ckpt=ADAPTER_RUN_OR_CHECKPOINT out=DIR [force=true]"""
 
 
 def _main(args: list[str]) -> int:
-    cfg = compose_or_show("merge", args, USAGE)
+    cfg = compose_or_show("merge", args, USAGE, required=("ckpt", "out"))
     if cfg is None:
         return 0
-    require(cfg, "ckpt", "out")
     ckpt = resolve_checkpoint(cfg.ckpt)
     print(f"wrote {branch_recipe(ckpt).merge_checkpoint(cfg, ckpt)}")
     return 0
