@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -34,17 +35,25 @@ def test_wheel_runs_train_from_another_directory(tmp_path: Path) -> None:
             "mehldau/branches/production/recipe.py", "mehldau/py.typed"} <= names
     assert not any(n.startswith("branches/") for n in names)  # no top-level `branches`
 
-    # installed on its own (its dependencies come from this environment)
-    site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
-                    str(site), str(wheel)], check=True, capture_output=True)
+    # installed into a fresh venv; its dependencies come from this environment's
+    # site-packages through a .pth line (which does not run this environment's own .pth
+    # files, so the editable checkout stays invisible)
+    venv = tmp_path / "fresh"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = Path(subprocess.run([str(python), "-c", "import site; print(site.getsitepackages()[0])"],
+                               check=True, capture_output=True, text=True).stdout.strip())
+    deps = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
+    (site / "environment_deps.pth").write_text("\n".join(sorted(deps)) + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q",
+                    "--no-deps", str(wheel)], check=True, capture_output=True)
     work = tmp_path / "elsewhere"
     make_folder(work / "data")
-    env = {k: v for k, v in os.environ.items() if k != "MEHLDAU_CONFIG_DIR"}
-    env["PYTHONPATH"] = str(site)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MEHLDAU_CONFIG_DIR", "PYTHONPATH", "VIRTUAL_ENV")}
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, *args], cwd=work, env=env, capture_output=True,
+        return subprocess.run([str(python), *args], cwd=work, env=env, capture_output=True,
                               text=True, timeout=600)
 
     where = run("-c", "import mehldau, mehldau.cli.common as c; print(mehldau.__file__); "
@@ -52,7 +61,9 @@ def test_wheel_runs_train_from_another_directory(tmp_path: Path) -> None:
     assert where.returncode == 0, where.stderr
     module, configs = where.stdout.split()
     assert module.startswith(str(site)) and configs.startswith(str(site))
-    shown = run("-m", "mehldau.cli.train", "--cfg")
+    # the console script the wheel installs
+    shown = subprocess.run([str(venv / "bin" / "mehldau-train"), "--cfg"], cwd=work, env=env,
+                           capture_output=True, text=True, timeout=600)
     assert shown.returncode == 0 and "recipe: mehldau.branches.production.recipe" in shown.stdout
     trained = run("-m", "mehldau.cli.train", "data=folder", f"data.root={work / 'data'}",
                   f"run_dir={work / 'run'}", "train.max_steps=5", *MICRO)
