@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from mehldau.adapters import apply_lora
 from mehldau.branches.moonbeam_lora.recipe import model_config
 from mehldau.nn.moonbeam import MoonbeamConfig, MoonbeamForCausalLM
-from mehldau.recipes.autoregressive import adapter_config
+from mehldau.recipes.adapt import adapter_config
 from mehldau.sampling import SamplingConfig
 from mehldau.sampling_compound import EventSampling, sample_events
 from mehldau.tokenize.base import build_tokenizer

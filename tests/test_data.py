@@ -13,7 +13,7 @@ from conftest import scale_notes, write_midi
 
 from mehldau.constants import IGNORE_INDEX
 from mehldau.data.corpus import build_corpus, tokenize_pieces, unigram_entropy
-from mehldau.data.dataset import RandomCropDataset, WindowDataset, add_bos_eos
+from mehldau.data.dataset import Augmentation, RandomCropDataset, WindowDataset, add_bos_eos
 from mehldau.data.sources import PIJAMA_COLUMNS, Piece, folder_source, pijama_source
 from mehldau.data.splits import split_by_group
 from mehldau.errors import UserError
@@ -208,7 +208,7 @@ def test_random_crop_is_deterministic_and_shifted() -> None:
     tok = build_tokenizer("performance")
     rng = np.random.default_rng(0)
     seqs = [add_bos_eos(tok.encode(_score(rng)), tok) for _ in range(3)]
-    ds = RandomCropDataset(seqs, 32, tok, seed=7, transpose=3, stretch=(0.95, 1.05))
+    ds = RandomCropDataset(seqs, 32, tok, seed=7, augment=Augmentation(3, (0.95, 1.05)))
     a, b = ds[5], ds[5]
     assert a["input_ids"].shape == (32,) and a["labels"].shape == (32,)
     assert a["input_ids"].tolist() == b["input_ids"].tolist()

@@ -65,7 +65,7 @@ def test_strided_scoring_equals_one_pass_where_the_piece_fits() -> None:
 
 
 def test_event_windows_with_stride_score_every_event_once() -> None:
-    from mehldau.branches.moonbeam_lora.recipe import _frame
+    from mehldau.branches.moonbeam_lora.recipe import _unframed as _frame
 
     tok = build_tokenizer("moonbeam")
     rows = tok.encode(_score(scale_notes(70, seed=3)))

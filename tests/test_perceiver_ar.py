@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.utils.data import default_collate
 
 from mehldau.constants import IGNORE_INDEX
+from mehldau.data.dataset import Augmentation
 from mehldau.data.perceiver_windows import PerceiverCropDataset, PerceiverWindowDataset
 from mehldau.nn.perceiver_ar import PerceiverAR, PerceiverARConfig
 from mehldau.sampling import PerceiverDecoder
@@ -268,8 +269,8 @@ def test_crop_dataset_is_deterministic_with_augmentation() -> None:
             t.notes.append(symusic.Note(i * 120, 100, int(rng.integers(40, 90)), 80))
         s.tracks.append(t)
         seqs.append(tok.encode(s).astype(np.int64))
-    ds = PerceiverCropDataset(seqs, M, N, tok, seed=7, transpose=3, stretch=(0.9, 1.1))
-    again = PerceiverCropDataset(seqs, M, N, tok, seed=7, transpose=3, stretch=(0.9, 1.1))
+    ds = PerceiverCropDataset(seqs, M, N, tok, seed=7, augment=Augmentation(3, (0.9, 1.1)))
+    again = PerceiverCropDataset(seqs, M, N, tok, seed=7, augment=Augmentation(3, (0.9, 1.1)))
     a = ds[5]
     assert all(torch.equal(a[k], again[5][k]) for k in a)
     assert not torch.equal(ds[6]["input_ids"], a["input_ids"])

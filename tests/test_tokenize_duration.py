@@ -8,7 +8,7 @@ import pytest
 import symusic
 import torch
 
-from mehldau.data.dataset import RandomCropDataset, WindowDataset, add_bos_eos
+from mehldau.data.dataset import Augmentation, RandomCropDataset, WindowDataset, add_bos_eos
 from mehldau.errors import UserError
 from mehldau.sampling import SamplingConfig, sample_tokens
 from mehldau.tokenize.base import build_tokenizer, load_tokenizer
@@ -145,8 +145,8 @@ def test_crops_and_windows_leave_no_note_open(tok):
         crossing += int((expect[:, 0] + expect[:, 1] > clock[b]).sum())
     assert crossing > 20  # many notes ring past the end of their window, durations intact
     # Training crops decode the same way: every note has a duration of the grid.
-    ds = RandomCropDataset([add_bos_eos(seq, tok)], 48, tok, seed=3, transpose=2,
-                           stretch=(0.95, 1.05))
+    ds = RandomCropDataset([add_bos_eos(seq, tok)], 48, tok, seed=3,
+                           augment=Augmentation(2, (0.95, 1.05)))
     for i in range(20):
         ids = ds[i]["input_ids"].numpy()
         assert np.isin(decoded(tok, ids)[:, 1], tok.durations).all()

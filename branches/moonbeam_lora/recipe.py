@@ -3,10 +3,11 @@ on Mehldau with LoRA (or trained from scratch when no `init` is given: the tiny 
 
 Composed from the core: the compound tokenizer (`mehldau.tokenize.compound`), the model and
 its loader (`mehldau.nn.moonbeam`), packed crops (`mehldau.data.packing`), the per-attribute
-sampler (`mehldau.sampling_compound`) and the autoregressive recipe's train / adapt / merge.
-What is specific here: the model preset fixes the tokenizer's vocabulary, `init=FILE.pt`
-means "adapt this released checkpoint" (no `stage=adapt` needed), and generation samples
-events rather than ids. `context_len` of the preset is stored as the config's `max_len`.
+sampler (`mehldau.sampling_compound`) and the token branches' recipe components
+(`mehldau.recipes.autoregressive`). What is specific here: the model preset fixes the
+tokenizer's vocabulary, `init=FILE.pt` means "adapt this released checkpoint" (no
+`stage=adapt` needed), and generation samples events rather than ids. `context_len` of the
+preset is stored as the config's `max_len`.
 """
 
 from __future__ import annotations
@@ -30,22 +31,26 @@ from mehldau.tokenize.base import load_tokenizer
 from mehldau.tokenize.compound import EOS, NUM_ATTRIBUTES, CompoundTokenizer
 from mehldau.train.checkpoint import resolve_checkpoint
 
+BRANCH = "moonbeam_lora"
 _FIELDS = {f.name for f in fields(MoonbeamConfig)} - {"name", "max_len"}
 
 
 def model_config(cfg: DictConfig) -> MoonbeamConfig:
     """The preset's architecture: a released one, a reference JSON, or the keys given."""
     m = cfg.model
-    if m.get("config_json"):
-        mcfg = MoonbeamConfig.from_json(Path(str(m.config_json)).expanduser())
-    elif m.get("released"):
-        mcfg = MoonbeamConfig.released(str(m.released))
-    else:
-        mcfg = MoonbeamConfig(name=str(m.get("preset", "custom")),
-                              **{k: m[k] for k in _FIELDS if k in m})
-    mcfg.max_len = int(m.get("context_len", mcfg.max_len))
-    if mcfg.max_len < 4:
-        raise ValueError(f"context_len must be >= 4, got {mcfg.max_len}")
+    try:
+        if m.get("config_json"):
+            mcfg = MoonbeamConfig.from_json(Path(str(m.config_json)).expanduser())
+        elif m.get("released"):
+            mcfg = MoonbeamConfig.released(str(m.released))
+        else:
+            mcfg = MoonbeamConfig(name=str(m.get("preset", "custom")),
+                                  **{k: m[k] for k in _FIELDS if k in m})
+        mcfg.max_len = int(m.get("context_len", mcfg.max_len))
+        if mcfg.max_len < 4:
+            raise ValueError(f"context_len must be >= 4, got {mcfg.max_len}")
+    except ValueError as e:
+        raise UserError(f"bad model config: {e}") from e
     return mcfg
 
 
@@ -81,7 +86,7 @@ def fold_pedal(cfg: DictConfig, given: object) -> bool:
     return bool(given)
 
 
-def _frame(tokens: np.ndarray, tokenizer: CompoundTokenizer) -> np.ndarray:
+def _unframed(tokens: np.ndarray, tokenizer: CompoundTokenizer) -> np.ndarray:
     return tokens  # the compound tokenizer already writes [SOS] events [EOS] per sample
 
 
@@ -104,48 +109,47 @@ def _load_released(path: Path, mcfg: MoonbeamConfig) -> MoonbeamForCausalLM:
     return model
 
 
-SPEC = ar.ModelSpec(
-    branch="moonbeam_lora",
-    recipe=__name__,
-    model_class=MoonbeamForCausalLM,
-    config_class=MoonbeamConfig,
-    config_keys=(),
-    train_dataset=lambda seqs, mcfg, tok, seed, aug, prefixes: PackedCropDataset(
-        seqs, mcfg.max_len, tok, seed=seed, transpose=aug.transpose,
-        stretch=(aug.stretch_min, aug.stretch_max)),
-    eval_dataset=lambda seqs, mcfg, tok, prefixes: EventWindowDataset(seqs, mcfg.max_len, tok),
-    score_dataset=lambda seqs, mcfg, tok, prefixes: EventWindowDataset(
-        seqs, mcfg.max_len, tok, stride=(mcfg.max_len - 2) // 2),
-    tokenizer_config=_tokenizer_config,
-    build_config=lambda cfg, tok: model_config(cfg),
-    frame=_frame,
-    baseline=unigram_baseline,
-    load_foreign=_load_released,
-)
-
-
 def train(cfg: DictConfig) -> Path:
+    """Adapt released weights (`init=FILE.pt`) or one of our runs (`init=RUN`) with LoRA, or
+    train the preset from scratch when no `init` is given."""
     if cfg.style.enabled:
         raise UserError("the moonbeam_lora branch has no style conditioning; drop style.enabled")
     if cfg.init is not None and cfg.stage == "pretrain":
         with open_dict(cfg):
             cfg.stage = "adapt"  # `init=` here always means: adapt that base with LoRA
         print(f"moonbeam_lora: adapting {cfg.init} (stage=adapt)", file=sys.stderr)
-    return ar.train(SPEC, cfg)
+    run = ar.start_run(cfg, BRANCH, MoonbeamConfig, _tokenizer_config(cfg), model_config(cfg),
+                       foreign_init=True)
+    data = ar.token_data(cfg, run, frame=_unframed, baseline=unigram_baseline)
+    if run.base is not None and run.base.is_file():  # released weights
+        model = _load_released(run.base, run.config)
+    else:
+        model = ar.with_base_weights(MoonbeamForCausalLM(run.config), run)
+    # Crops pack whole samples ([SOS] events [EOS]) into one context, attending only within
+    # each; validation reads each piece's events in consecutive windows.
+    length = run.config.max_len
+    train_ds = PackedCropDataset(data.train, length, run.tokenizer, cfg.seed, run.augment)
+    val_ds = EventWindowDataset(data.val, length, run.tokenizer) if data.val else None
+    return ar.fit_run(cfg, run, model, train_ds, val_ds, data)
 
 
 def load_model(ckpt: Path, device: torch.device | str = "cpu", force: bool = False
                ) -> tuple[MoonbeamForCausalLM, CompoundTokenizer]:
-    return ar.load_model(SPEC, ckpt, device, force)
+    return ar.load_checkpoint(ckpt, MoonbeamForCausalLM, MoonbeamConfig, BRANCH, device, force,
+                              load_foreign=_load_released)
 
 
 def score(ckpt: Path, files: list, device: torch.device | str = "cpu",
           style: str | None = None) -> list:
-    return ar.score(SPEC, ckpt, files, device, style)
+    """Held-out likelihood: windows of the full context, each scoring its last half."""
+    model, tokenizer = load_model(ckpt, device)
+    length = model.config.max_len
+    return ar.score_files(model, tokenizer, files, lambda seq, prefix: EventWindowDataset(
+        [seq], length, tokenizer, stride=(length - 2) // 2), device, style, frame=_unframed)
 
 
 def merge_checkpoint(cfg: DictConfig, ckpt: Path) -> Path:
-    return ar.merge_checkpoint(SPEC, cfg, ckpt)
+    return ar.merge_checkpoint(cfg, ckpt, load_model)
 
 
 def prompt_rows(tokenizer: CompoundTokenizer, path: str | Path, seconds: float) -> np.ndarray:
@@ -157,7 +161,7 @@ def prompt_rows(tokenizer: CompoundTokenizer, path: str | Path, seconds: float) 
 
 def generate(cfg: DictConfig, ckpt: Path) -> list[Path]:
     device = device_for(cfg.device)
-    model, tokenizer = load_model(ckpt, device, force=bool(cfg.get("force", False)))
+    model, tokenizer = load_model(ckpt, device, bool(cfg.get("force", False)))
     if cfg.get("style") is not None:
         raise UserError("moonbeam_lora models have no style conditioning; drop style=")
     tps = tokenizer.config.ticks_per_second

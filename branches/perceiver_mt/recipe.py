@@ -1,10 +1,14 @@
 """The perceiver_mt branch: Perceiver AR (Hawthorne et al. 2022) with Music Transformer
-relative attention, trained, adapted (LoRA/QLoRA) and sampled by the core's autoregressive
-recipe. What is specific here: the model (`mehldau.nn.perceiver_ar`), training crops of up to
-M inputs whose last N positions are the targets, placed at random (Flaxformer's
-FULL_LATENTS), evaluation in consecutive target windows of N with up to M - N tokens of
-context, and a decoder that caches the cross-attention inputs and the latent stack and
-refills them with one full forward when either is full.
+relative attention, on the same duration tokens as production, pretrained, adapted with
+LoRA or QLoRA, and sampled with cached latents.
+
+    mehldau-train branch=perceiver_mt model=perceiver_tiny
+    mehldau-train branch=perceiver_mt model=perceiver_tiny stage=adapt init=RUN adapter=qlora
+    mehldau-generate ckpt=RUN out=take.mid
+
+The workflow is below, top to bottom; the steps it shares with the other token branches are
+components of `mehldau.recipes.autoregressive`, the model is `mehldau.nn.perceiver_ar`, its
+crops and windows `mehldau.data.perceiver_windows`.
 """
 
 from __future__ import annotations
@@ -15,44 +19,57 @@ import torch
 from omegaconf import DictConfig
 
 from mehldau.data.perceiver_windows import PerceiverCropDataset, PerceiverWindowDataset
+from mehldau.generation import device_for
 from mehldau.nn.perceiver_ar import PerceiverAR, PerceiverARConfig
 from mehldau.recipes import autoregressive as ar
 from mehldau.sampling import PerceiverDecoder
+from mehldau.tokenize.base import Tokenizer
 
-SPEC = ar.ModelSpec(
-    branch="perceiver_mt",
-    recipe=__name__,
-    model_class=PerceiverAR,
-    config_class=PerceiverARConfig,
-    config_keys=("n_layers", "d_model", "n_heads", "d_ff", "max_seq_len", "num_latents",
-                 "max_relative_position", "dropout", "attn_dropout", "activation", "attn_impl",
-                 "prefix_dropout", "refill"),
-    train_dataset=lambda seqs, mcfg, tok, seed, aug, prefixes: PerceiverCropDataset(
-        seqs, mcfg.max_seq_len, mcfg.num_latents, tok, seed=seed, transpose=aug.transpose,
-        stretch=(aug.stretch_min, aug.stretch_max), prefixes=prefixes),
-    eval_dataset=lambda seqs, mcfg, tok, prefixes: PerceiverWindowDataset(
-        seqs, mcfg.max_seq_len, mcfg.num_latents, tok.special_tokens["pad"], prefixes),
-    decoder=lambda model, use_cache, prefix_len: PerceiverDecoder(model, use_cache, prefix_len),
-)
+BRANCH = "perceiver_mt"
 
 
 def train(cfg: DictConfig) -> Path:
-    return ar.train(SPEC, cfg)
+    """Pretrain Perceiver AR (`stage=pretrain`), or adapt one of its runs with LoRA/QLoRA
+    (`stage=adapt init=RUN`)."""
+    run = ar.start_run(cfg, BRANCH, PerceiverARConfig)
+    data = ar.token_data(cfg, run)
+    model = ar.with_base_weights(PerceiverAR(run.config), run)
+    # A training crop holds up to M inputs whose last N are the targets, placed at random in
+    # the piece (Flaxformer's FULL_LATENTS); validation reads consecutive target windows of
+    # N, each with up to M - N tokens of context.
+    inputs, latents = run.config.max_seq_len, run.config.num_latents
+    train_ds = PerceiverCropDataset(data.train, inputs, latents, run.tokenizer, cfg.seed,
+                                    run.augment, data.prefixes["train"])
+    val_ds = PerceiverWindowDataset(data.val, inputs, latents,
+                                    run.tokenizer.special_tokens["pad"],
+                                    data.prefixes["val"]) if data.val else None
+    return ar.fit_run(cfg, run, model, train_ds, val_ds, data)
+
+
+def load_model(ckpt: Path, device: torch.device | str = "cpu", force: bool = False
+               ) -> tuple[PerceiverAR, Tokenizer]:
+    return ar.load_checkpoint(ckpt, PerceiverAR, PerceiverARConfig, BRANCH, device, force)
 
 
 def generate(cfg: DictConfig, ckpt: Path) -> list[Path]:
-    return ar.generate(SPEC, cfg, ckpt)
-
-
-def merge_checkpoint(cfg: DictConfig, ckpt: Path) -> Path:
-    return ar.merge_checkpoint(SPEC, cfg, ckpt)
+    """Continue the prompt (or start from BOS). The decoder caches the cross-attention
+    inputs and the latent stack and refills both with one full forward when either is full."""
+    device = device_for(cfg.device)
+    model, tokenizer = load_model(ckpt, device, bool(cfg.get("force", False)))
+    prompt, prefix_len = ar.id_prompt(tokenizer, cfg)
+    decoder = PerceiverDecoder(model, bool(cfg.use_cache), prefix_len)
+    return ar.sample_ids(decoder, tokenizer, prompt, cfg, device)
 
 
 def score(ckpt: Path, files: list, device: torch.device | str = "cpu",
           style: str | None = None) -> list:
-    return ar.score(SPEC, ckpt, files, device, style)  # eval windows: stride = num_latents
+    """Held-out likelihood: the validation windows, whose targets are the N latents."""
+    model, tokenizer = load_model(ckpt, device)
+    length, latents = model.config.max_seq_len, model.config.num_latents
+    pad = tokenizer.special_tokens["pad"]
+    return ar.score_files(model, tokenizer, files, lambda seq, prefix: PerceiverWindowDataset(
+        [seq], length, latents, pad, prefix), device, style)
 
 
-def load_model(ckpt: Path, device: torch.device | str = "cpu", force: bool = False
-               ) -> tuple[PerceiverAR, object]:
-    return ar.load_model(SPEC, ckpt, device, force)
+def merge_checkpoint(cfg: DictConfig, ckpt: Path) -> Path:
+    return ar.merge_checkpoint(cfg, ckpt, load_model)

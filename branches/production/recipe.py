@@ -1,8 +1,13 @@
-"""The production branch: a Music Transformer trained, adapted and sampled by the core's
-autoregressive recipe (`mehldau.recipes.autoregressive`). What is specific to this branch:
-its model (`mehldau.nn.music_transformer`), plain random crops of `max_seq_len` tokens for
-training, non-overlapping windows for evaluation, strided windows for held-out likelihood,
-and a KV-cache decoder that re-prefills 7/8 of a window when it passes the context.
+"""The production branch: a Music Transformer (Huang et al. 2018) on duration tokens,
+pretrained, then adapted with LoRA or QLoRA, then sampled with a KV cache.
+
+    mehldau-train                                  # pretrain (the demo: tiny model, demo MIDI)
+    mehldau-train stage=adapt init=RUN adapter=lora
+    mehldau-generate ckpt=RUN out=take.mid
+
+The workflow is below, top to bottom; the steps it shares with the other token branches are
+components of `mehldau.recipes.autoregressive` (run setup, corpus, fitting, sampling), the
+model is `mehldau.nn.music_transformer`.
 """
 
 from __future__ import annotations
@@ -13,47 +18,55 @@ import torch
 from omegaconf import DictConfig
 
 from mehldau.data.dataset import RandomCropDataset, WindowDataset
+from mehldau.generation import device_for
 from mehldau.nn.music_transformer import MusicTransformer, MusicTransformerConfig
 from mehldau.recipes import autoregressive as ar
 from mehldau.sampling import KVCacheDecoder
+from mehldau.tokenize.base import Tokenizer
 
-SPEC = ar.ModelSpec(
-    branch="production",
-    recipe=__name__,
-    model_class=MusicTransformer,
-    config_class=MusicTransformerConfig,
-    config_keys=("n_layers", "d_model", "n_heads", "d_ff", "max_seq_len",
-                 "max_relative_position", "dropout", "attn_dropout", "activation", "attn_impl"),
-    train_dataset=lambda seqs, mcfg, tok, seed, aug, prefixes: RandomCropDataset(
-        seqs, mcfg.max_seq_len, tok, seed=seed, transpose=aug.transpose,
-        stretch=(aug.stretch_min, aug.stretch_max), prefixes=prefixes),
-    eval_dataset=lambda seqs, mcfg, tok, prefixes: WindowDataset(
-        seqs, mcfg.max_seq_len, tok.special_tokens["pad"], prefixes),
-    decoder=lambda model, use_cache, prefix_len: KVCacheDecoder(
-        model, model.config.max_seq_len, use_cache, prefix_len),
-    score_dataset=lambda seqs, mcfg, tok, prefixes: WindowDataset(
-        seqs, mcfg.max_seq_len, tok.special_tokens["pad"], prefixes,
-        stride=mcfg.max_seq_len // 2),
-)
+BRANCH = "production"
 
 
 def train(cfg: DictConfig) -> Path:
-    return ar.train(SPEC, cfg)
+    """Pretrain a Music Transformer (`stage=pretrain`), or fit a LoRA/QLoRA adapter to one of
+    its runs (`stage=adapt init=RUN`)."""
+    run = ar.start_run(cfg, BRANCH, MusicTransformerConfig)
+    data = ar.token_data(cfg, run)
+    model = ar.with_base_weights(MusicTransformer(run.config), run)
+    # Training sees random crops of one context (transposed and time-stretched); validation
+    # every piece once, in consecutive windows.
+    length = run.config.max_seq_len
+    train_ds = RandomCropDataset(data.train, length, run.tokenizer, cfg.seed, run.augment,
+                                 data.prefixes["train"])
+    val_ds = WindowDataset(data.val, length, run.tokenizer.special_tokens["pad"],
+                           data.prefixes["val"]) if data.val else None
+    return ar.fit_run(cfg, run, model, train_ds, val_ds, data)
+
+
+def load_model(ckpt: Path, device: torch.device | str = "cpu", force: bool = False
+               ) -> tuple[MusicTransformer, Tokenizer]:
+    return ar.load_checkpoint(ckpt, MusicTransformer, MusicTransformerConfig, BRANCH, device,
+                              force)
 
 
 def generate(cfg: DictConfig, ckpt: Path) -> list[Path]:
-    return ar.generate(SPEC, cfg, ckpt)
-
-
-def merge_checkpoint(cfg: DictConfig, ckpt: Path) -> Path:
-    return ar.merge_checkpoint(SPEC, cfg, ckpt)
+    """Continue the prompt (or start from BOS); past the context the decoder slides by
+    re-prefilling the last 7/8 of a window into the KV cache."""
+    device = device_for(cfg.device)
+    model, tokenizer = load_model(ckpt, device, bool(cfg.get("force", False)))
+    prompt, prefix_len = ar.id_prompt(tokenizer, cfg)
+    decoder = KVCacheDecoder(model, model.config.max_seq_len, bool(cfg.use_cache), prefix_len)
+    return ar.sample_ids(decoder, tokenizer, prompt, cfg, device)
 
 
 def score(ckpt: Path, files: list, device: torch.device | str = "cpu",
           style: str | None = None) -> list:
-    return ar.score(SPEC, ckpt, files, device, style)
+    """Held-out likelihood: windows of the full context, each scoring its last half."""
+    model, tokenizer = load_model(ckpt, device)
+    length, pad = model.config.max_seq_len, tokenizer.special_tokens["pad"]
+    return ar.score_files(model, tokenizer, files, lambda seq, prefix: WindowDataset(
+        [seq], length, pad, prefix, stride=length // 2), device, style)
 
 
-def load_model(ckpt: Path, device: torch.device | str = "cpu", force: bool = False
-               ) -> tuple[MusicTransformer, object]:
-    return ar.load_model(SPEC, ckpt, device, force)
+def merge_checkpoint(cfg: DictConfig, ckpt: Path) -> Path:
+    return ar.merge_checkpoint(cfg, ckpt, load_model)

@@ -26,7 +26,9 @@ import torch
 from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 
+from mehldau.data.dataset import Augmentation
 from mehldau.data.rolls import (
+    FixedNoiseLatents,
     LatentCropDataset,
     RollCropDataset,
     RollWindowDataset,
@@ -38,21 +40,22 @@ from mehldau.errors import UserError
 from mehldau.generation import device_for, generate_seconds, write_scores
 from mehldau.guidance.rules import (
     RULES,
-    chord_label,
     chord_mismatch,
-    chord_name,
     chord_scores,
     rule_losses,
     rule_scales,
+    targets_from_json,
     targets_from_midi,
+    targets_to_json,
     weighted_loss,
 )
 from mehldau.guidance.stochastic_control_guidance import SCGConfig, scg_sample
 from mehldau.io import atomic_file, atomic_write_midi
 from mehldau.nn.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
-from mehldau.nn.vqvae import VQVAE, VQVAEConfig, note_f1
+from mehldau.nn.vqvae import VQVAE, VQVAEConfig, reconstruction_report
 from mehldau.recipes.run import (
     checkpoint_extras,
+    fit_logged,
     metrics_file,
     run_corpus,
     run_dir_for,
@@ -65,8 +68,7 @@ from mehldau.train.checkpoint import (
     read_meta,
     resolve_checkpoint,
 )
-from mehldau.train.loggers import make_logger
-from mehldau.train.trainer import TrainConfig, fit, make_accelerator
+from mehldau.train.trainer import TrainConfig, make_accelerator
 
 BRANCH = "scg_diffusion"
 STAGES = ("autoencoder", "diffusion")
@@ -126,6 +128,7 @@ def train(cfg: DictConfig) -> Path:
     if cfg.style.enabled:
         raise UserError("scg_diffusion has no style conditioning; drop style.enabled")
     tcfg = train_config(cfg, stage)
+    augment = Augmentation.from_config(cfg.augment)
     run_dir = run_dir_for(cfg, f"{BRANCH}/{stage}-", tcfg.resume)
     if stage == "autoencoder":
         if cfg.init is not None:
@@ -145,7 +148,6 @@ def train(cfg: DictConfig) -> Path:
     # model must not be validated on pieces its autoencoder learned to reconstruct.
     corpus = run_corpus(cfg, run_pieces(cfg), tokenizer, run_dir, base)
     rolls = {s: corpus.sequences(s) for s in corpus.splits}
-    aug = cfg.augment
     all_rolls = [r for s in corpus.splits for r in corpus.sequences(s)]
     metrics, _ = metrics_file(run_dir, tcfg.resume, {
         "frames": int(sum(map(len, all_rolls))), "pieces": len(all_rolls),
@@ -159,8 +161,7 @@ def train(cfg: DictConfig) -> Path:
         print("train: no validation split (fewer than 3 groups); no val loss", file=sys.stderr)
     if stage == "autoencoder":
         try:
-            train_ds = RollCropDataset(rolls["train"], frames, tokenizer, cfg.seed,
-                                       aug.transpose, (aug.stretch_min, aug.stretch_max))
+            train_ds = RollCropDataset(rolls["train"], frames, tokenizer, cfg.seed, augment)
         except ValueError as e:
             raise UserError(f"the training split has no notes ({e}); use more files") from e
         val_ds = val_windows
@@ -173,7 +174,7 @@ def train(cfg: DictConfig) -> Path:
         shift = cfg.model.get("latent_transpose")
         train_ds, val_ds = _encoded_datasets(ae.to(accelerator.device).eval(), dcfg, rolls,
                                              val_windows, tokenizer,
-                                             int(aug.transpose if shift is None else shift),
+                                             augment.transpose if shift is None else int(shift),
                                              cfg.seed)
         model = LatentDiffusion(dcfg)
         model.autoencoder.load_state_dict(ae.state_dict())
@@ -182,28 +183,21 @@ def train(cfg: DictConfig) -> Path:
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"model: {BRANCH} {stage}, {n / 1e6:.2f}M trainable parameters", file=sys.stderr)
 
-    resolved = OmegaConf.to_container(cfg, resolve=True)
     write_extra = checkpoint_extras(cfg, tokenizer, model_dict, run_dir)
     meta = {"branch": BRANCH, "recipe": __name__, "model": type(model).__name__,
             "stage": stage}
     if base is not None:
         meta["autoencoder"] = str(base.resolve())
-    logger = make_logger(cfg.logger, run_dir, resolved, resume=tcfg.resume)
-    try:
-        last = fit(model, train_ds, val_ds, tcfg, run_dir, meta, write_extra, logger,
-                   accelerator=accelerator, loss_unit="(reconstruction BCE + commitment)"
-                   if stage == "autoencoder" else "(noise MSE)", count=count)
-        if stage == "autoencoder" and val_ds is not None:
-            report = autoencoder_report(accelerator.unwrap_model(model), val_ds,
-                                        tcfg.eval_batch_size)
-            metrics.write({"step": int(last.get("step", tcfg.max_steps)), "split": "val",
-                           **report})
-            print(f"autoencoder on val: note F1 {report['note_f1']:.3f} (onsets within one "
-                  f"frame), codebook usage {report['codebook_usage']:.2f}", file=sys.stderr)
-    finally:
-        logger.finish()
-    if "val_loss" in last:
-        print(f"final val loss {last['val_loss']:.4f}", file=sys.stderr)
+    last = fit_logged(cfg, tcfg, run_dir, model, train_ds, val_ds, meta, write_extra,
+                      accelerator, "(reconstruction BCE + commitment)"
+                      if stage == "autoencoder" else "(noise MSE)", count=count)
+    if stage == "autoencoder" and val_ds is not None:
+        report = reconstruction_report(accelerator.unwrap_model(model), val_ds,
+                                       tcfg.eval_batch_size)
+        metrics.write({"step": int(last.get("step", tcfg.max_steps)), "split": "val",
+                       **report})
+        print(f"autoencoder on val: note F1 {report['note_f1']:.3f} (onsets within one "
+              f"frame), codebook usage {report['codebook_usage']:.2f}", file=sys.stderr)
     return run_dir
 
 
@@ -250,48 +244,13 @@ def _encoded_datasets(ae: VQVAE, dcfg: LatentDiffusionConfig, rolls: dict,
             z = torch.cat([ae.encode(torch.stack([val_windows[j]["x"] for j in range(
                 i, min(i + 16, len(val_windows)))]).to(device)).float().cpu()
                 for i in range(0, len(val_windows), 16)])
-        val_ds = _FixedNoise(z * dcfg.latent_scale, dcfg.diffusion_steps, seed)
+        val_ds = FixedNoiseLatents(z * dcfg.latent_scale, dcfg.diffusion_steps, seed)
     rows = sum(z.shape[1] for z, _ in latents)
     print(f"encoded {len(latents)} training rolls ({len(shifts)} transpositions, {rows:,} "
           f"latent rows) in {time.perf_counter() - t0:.1f} s; latent {dcfg.latent_shape()} per "
           f"{dcfg.frames / tokenizer.config.fps:.2f} s, scale {dcfg.latent_scale:.4f}",
           file=sys.stderr)
     return train_ds, val_ds
-
-
-class _FixedNoise(torch.utils.data.Dataset):
-    """Validation latents with a fixed timestep and noise each, so the DDPM loss of one
-    checkpoint is a number, not a draw."""
-
-    def __init__(self, z: torch.Tensor, steps: int, seed: int) -> None:
-        self.z, self.steps, self.seed = z, steps, seed
-
-    def __len__(self) -> int:
-        return len(self.z)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
-        return {"z": self.z[i], "t": torch.randint(0, self.steps, (), generator=g),
-                "noise": torch.randn(self.z[i].shape, generator=g)}
-
-
-@torch.no_grad()
-def autoencoder_report(model: VQVAE, windows: RollWindowDataset, batch_size: int
-                       ) -> dict[str, float]:
-    """Onset note F1 (within one frame) of reconstructions, and codebook usage (vq)."""
-    model.eval()
-    dev = next(model.parameters()).device
-    preds, targets = [], []
-    for i in range(0, len(windows), batch_size):
-        x = torch.stack([windows[j]["x"] for j in range(i, min(i + batch_size, len(windows)))])
-        preds.append(model(x.to(dev)).recon.cpu())
-        targets.append(x)
-    report = {"note_f1": note_f1(torch.cat(preds), torch.cat(targets), tolerance=1)}
-    if model.quantizer is not None:
-        report["codebook_usage"] = model.quantizer.codebook_usage()
-    else:
-        report["codebook_usage"] = float("nan")
-    return report
 
 
 # --- generation ------------------------------------------------------------------------------
@@ -329,43 +288,6 @@ def _rule_names(cfg: DictConfig) -> list[str]:
         raise UserError(f"unknown rule '{unknown[0] if unknown else ''}' in rules.use; "
                         f"choose from {', '.join(RULES)}")
     return names
-
-
-def targets_to_json(targets: dict[str, torch.Tensor]) -> dict:
-    """Targets as written beside each output (chords by name, e.g. "Dm7", "N" = silence)."""
-    out = {}
-    for name, t in targets.items():
-        out[name] = ([chord_name(int(v)) for v in t.tolist()] if name == "chord"
-                     else t.tolist())
-    return out
-
-
-def targets_from_json(path: str | Path, names: list[str], frames: int, window: int
-                      ) -> dict[str, torch.Tensor]:
-    try:
-        given = json.loads(Path(path).expanduser().read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"rules.targets {path}: {e}; pass a JSON file like the ones "
-                        "mehldau-generate writes") from e
-    given = given.get("targets", given) if isinstance(given, dict) else {}
-    out = {}
-    windows = -(-frames // window)
-    for name in names:
-        if name not in given:
-            raise UserError(f"rules.targets {path} has no '{name}' target; add it or drop it "
-                            "from rules.use")
-        v = given[name]
-        try:
-            t = (torch.tensor([chord_label(str(c)) for c in v]) if name == "chord"
-                 else torch.tensor(v, dtype=torch.float32))
-        except (TypeError, ValueError) as e:
-            raise UserError(f"rules.targets {path}: bad '{name}' target ({e})") from e
-        want = {"pitch_histogram": (12,), "note_density": (2, windows), "chord": (windows,)}[name]
-        if tuple(t.shape) != want:
-            raise UserError(f"rules.targets {path}: '{name}' has shape {tuple(t.shape)}, a "
-                            f"{frames}-frame sample needs {want}")
-        out[name] = t
-    return out
 
 
 def _targets(cfg: DictConfig, tokenizer: Tokenizer, names: list[str], frames: int

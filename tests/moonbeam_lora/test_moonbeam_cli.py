@@ -17,7 +17,7 @@ from mehldau.cli.generate import main as generate
 from mehldau.cli.train import main as train
 from mehldau.errors import UserError
 from mehldau.nn.moonbeam import MoonbeamForCausalLM
-from mehldau.recipes.autoregressive import adapter_config
+from mehldau.recipes.adapt import adapter_config
 
 MICRO = ["branch=moonbeam_lora", "model.hidden_size=48", "model.intermediate_size=64",
          "model.num_hidden_layers=1", "model.decoder_hidden_size=32", "model.context_len=48",

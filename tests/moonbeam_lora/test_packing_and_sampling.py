@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mehldau.constants import IGNORE_INDEX
+from mehldau.data.dataset import Augmentation
 from mehldau.data.packing import EventWindowDataset, PackedCropDataset, split_samples
 from mehldau.nn.moonbeam import MoonbeamConfig, MoonbeamForCausalLM
 from mehldau.sampling import SamplingConfig
@@ -28,7 +29,7 @@ SEQS = [piece(150, 0), piece(12, 1), piece(6, 2)]
 
 
 def test_packed_crops_keep_samples_apart_and_label_only_real_targets() -> None:
-    ds = PackedCropDataset(SEQS, 48, TOK, seed=3, transpose=2, stretch=(0.9, 1.1))
+    ds = PackedCropDataset(SEQS, 48, TOK, seed=3, augment=Augmentation(2, (0.9, 1.1)))
     for i in range(20):
         item = ds[i]
         ids, labels, sample = item["input_ids"], item["labels"], item["attention_mask"]

@@ -128,6 +128,9 @@ def test_generate_continues_the_prompt(trained: Path, tmp_path: Path) -> None:
     (["train.max_steps=0"], "train.max_steps must be positive"),
     (["model.max_seq_len=-8"], "max_seq_len must be positive"),
     (["no_such_key=1"], "unknown option 'no_such_key'"),
+    (["augment.stretch_min=1.2", "augment.stretch_max=1.0"],
+     "bad augment config: the stretch range must satisfy 0 < min <= max, got 1.2..1.0"),
+    (["augment.transpose=-1"], "bad augment config: transpose must be >= 0 semitones"),
 ])
 def test_train_bad_input(args, message, tmp_path: Path, capsys) -> None:
     run = tmp_path / "run"

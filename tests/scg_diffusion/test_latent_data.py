@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from mehldau.data.dataset import Augmentation
 from mehldau.data.rolls import (
     LatentCropDataset,
     RollCropDataset,
@@ -72,7 +73,7 @@ def test_roll_datasets_drop_silent_windows_and_crops() -> None:
     r = roll(1000, 600, 1000)
     windows = RollWindowDataset([r], 200)
     assert len(windows) == 2 and windows[0]["x"].shape == (2, 200, 88)
-    crops = RollCropDataset([r], 200, tok, seed=0, transpose=2, stretch=(0.9, 1.1))
+    crops = RollCropDataset([r], 200, tok, seed=0, augment=Augmentation(2, (0.9, 1.1)))
     for i in range(10):
         x = crops[i]["x"]
         assert x.shape == (2, 200, 88) and x[0].sum() > 0

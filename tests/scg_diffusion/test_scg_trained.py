@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import scale_notes, write_midi
 
+from mehldau.data.dataset import Augmentation
 from mehldau.data.rolls import RollCropDataset
 from mehldau.guidance.rules import extract_targets, rule_losses, rule_scales, weighted_loss
 from mehldau.guidance.stochastic_control_guidance import SCGConfig, scg_sample
@@ -40,7 +41,7 @@ def trained(tmp_path_factory, one_thread) -> tuple[LatentDiffusion, list]:
                                         scale_notes(48, base=50 + 3 * k, step=0.1 + 0.1 * k,
                                                     seed=k)))
              for k in range(4)]
-    data = RollCropDataset(rolls, FRAMES, tok, seed=0, transpose=2)
+    data = RollCropDataset(rolls, FRAMES, tok, seed=0, augment=Augmentation(2))
     ae = VQVAE(VQVAEConfig(**AE))
     _train(ae, data, 40, 3e-3)
     dcfg = LatentDiffusionConfig(autoencoder=VQVAEConfig(**AE).to_dict(), frames=FRAMES,

@@ -9,13 +9,55 @@ several draws the same crops.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
 from mehldau.constants import IGNORE_INDEX
+from mehldau.errors import UserError
 from mehldau.tokenize.base import Tokenizer
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Music Transformer §4.2's data augmentation, drawn per training crop: a transposition
+    uniform in [-transpose, +transpose] semitones and a time stretch uniform in `stretch`."""
+
+    transpose: int = 0
+    stretch: tuple[float, float] = (1.0, 1.0)
+
+    def __post_init__(self) -> None:
+        if self.transpose < 0:
+            raise ValueError(f"transpose must be >= 0 semitones, got {self.transpose}")
+        lo, hi = self.stretch
+        if not 0 < lo <= hi:
+            raise ValueError(f"the stretch range must satisfy 0 < min <= max, got {lo}..{hi}")
+
+    @classmethod
+    def from_config(cls, augment: Any) -> Augmentation:
+        """From `cfg.augment` (transpose, stretch_min, stretch_max); bad values are a user
+        error naming the keys."""
+        try:
+            return cls(int(augment.transpose),
+                       (float(augment.stretch_min), float(augment.stretch_max)))
+        except ValueError as e:
+            raise UserError(f"bad augment config: {e}; set augment.transpose, "
+                            "augment.stretch_min and augment.stretch_max") from e
+
+    @property
+    def active(self) -> bool:
+        return self.transpose > 0 or self.stretch != (1.0, 1.0)
+
+    def draw(self, rng: np.random.Generator) -> tuple[int, float]:
+        """(semitones, time factor): the shift is drawn first, then the factor."""
+        shift = int(rng.integers(-self.transpose, self.transpose + 1))
+        return shift, float(rng.uniform(*self.stretch))
+
+
+NO_AUGMENTATION = Augmentation()
 
 
 def add_bos_eos(seq: np.ndarray, tokenizer: Tokenizer) -> np.ndarray:
@@ -58,9 +100,12 @@ class CropDataset(Dataset):
     resumed run needs only a sample counter (`CounterSampler`) and never runs out (`len` is
     2**62); each item draws its piece with probability proportional to the piece's length, so
     every second of music is equally likely to be trained on. Subclasses crop, augment and
-    trim; they call `_init_crops(lengths, seed)`, then `_rng(index)` and `_pick(rng)`."""
+    trim; they set `tokenizer` and `augment`, call `_init_crops(lengths, seed)`, then per
+    item `_rng(index)`, `_pick(rng)`, `_take(want)` and `_augmented(crop, rng)`."""
 
     def _init_crops(self, lengths: Sequence[float], seed: int) -> None:
+        if not len(lengths):
+            raise ValueError(f"{type(self).__name__} needs at least one sequence")
         lengths = np.asarray(lengths, dtype=np.float64)
         self.probs = lengths / lengths.sum()
         self.seed = seed
@@ -74,15 +119,25 @@ class CropDataset(Dataset):
     def _pick(self, rng: np.random.Generator) -> int:
         return int(rng.choice(len(self.probs), p=self.probs))
 
+    def _take(self, want: int) -> int:
+        """How much to crop for `want` tokens after augmenting: a little more, so a stretch
+        that shortens the crop still fills it."""
+        aug: Augmentation = self.augment
+        return int(np.ceil(want / aug.stretch[0])) + 8 if aug.active else want
+
+    def _augmented(self, crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if not self.augment.active:
+            return crop
+        shift, factor = self.augment.draw(rng)
+        return self.tokenizer.augment(crop, transpose=shift, stretch=factor)
+
 
 class RandomCropDataset(CropDataset):
     """Random crops of `context_len + 1` tokens, chosen with probability ∝ piece length, each
     position of a piece covered about equally often (`crop_start`).
 
-    Augmentation (Music Transformer §4.2) is applied to the crop at sampling time: a
-    transposition in [-transpose, +transpose] semitones and a time stretch in
-    [stretch_min, stretch_max]. The crop is taken a little longer than needed so a stretch
-    that shortens it still fills the context.
+    `augment` is applied to the crop at sampling time. The crop is taken a little longer
+    than needed so a stretch that shortens it still fills the context.
     """
 
     def __init__(
@@ -91,18 +146,14 @@ class RandomCropDataset(CropDataset):
         context_len: int,
         tokenizer: Tokenizer,
         seed: int = 0,
-        transpose: int = 0,
-        stretch: tuple[float, float] = (1.0, 1.0),
+        augment: Augmentation = NO_AUGMENTATION,
         prefixes: Sequence[np.ndarray] | None = None,
     ) -> None:
-        if not sequences:
-            raise ValueError("RandomCropDataset needs at least one sequence")
         self.sequences = list(sequences)
         self.prefixes = list(prefixes) if prefixes is not None else None
         self.context_len = context_len
         self.tokenizer = tokenizer
-        self.transpose = transpose
-        self.stretch = stretch
+        self.augment = augment
         self._init_crops([len(s) for s in self.sequences], seed)
         self.pad_id = tokenizer.special_tokens["pad"]
 
@@ -112,14 +163,9 @@ class RandomCropDataset(CropDataset):
         seq = self.sequences[k]
         prefix = self.prefixes[k] if self.prefixes is not None else None
         want = self.context_len + 1 - (0 if prefix is None else len(prefix))
-        augmenting = self.transpose > 0 or self.stretch != (1.0, 1.0)
-        take = int(np.ceil(want / self.stretch[0])) + 8 if augmenting else want
+        take = self._take(want)
         start = crop_start(rng, len(seq), take)
-        window = seq[start : start + take]
-        if augmenting:
-            shift = int(rng.integers(-self.transpose, self.transpose + 1))
-            factor = float(rng.uniform(*self.stretch))
-            window = self.tokenizer.augment(window, transpose=shift, stretch=factor)
+        window = self._augmented(seq[start : start + take], rng)
         return _pad_pair(window[:want], self.context_len, self.pad_id, prefix)
 
 

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mehldau.constants import IGNORE_INDEX
-from mehldau.data.dataset import CropDataset
+from mehldau.data.dataset import NO_AUGMENTATION, Augmentation, CropDataset
 from mehldau.tokenize.compound import EOS, NUM_ATTRIBUTES, SOS, CompoundTokenizer
 
 _SOS_ROW = np.full((1, NUM_ATTRIBUTES), SOS, np.int64)
@@ -84,16 +84,15 @@ class PackedCropDataset(CropDataset):
     """
 
     def __init__(self, sequences: Sequence[np.ndarray], context_len: int,
-                 tokenizer: CompoundTokenizer, seed: int = 0, transpose: int = 0,
-                 stretch: tuple[float, float] = (1.0, 1.0), min_crop: int = 16) -> None:
+                 tokenizer: CompoundTokenizer, seed: int = 0,
+                 augment: Augmentation = NO_AUGMENTATION, min_crop: int = 16) -> None:
         self.samples = split_samples(sequences)
         if not self.samples:
             raise ValueError("PackedCropDataset needs at least one sample with events")
         if context_len < 3:
             raise ValueError(f"context_len must be >= 3, got {context_len}")
         self._init_crops([len(s) for s in self.samples], seed)
-        self.context_len, self.tokenizer = context_len, tokenizer
-        self.transpose, self.stretch = transpose, stretch
+        self.context_len, self.tokenizer, self.augment = context_len, tokenizer, augment
         self.min_crop = max(1, min(min_crop, context_len - 2))
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
@@ -103,11 +102,8 @@ class PackedCropDataset(CropDataset):
         while room >= self.min_crop + 2:
             events = self.samples[self._pick(rng)]
             n = min(len(events), room - 2)
-            rows = crop_rows(events, int(rng.integers(0, len(events) - n + 1)), n)
-            if self.transpose > 0 or self.stretch != (1.0, 1.0):
-                rows = self.tokenizer.augment(
-                    rows, transpose=int(rng.integers(-self.transpose, self.transpose + 1)),
-                    stretch=float(rng.uniform(*self.stretch)))
+            rows = self._augmented(
+                crop_rows(events, int(rng.integers(0, len(events) - n + 1)), n), rng)
             if len(rows) < 2:  # every event transposed off the keyboard
                 continue
             parts.append((rows, _labels(self.tokenizer, rows)))

@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from mehldau.constants import IGNORE_INDEX
-from mehldau.data.dataset import CropDataset
+from mehldau.data.dataset import NO_AUGMENTATION, Augmentation, CropDataset
 from mehldau.tokenize.base import Tokenizer
 
 
@@ -70,17 +70,13 @@ class PerceiverCropDataset(CropDataset):
         num_latents: int,
         tokenizer: Tokenizer,
         seed: int = 0,
-        transpose: int = 0,
-        stretch: tuple[float, float] = (1.0, 1.0),
+        augment: Augmentation = NO_AUGMENTATION,
         prefixes: Sequence[np.ndarray] | None = None,
     ) -> None:
-        if not sequences:
-            raise ValueError("PerceiverCropDataset needs at least one sequence")
         self.prefixes = _check_sizes(max_seq_len, num_latents, prefixes)
         self.sequences = list(sequences)
         self.max_seq_len, self.num_latents = max_seq_len, num_latents
-        self.tokenizer = tokenizer
-        self.transpose, self.stretch = transpose, stretch
+        self.tokenizer, self.augment = tokenizer, augment
         self._init_crops([len(s) for s in self.sequences], seed)
         self.pad_id = tokenizer.special_tokens["pad"]
 
@@ -96,13 +92,8 @@ class PerceiverCropDataset(CropDataset):
         # is a target about equally often (the opening too, where unprompted samples start).
         lo = min(N + 1, len(seq))
         e = int(np.clip(rng.integers(lo - N + 1, len(seq) + N), lo, len(seq)))
-        augmenting = self.transpose > 0 or self.stretch != (1.0, 1.0)
-        take = int(np.ceil(want / self.stretch[0])) + 8 if augmenting else want
-        window = seq[max(e - take, 0) : e]
-        if augmenting:
-            shift = int(rng.integers(-self.transpose, self.transpose + 1))
-            factor = float(rng.uniform(*self.stretch))
-            window = self.tokenizer.augment(window, transpose=shift, stretch=factor)
+        take = self._take(want)
+        window = self._augmented(seq[max(e - take, 0) : e], rng)
         full = np.concatenate([prefix, window[-want:]]).astype(np.int64)
         labels = full[1:].copy()
         labels[:p] = IGNORE_INDEX  # the prefix's label (the crop's first token) is no target

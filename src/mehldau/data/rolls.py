@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mehldau.data.dataset import CropDataset
+from mehldau.data.dataset import NO_AUGMENTATION, Augmentation, CropDataset
 from mehldau.tokenize.pianoroll import VELOCITY, PianoRollTokenizer, crop, roll_to_tensor
 
 
@@ -33,30 +33,29 @@ def count_latent_rows(batch: dict[str, torch.Tensor]) -> int:
 
 
 class RollCropDataset(CropDataset):
-    """Training crops of `frames` frames, augmented per crop (transposition in
-    [-transpose, transpose] semitones, time stretch in `stretch`). A piece is chosen with
+    """Training crops of `frames` frames, augmented per crop (`augment`). A piece is chosen with
     probability proportional to its length; item i depends only on (seed, i), so resuming needs
     only a counter, as for the token datasets."""
 
     def __init__(self, rolls: Sequence[np.ndarray], frames: int,
-                 tokenizer: PianoRollTokenizer, seed: int = 0, transpose: int = 0,
-                 stretch: tuple[float, float] = (1.0, 1.0), tries: int = 16) -> None:
+                 tokenizer: PianoRollTokenizer, seed: int = 0,
+                 augment: Augmentation = NO_AUGMENTATION, tries: int = 16) -> None:
         self.rolls = [r for r in rolls if len(r) and r[:, :, VELOCITY].any()]
         if not self.rolls:
             raise ValueError("RollCropDataset needs at least one roll with notes")
         if frames < 1:
             raise ValueError(f"frames must be >= 1, got {frames}")
         self._init_crops([len(r) for r in self.rolls], seed)
-        self.frames, self.tokenizer = frames, tokenizer
-        self.transpose, self.stretch, self.tries = transpose, stretch, tries
+        self.frames, self.tokenizer, self.augment, self.tries = frames, tokenizer, augment, tries
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = self._rng(index)
         out = None
         for _ in range(self.tries):
             roll = self.rolls[self._pick(rng)]
-            stretch = float(rng.uniform(*self.stretch))
-            shift = int(rng.integers(-self.transpose, self.transpose + 1))
+            # Drawn even when not augmenting, and stretch first: a crop's start depends on it.
+            stretch = float(rng.uniform(*self.augment.stretch))
+            shift = int(rng.integers(-self.augment.transpose, self.augment.transpose + 1))
             # Cut a little more than needed before stretching, so the stretched crop is full.
             need = math.ceil(self.frames / stretch) + 1
             start = int(rng.integers(0, max(len(roll) - need, 0) + 1))
@@ -150,3 +149,19 @@ class LatentCropDataset(CropDataset):
         part = z[:, start:start + self.rows]
         out[:, :part.shape[1]] = part  # a piece shorter than a crop: silence after it
         return {"z": out}
+
+
+class FixedNoiseLatents(Dataset):
+    """Validation latents with a fixed timestep and noise each, so the DDPM loss of one
+    checkpoint is a number, not a draw."""
+
+    def __init__(self, z: torch.Tensor, steps: int, seed: int) -> None:
+        self.z, self.steps, self.seed = z, steps, seed
+
+    def __len__(self) -> int:
+        return len(self.z)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        return {"z": self.z[i], "t": torch.randint(0, self.steps, (), generator=g),
+                "noise": torch.randn(self.z[i].shape, generator=g)}

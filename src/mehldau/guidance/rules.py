@@ -42,6 +42,7 @@ a last, shorter window counts its own frames.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -49,6 +50,7 @@ from typing import NamedTuple
 
 import torch
 
+from mehldau.errors import UserError
 from mehldau.tokenize.pianoroll import (
     MIN_PITCH,
     NUM_KEYS,
@@ -286,3 +288,41 @@ def targets_from_midi(path: str | Path, tokenizer: PianoRollTokenizer, seconds: 
     fps = tokenizer.config.fps
     roll = crop(tokenizer.encode_file(path), round(start * fps), round(seconds * fps))
     return extract_targets(roll_to_tensor(roll), rules, window, fps)
+
+
+# --- targets as JSON ------------------------------------------------------------------------
+def targets_to_json(targets: dict[str, torch.Tensor]) -> dict:
+    """Targets as written beside each output (chords by name, e.g. "Dm7", "N" = silence)."""
+    out = {}
+    for name, t in targets.items():
+        out[name] = ([chord_name(int(v)) for v in t.tolist()] if name == "chord"
+                     else t.tolist())
+    return out
+
+
+def targets_from_json(path: str | Path, names: list[str], frames: int, window: int
+                      ) -> dict[str, torch.Tensor]:
+    try:
+        given = json.loads(Path(path).expanduser().read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"rules.targets {path}: {e}; pass a JSON file like the ones "
+                        "mehldau-generate writes") from e
+    given = given.get("targets", given) if isinstance(given, dict) else {}
+    out = {}
+    windows = -(-frames // window)
+    for name in names:
+        if name not in given:
+            raise UserError(f"rules.targets {path} has no '{name}' target; add it or drop it "
+                            "from rules.use")
+        v = given[name]
+        try:
+            t = (torch.tensor([chord_label(str(c)) for c in v]) if name == "chord"
+                 else torch.tensor(v, dtype=torch.float32))
+        except (TypeError, ValueError) as e:
+            raise UserError(f"rules.targets {path}: bad '{name}' target ({e})") from e
+        want = {"pitch_histogram": (12,), "note_density": (2, windows), "chord": (windows,)}[name]
+        if tuple(t.shape) != want:
+            raise UserError(f"rules.targets {path}: '{name}' has shape {tuple(t.shape)}, a "
+                            f"{frames}-frame sample needs {want}")
+        out[name] = t
+    return out

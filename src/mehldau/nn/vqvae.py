@@ -358,3 +358,22 @@ def note_f1(pred_roll: Tensor, target_roll: Tensor, threshold: float = 0.5, tole
     precision = tp_p / p.sum().clamp(min=1)
     recall = tp_t / t.sum().clamp(min=1)
     return (2 * precision * recall / (precision + recall).clamp(min=1e-8)).item()
+
+
+@torch.no_grad()
+def reconstruction_report(model: VQVAE, windows, batch_size: int) -> dict[str, float]:
+    """Onset note F1 (within one frame) of the reconstructions of `windows` (items with a
+    roll "x"), and codebook usage (vq; NaN without a quantizer)."""
+    model.eval()
+    dev = next(model.parameters()).device
+    preds, targets = [], []
+    for i in range(0, len(windows), batch_size):
+        x = torch.stack([windows[j]["x"] for j in range(i, min(i + batch_size, len(windows)))])
+        preds.append(model(x.to(dev)).recon.cpu())
+        targets.append(x)
+    report = {"note_f1": note_f1(torch.cat(preds), torch.cat(targets), tolerance=1)}
+    if model.quantizer is not None:
+        report["codebook_usage"] = model.quantizer.codebook_usage()
+    else:
+        report["codebook_usage"] = float("nan")
+    return report

@@ -1,5 +1,6 @@
-"""The run-setup component every branch's `train` composes: where the run lives, what data
-it reads (splits included), its metrics header and what each checkpoint carries.
+"""The run-setup component every branch's `train` composes: its training config, where the
+run lives, what data it reads (splits included), its metrics header, what each checkpoint
+carries, and the logged call of the shared trainer.
 
 Functions, not a framework: a recipe calls them in order and keeps its own workflow in view.
 """
@@ -7,11 +8,14 @@ Functions, not a framework: a recipe calls them in order and keeps its own workf
 from __future__ import annotations
 
 import json
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import Dataset
 
 from mehldau.data.corpus import Corpus, build_corpus, file_hash
 from mehldau.data.sources import Piece, pieces_from_config
@@ -19,7 +23,15 @@ from mehldau.data.splits import MANIFEST, splits_for_run
 from mehldau.errors import UserError
 from mehldau.tokenize.base import Tokenizer
 from mehldau.train.checkpoint import checkpoint_dirs
-from mehldau.train.loggers import MetricsFile
+from mehldau.train.loggers import MetricsFile, make_logger
+from mehldau.train.trainer import TrainConfig, fit
+
+
+def train_config(cfg: DictConfig) -> TrainConfig:
+    try:
+        return TrainConfig(**OmegaConf.to_container(cfg.train, resolve=True))
+    except TypeError as e:
+        raise UserError(f"bad train config: {e}; see configs/train/default.yaml") from e
 
 
 def run_dir_for(cfg: DictConfig, prefix: str, resume: bool) -> Path:
@@ -71,3 +83,20 @@ def checkpoint_extras(cfg: DictConfig, tokenizer: Tokenizer, model_config: dict,
         (d / MANIFEST).write_text((run_dir / MANIFEST).read_text())
 
     return write
+
+
+def fit_logged(cfg: DictConfig, tcfg: TrainConfig, run_dir: Path, model: torch.nn.Module,
+               train_ds: Dataset, val_ds: Dataset | None, meta: dict[str, Any], write_extra,
+               accelerator, loss_unit: str, **fit_kwargs) -> dict[str, Any]:
+    """The shared trainer under the run's logger (closed however the run ends); the last
+    logged values, the final val loss also on the console."""
+    logger = make_logger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True),
+                         resume=tcfg.resume)
+    try:
+        last = fit(model, train_ds, val_ds, tcfg, run_dir, meta, write_extra, logger,
+                   accelerator=accelerator, loss_unit=loss_unit, **fit_kwargs)
+    finally:
+        logger.finish()
+    if "val_loss" in last:
+        print(f"final val loss {last['val_loss']:.4f} {loss_unit}", file=sys.stderr)
+    return last
