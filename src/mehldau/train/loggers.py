@@ -43,16 +43,15 @@ class NullLogger:
 
 
 class WandbLogger:
-    def __init__(self, run_dir: Path, config: dict[str, Any], project: str, mode: str,
-                 name: str | None = None, resume: bool = False) -> None:
+    def __init__(self, run_dir: Path, config: dict[str, Any], project: str | None = None,
+                 mode: str | None = None, resume: bool = False) -> None:
         # An empty WANDB_SILENT crashes wandb.init (typed bool setting); treat it as unset.
         if os.environ.get("WANDB_SILENT", None) == "":
             del os.environ["WANDB_SILENT"]
         import wandb
 
-        self._run = wandb.init(project=project, mode=mode, dir=str(run_dir), config=config,
-                               name=name or run_dir.name, resume="allow" if resume else None,
-                               id=_run_id(run_dir))
+        self._run = wandb.init(**wandb_settings(run_dir, project, mode), config=config,
+                               resume="allow" if resume else None)
 
     def log(self, record: dict[str, Any], step: int) -> None:
         split = record.get("split", "train")
@@ -61,6 +60,18 @@ class WandbLogger:
 
     def finish(self) -> None:
         self._run.finish()
+
+
+def wandb_settings(run_dir: Path, project: str | None, mode: str | None) -> dict[str, str]:
+    """wandb.init's arguments: what the config sets, else wandb's own environment variable,
+    else our default (offline, in the run directory, named and identified by it). An argument
+    passed to wandb.init overrides its environment variable, so none is passed blindly."""
+    env = os.environ.get
+    return {"project": project or env("WANDB_PROJECT") or "mehldau",
+            "mode": mode or env("WANDB_MODE") or "offline",
+            "dir": env("WANDB_DIR") or str(run_dir),
+            "name": env("WANDB_NAME") or run_dir.name,
+            "id": env("WANDB_RUN_ID") or _run_id(run_dir)}
 
 
 def _run_id(run_dir: Path) -> str:
@@ -75,8 +86,8 @@ def make_logger(cfg: dict[str, Any], run_dir: Path, config: dict[str, Any],
     if kind == "none":
         return NullLogger()
     if kind == "wandb":
-        return WandbLogger(run_dir, config, project=cfg.get("project", "mehldau"),
-                           mode=cfg.get("mode", "offline"), resume=resume)
+        return WandbLogger(run_dir, config, project=cfg.get("project"), mode=cfg.get("mode"),
+                           resume=resume)
     from mehldau.errors import UserError
 
     raise UserError(f"unknown logger '{kind}'; use logger=wandb or logger=none")
