@@ -90,17 +90,16 @@ def tokenize_pieces(
                 hashes[piece.id] = key
             npy = cache / key[:2] / f"{key}.npy" if cache else None
             bad = npy.with_suffix(".skip") if npy else None
-            if npy is not None and npy.exists():
-                ok.append((piece, np.load(npy)))
+            cached = _cached_tokens(npy) if npy is not None else None
+            if cached is not None:
+                ok.append((piece, cached))
                 hits += 1
                 continue
             if bad is not None and bad.exists():
                 hits += 1
                 raise BadMidi(bad.read_text().strip())
             try:
-                tokens = tokenizer.encode(read_score(piece.path))
-                if len(tokens) == 0:
-                    raise BadMidi("no notes in the piano range")
+                tokens = _encode(tokenizer, read_score(piece.path))
             except BadMidi as e:
                 if bad is not None:
                     with atomic_file(bad) as f:
@@ -113,6 +112,29 @@ def tokenize_pieces(
         except BadMidi as e:
             skipped.append((piece, str(e)))
     return ok, skipped, hits
+
+
+def _encode(tokenizer: Tokenizer, score: symusic.Score) -> np.ndarray:
+    """Tokens of a parsed score; a tokenizer's failure on one odd file is that file's skip
+    reason, not the end of the run."""
+    try:
+        tokens = tokenizer.encode(score)
+    except Exception as e:  # noqa: BLE001 (any failure on one file skips that file)
+        raise BadMidi(f"the {tokenizer.name} tokenizer failed on it ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:120] if str(e) else ''})") from e
+    if len(tokens) == 0:
+        raise BadMidi("no notes in the piano range")
+    return tokens
+
+
+def _cached_tokens(npy: Path) -> np.ndarray | None:
+    """A cache entry, or None when it is missing or unreadable (then it is rewritten)."""
+    if not npy.exists():
+        return None
+    try:
+        return np.load(npy, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
 
 
 def write_skipped(skipped: list[tuple[Piece, str]], path: str | Path) -> None:
