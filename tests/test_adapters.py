@@ -237,6 +237,20 @@ def test_qlora_forward_equals_the_dequantized_reference() -> None:
     assert 1e-3 < rel < 0.3, rel
 
 
+def test_nf4_round_trip_computes_what_the_4bit_model_computes() -> None:
+    # generate and merge of a QLoRA run load its adapter onto these plain weights
+    _bnb()
+    from mehldau.adapters.qlora import nf4_round_trip, quantize_4bit
+
+    x, _ = batch(seed=5)
+    quantized = logits(quantize_4bit(tiny_model(d_model=Q_WIDTH), torch.float32, "cpu"), x)
+    plain = nf4_round_trip(tiny_model(d_model=Q_WIDTH))
+    assert not any(type(m).__name__ == "Linear4bit" for m in plain.modules())
+    torch.testing.assert_close(logits(plain, x), quantized, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(logits(tiny_model(d_model=Q_WIDTH), x), quantized, atol=1e-3)
+    assert torch.equal(plain.lm_head.weight, tiny_model(d_model=Q_WIDTH).lm_head.weight)
+
+
 def _qlora_and_reference(repack: bool):
     """A QLoRA model trained one step (B != 0), then eval no-grad pass, then a train backward;
     and the same LoRA weights on the dequantized base. Returns both models after backward."""

@@ -146,7 +146,7 @@ def train(cfg: DictConfig) -> Path:
 
     # The diffusion stage keeps its autoencoder's splits unless told otherwise: a latent
     # model must not be validated on pieces its autoencoder learned to reconstruct.
-    corpus = run_corpus(cfg, run_pieces(cfg), tokenizer, run_dir, base)
+    corpus = run_corpus(cfg, run_pieces(cfg), tokenizer, run_dir, base, tcfg.resume)
     rolls = {s: corpus.sequences(s) for s in corpus.splits}
     all_rolls = [r for s in corpus.splits for r in corpus.sequences(s)]
     metrics, _ = metrics_file(run_dir, tcfg.resume, {

@@ -72,16 +72,33 @@ def test_generate_from_adapter_equals_generate_from_merged(runs, capsys) -> None
     assert "not empty" in capsys.readouterr().err
 
 
-def test_qlora_adapt_runs_on_cpu(runs) -> None:
-    run = runs["tmp"] / "qlora"
+def test_qlora_is_measured_generated_and_merged_on_its_4bit_base(runs, capsys) -> None:
+    tmp = runs["tmp"]
+    run = tmp / "qlora"
     assert train([f"run_dir={run}", "stage=adapt", f"init={runs['pre']}", "adapter=qlora",
                   "data=folder", f"data.root={runs['target']}", "train.max_steps=4",
-                  *MICRO]) == 0
+                  "train.lr=1e-2", *MICRO]) == 0
     meta = json.loads((run / "checkpoints" / "step_0000004" / "meta.json").read_text())
     assert meta["adapter"] == "qlora" and meta["stage"] == "adapt"
     vals = [r for r in records(run) if r["split"] == "val"]
     assert len(vals) == 2 and all(v["loss"] == v["loss"] for v in vals)  # finite, logged
-    assert generate([f"ckpt={run}", f"out={runs['tmp'] / 'q.mid'}", "seconds=2"]) == 0
+    # "before adapting" is the 4-bit base the adapter trains on, not the fp32 one LoRA sees
+    q_base = next(r["loss"] for r in records(run) if r.get("model") == "base")
+    fp_base = next(r["loss"] for r in records(runs["lora"]) if r.get("model") == "base")
+    assert q_base != fp_base and abs(q_base - fp_base) < 0.1
+    assert generate([f"ckpt={run}", f"out={tmp / 'q.mid'}", "seconds=2"]) == 0
+    assert "QLoRA adapter on its base's NF4 weights" in capsys.readouterr().err
+    merged = tmp / "q_merged"
+    assert merge([f"ckpt={run}", f"out={merged}"]) == 0
+    assert "NF4" in json.loads((merged / "meta.json").read_text())["base_weights"]
+    # The merged model is the trained one: its val loss (the "base" line of an adaptation
+    # that starts from it) is the QLoRA run's last val loss.
+    again = tmp / "from_merged"
+    assert train([f"run_dir={again}", "stage=adapt", f"init={merged}", "adapter=lora",
+                  "data=folder", f"data.root={runs['target']}", "train.max_steps=1",
+                  *MICRO]) == 0
+    merged_loss = next(r["loss"] for r in records(again) if r.get("model") == "base")
+    assert merged_loss == pytest.approx(vals[-1]["loss"], abs=2e-4)
 
 
 def test_adapt_resume_reproduces_the_uninterrupted_run(runs, tmp_path: Path) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pretty_midi
 import pytest
 import symusic
+import torch
 from conftest import MICRO, make_folder, write_midi
 
 from mehldau.cli.generate import main as generate
@@ -62,6 +64,30 @@ def test_resume_reproduces_the_uninterrupted_run(trained: Path, tmp_path: Path) 
     key = [(r["step"], r["split"], r.get("loss")) for r in a if r["split"] in ("train", "val")]
     got = [(r["step"], r["split"], r.get("loss")) for r in b if r["split"] in ("train", "val")]
     assert got == key
+
+
+class _Payload:
+    """Unpickling this runs a shell command: what a malicious trainer_state.pt would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_resume_refuses_a_trainer_state_that_would_run_code(trained: Path, tmp_path: Path,
+                                                            capsys) -> None:
+    run = tmp_path / "planted"
+    shutil.copytree(trained / "checkpoints" / "step_0000004", run / "checkpoints" / "step_0000004")
+    marker = tmp_path / "pwned"
+    torch.save({"step": 4, "optimizer": _Payload(marker)},
+               run / "checkpoints" / "step_0000004" / "trainer_state.pt")
+    data = trained.parent / "data"
+    assert train([f"run_dir={run}", "data=folder", f"data.root={data}", "train.max_steps=8",
+                  "train.resume=true", *MICRO]) == 2
+    assert "refusing to load it" in one_line_error(capsys)
+    assert not marker.exists()
 
 
 def test_generate_writes_piano_midi(trained: Path, tmp_path: Path) -> None:

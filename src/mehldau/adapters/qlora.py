@@ -83,6 +83,24 @@ def dequantized_copy(model: nn.Module) -> nn.Module:
     return ref
 
 
+@torch.no_grad()
+def nf4_round_trip(model: nn.Module, skip: tuple[str, ...] = KEEP_FULL_PRECISION) -> nn.Module:
+    """Every `nn.Linear` weight (but `skip`) replaced, in place, by its NF4 quantization
+    dequantized again: the weights a QLoRA adapter was trained against, as plain fp32
+    layers. Loading an adapter onto this, rather than onto the unquantized base, makes
+    generate and merge compute what training computed (without bitsandbytes at run time)."""
+    bnb = import_bnb()
+    for module in model.modules():
+        for name, child in module.named_children():
+            if isinstance(child, nn.Linear) and name not in skip:
+                w = child.weight.data
+                q, state = bnb.functional.quantize_4bit(
+                    w.detach().float().cpu(), blocksize=64, compress_statistics=True,
+                    quant_type="nf4")
+                child.weight.data = bnb.functional.dequantize_4bit(q, state).to(w.device, w.dtype)
+    return model
+
+
 def make_optimizer(params, lr: float, weight_decay: float, betas: tuple[float, float],
                    device: torch.device | str) -> torch.optim.Optimizer:
     """Paged 8-bit AdamW on CUDA (QLoRA's memory-spike insurance); plain AdamW on CPU."""

@@ -178,6 +178,31 @@ def apply_manifest(pieces: Sequence[Piece], manifest: dict, name: str = "manifes
     return out
 
 
+def resume_pieces(pieces: Sequence[Piece], manifest: dict, hash_of=None) -> list[Piece]:
+    """A resumed run's corpus: the pieces its own manifest lists, in their splits, whatever
+    else the source holds now. One line each on stderr for listed files that are gone
+    (training goes on without them), files whose content changed since (their new content
+    is used) and files the source has that the run never saw (left out)."""
+    listed = {e["id"]: (s, e) for s in SPLITS for e in manifest[s].get("pieces", [])}
+    present = {p.id for p in pieces}
+    out, changed = [], []
+    for p in pieces:
+        if p.id not in listed:
+            continue
+        split, entry = listed[p.id]
+        if hash_of is not None and "sha" in entry and hash_of(p.path) != entry["sha"]:
+            changed.append(p.id)
+        out.append(replace(p, split=split))
+    gone = [pid for pid in listed if pid not in present]
+    new = [p.id for p in pieces if p.id not in listed]
+    for ids, what in ((gone, f"of the run's {MANIFEST} are gone; training goes on without them"),
+                      (changed, "changed since the run started; their new content is used"),
+                      (new, "are new to the source; left out of the resumed run")):
+        if ids:
+            print(f"resume: {len(ids)} files {what} (e.g. {ids[0]})", file=sys.stderr)
+    return out
+
+
 def find_manifest(ckpt: Path) -> Path | None:
     """The manifest a checkpoint was trained with: beside it, or in its run directory."""
     for cand in (ckpt / MANIFEST, ckpt.parent.parent / MANIFEST, ckpt.parent / MANIFEST):

@@ -2,8 +2,8 @@
 
 A recipe that adapts calls these in order: `base_checkpoint` (the run to adapt, checked),
 `base_tokenizer` (adapting keeps the base's vocabulary), `check_styles`, then, once the
-model holds the base's weights, `report_base_loss` and `with_adapter` (freeze, 4-bit for
-QLoRA, LoRA on top; the trainer then saves adapters instead of whole models).
+model holds the base's weights, `frozen_base` (4-bit for QLoRA), `report_base_loss` and
+`with_adapter` (LoRA on top; the trainer then saves adapters instead of whole models).
 """
 
 from __future__ import annotations
@@ -102,13 +102,20 @@ def report_base_loss(model: torch.nn.Module, val_ds, accelerator, tcfg: TrainCon
     print(f"base val loss before adapting: {loss:.4f} {unit}", file=sys.stderr)
 
 
-def with_adapter(model: torch.nn.Module, acfg: AdapterConfig, base: Path,
-                 device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """Freeze the base (in 4-bit for QLoRA) and add LoRA. Returns the model and the trainer's
-    keyword arguments that make its checkpoints hold the adapter and a pointer to `base`."""
+def frozen_base(model: torch.nn.Module, acfg: AdapterConfig,
+                device: torch.device) -> torch.nn.Module:
+    """The base as the adapter will see it: in 4-bit NF4 for QLoRA (so the base loss reported
+    before adapting is that of the model being adapted), unchanged for LoRA."""
     if acfg.kind == "qlora":
         compute = torch.bfloat16 if device.type == "cuda" else torch.float32
         qlora.quantize_4bit(model, compute, device)
+    return model
+
+
+def with_adapter(model: torch.nn.Module, acfg: AdapterConfig, base: Path,
+                 device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """LoRA on the (frozen, `frozen_base`) model. Returns the model and the trainer's keyword
+    arguments that make its checkpoints hold the adapter and a pointer to `base`."""
     model = apply_lora(model, acfg)
     trainable, total = trainable_parameters(model)
     print(f"adapter {acfg.kind}: {trainable:,} trainable of {total:,} parameters "

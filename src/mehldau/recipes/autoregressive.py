@@ -134,7 +134,7 @@ def token_data(cfg: DictConfig, run: Run,
     a model without context (default: the token unigram). Seeds the run afterwards, so the
     model's initial weights depend on `seed` alone."""
     tokenizer = run.tokenizer
-    corpus = setup.run_corpus(cfg, run.pieces, tokenizer, run.dir, run.base)
+    corpus = setup.run_corpus(cfg, run.pieces, tokenizer, run.dir, run.base, run.train.resume)
     seqs = {s: [frame(x, tokenizer) for x in corpus.sequences(s)] for s in corpus.splits}
     if not seqs["train"]:
         raise UserError("the training split is empty; use more files or change split.ratios")
@@ -176,7 +176,8 @@ def fit_run(cfg: DictConfig, run: Run, model: torch.nn.Module, train_ds: Dataset
     hooks: dict = {}
     if run.adapter is not None:
         meta["adapter"] = run.adapter.kind
-        if cfg.report_base_loss and val_ds is not None and data.fresh:
+        model = adapt.frozen_base(model, run.adapter, accelerator.device)
+        if cfg.report_base_loss and val_ds is not None and data.fresh:  # the base adapted:
             adapt.report_base_loss(model, val_ds, accelerator, run.train, data.metrics, unit)
         model, hooks = adapt.with_adapter(model, run.adapter, run.base, accelerator.device)
     write_extra = setup.checkpoint_extras(cfg, run.tokenizer, run.config.to_dict(), run.dir)
@@ -202,7 +203,8 @@ def load_checkpoint(ckpt: Path, model_class: type[torch.nn.Module], config_class
     """A plain model in eval mode and its tokenizer. An adapter checkpoint is loaded onto its
     base and merged (checked against the base's recorded hash unless `force`); a base that
     is a file (`init=FILE` when adapting) is read by `load_foreign(file, model config)`."""
-    if read_meta(ckpt).get("stage") == "adapt":
+    meta = read_meta(ckpt)
+    if meta.get("stage") == "adapt":
         base = read_base_pointer(ckpt, WEIGHTS, force=force)
         if base.is_file():  # a foreign base: our tokenizer and config are in the adapter's dir
             if load_foreign is None:
@@ -212,6 +214,11 @@ def load_checkpoint(ckpt: Path, model_class: type[torch.nn.Module], config_class
             tokenizer = load_tokenizer(ckpt / "tokenizer.json")
         else:
             model, tokenizer = load_checkpoint(base, model_class, config_class, branch)
+        if meta.get("adapter") == "qlora":
+            # The adapter learned to correct the 4-bit base, not the original weights.
+            qlora.nf4_round_trip(model)
+            print(f"{ckpt.name}: QLoRA adapter on its base's NF4 weights (dequantized), as "
+                  "trained", file=sys.stderr)
         model = merge(load_adapter(model, ckpt))
         return model.to(device).eval(), tokenizer
     tokenizer = load_tokenizer(ckpt / "tokenizer.json")
@@ -231,7 +238,8 @@ def merge_checkpoint(cfg: DictConfig, ckpt: Path,
         raise UserError(f"{out} exists and is not empty; choose a new out= directory")
     model, tokenizer = load_model(ckpt, "cpu", bool(cfg.force))
     meta = {**read_meta(ckpt), "stage": "pretrain", "merged_from": str(ckpt.resolve())}
-    meta.pop("adapter", None)
+    if meta.pop("adapter", None) == "qlora":
+        meta["base_weights"] = "NF4 round trip of the base (what the QLoRA adapter trained on)"
     with atomic_dir(out) as tmp:
         save_weights(model, tmp, meta)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))

@@ -8,6 +8,7 @@ Functions, not a framework: a recipe calls them in order and keeps its own workf
 from __future__ import annotations
 
 import json
+import secrets
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -19,12 +20,12 @@ from torch.utils.data import Dataset
 
 from mehldau.data.corpus import Corpus, build_corpus, file_hash
 from mehldau.data.sources import Piece, pieces_from_config
-from mehldau.data.splits import MANIFEST, splits_for_run
+from mehldau.data.splits import MANIFEST, read_manifest, resume_pieces, splits_for_run
 from mehldau.errors import UserError
 from mehldau.tokenize.base import Tokenizer
-from mehldau.train.checkpoint import checkpoint_dirs
+from mehldau.train.checkpoint import checkpoint_dirs, latest_checkpoint
 from mehldau.train.loggers import MetricsFile, make_logger
-from mehldau.train.trainer import TrainConfig, fit
+from mehldau.train.trainer import TrainConfig, fit, load_trainer_state
 
 
 def train_config(cfg: DictConfig) -> TrainConfig:
@@ -34,14 +35,86 @@ def train_config(cfg: DictConfig) -> TrainConfig:
         raise UserError(f"bad train config: {e}; see configs/train/default.yaml") from e
 
 
+# Files a training run writes into its directory before its first checkpoint.
+RUN_FILES = ("metrics.jsonl", MANIFEST, "skipped.tsv")
+# What a run is: a resume must agree on these with the checkpoint it continues (force=true
+# overrides). train.* may change (max_steps: see `trainer.lr_factor`) except the batch,
+# which fixes where in the data the run is.
+IDENTITY = ("branch", "model", "data", "split.ratios", "split.seed", "stage", "init",
+            "adapter", "style", "augment", "seed", "train.batch_size", "train.grad_accum")
+
+
 def run_dir_for(cfg: DictConfig, prefix: str, resume: bool) -> Path:
-    """`run_dir`, else `runs/<prefix><date-time>`; refused when it already holds checkpoints
-    and this is no resume (nothing is written here)."""
-    run_dir = Path(cfg.run_dir or f"runs/{prefix}{datetime.now():%Y%m%d-%H%M%S}").expanduser()
-    if checkpoint_dirs(run_dir) and not resume:
-        raise UserError(f"{run_dir} already has checkpoints; add train.resume=true to continue "
-                        "it or choose another run_dir")
+    """`run_dir`, else `runs/<prefix><date-time>-<4 random hex>` (two launches in one second
+    get two directories). Refused when it holds another run's checkpoints or files and this
+    is no resume; on resume, its checkpoint is checked (`check_resume`). Nothing is written
+    here."""
+    if cfg.run_dir:
+        run_dir = Path(cfg.run_dir).expanduser()
+    else:
+        run_dir = Path(f"runs/{prefix}{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}")
+    if not resume:
+        if checkpoint_dirs(run_dir):
+            raise UserError(f"{run_dir} already has checkpoints; add train.resume=true to "
+                            "continue it or choose another run_dir")
+        found = [n for n in RUN_FILES if (run_dir / n).exists()]
+        if found:
+            raise UserError(f"{run_dir} holds {found[0]} of a run that wrote no checkpoint; "
+                            "choose another run_dir, or add train.resume=true to start it over")
+    else:
+        check_resume(cfg, run_dir)
     return run_dir
+
+
+def check_resume(cfg: DictConfig, run_dir: Path) -> None:
+    """Before any data is read: the latest checkpoint's trainer state loads with the safe
+    unpickler, and its config agrees with this one on every `IDENTITY` key (the first that
+    differs is named; `force=true` warns instead)."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        return
+    if (ckpt / "trainer_state.pt").is_file():
+        load_trainer_state(ckpt)
+    if not (ckpt / "config.yaml").is_file():
+        return
+    saved = OmegaConf.to_container(OmegaConf.load(ckpt / "config.yaml"), resolve=False)
+    now = OmegaConf.to_container(cfg, resolve=True)
+    for key in IDENTITY:
+        diff = _first_difference(key, _select(saved, key), _select(now, key))
+        if diff is None:
+            continue
+        where, was, given = diff
+        message = (f"train.resume: {where} is {given!r}, but {ckpt} was trained with {was!r}; "
+                   f"resume with {where}={was}, or add force=true to resume anyway")
+        if not cfg.get("force"):
+            raise UserError(message)
+        print(f"warning: {message.replace('; resume with', ' (force=true); would need')}",
+              file=sys.stderr)
+        return
+
+
+_ABSENT = object()
+
+
+def _select(tree: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return _ABSENT
+        tree = tree[part]
+    return tree
+
+
+def _first_difference(key: str, was: Any, now: Any) -> tuple[str, Any, Any] | None:
+    """(dotted key, saved value, given value) of the first leaf that differs."""
+    if isinstance(was, dict) and isinstance(now, dict):
+        for k in sorted(set(was) | set(now)):
+            diff = _first_difference(f"{key}.{k}", was.get(k, _ABSENT), now.get(k, _ABSENT))
+            if diff is not None:
+                return diff
+        return None
+    if was is _ABSENT or now is _ABSENT or was == now:
+        return None  # a key one side lacks is a version difference, not a change
+    return key, was, now
 
 
 def run_pieces(cfg: DictConfig) -> list[Piece]:
@@ -50,23 +123,30 @@ def run_pieces(cfg: DictConfig) -> list[Piece]:
 
 
 def run_corpus(cfg: DictConfig, pieces: list[Piece], tokenizer: Tokenizer, run_dir: Path,
-               base: Path | None = None) -> Corpus:
-    """Final splits (`split.manifest`, or the base's; leaks into val/test refused), then the
-    validated, tokenized corpus; creates the run directory and writes skipped.tsv and
-    splits.json into it."""
-    pieces, rule = splits_for_run(pieces, cfg.split.get("manifest"), base, bool(cfg.force),
-                                  file_hash)
+               base: Path | None = None, resume: bool = False) -> Corpus:
+    """Final splits (`split.manifest`, or the base's; leaks into val/test refused; on resume
+    the run's own pieces and splits, `resume_pieces`), then the validated, tokenized corpus;
+    creates the run directory and writes skipped.tsv and splits.json into it."""
+    own = run_dir / MANIFEST
+    manifest = cfg.split.get("manifest")
+    saved_rule = None
+    if resume and own.is_file():
+        saved = read_manifest(own)
+        pieces, manifest, saved_rule = resume_pieces(pieces, saved, file_hash), own, saved["rule"]
+    pieces, rule = splits_for_run(pieces, manifest, base, bool(cfg.force), file_hash)
     run_dir.mkdir(parents=True, exist_ok=True)
     return build_corpus(pieces, tokenizer, run_dir, cfg.cache_dir,
-                        {**rule, **OmegaConf.to_container(cfg.split, resolve=True)})
+                        saved_rule or {**rule, **OmegaConf.to_container(cfg.split, resolve=True)})
 
 
 def metrics_file(run_dir: Path, resume: bool, header: dict[str, Any]) -> tuple[MetricsFile, bool]:
-    """`metrics.jsonl`, its first line the corpus `header` unless a resumed run wrote it
-    already. Returns (file, fresh)."""
+    """`metrics.jsonl`, its first line the corpus `header`. A resume from a checkpoint keeps
+    the file (the trainer drops lines past the checkpoint); a run that starts from step 0
+    starts a new file, so a crashed run's lines never mix with it. Returns (file, fresh)."""
     metrics = MetricsFile(run_dir / "metrics.jsonl")
-    fresh = not resume or not metrics.path.exists()
+    fresh = not resume or latest_checkpoint(run_dir) is None
     if fresh:
+        metrics.path.unlink(missing_ok=True)
         metrics.write({"step": 0, "split": "corpus", **header})
     return metrics, fresh
 

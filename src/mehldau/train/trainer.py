@@ -14,11 +14,15 @@ prepared scheduler once per process, which would bend the cosine on several GPUs
 from __future__ import annotations
 
 import math
+import pickle
+import shutil
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,22 +86,34 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
-def _schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig
-              ) -> torch.optim.lr_scheduler.LRScheduler:
-    """Linear warmup, then cosine decay to `min_lr_ratio * lr` at `max_steps`.
+def lr_factor(step: int, cfg: TrainConfig, anchor: tuple[int, float] | None = None) -> float:
+    """The learning rate after `step` optimizer steps, as a multiple of `cfg.lr`: a linear
+    warmup from 1/(warmup+1) to 1, then a cosine down to `min_lr_ratio` at `max_steps` (the
+    values of torch's LinearLR + CosineAnnealingLR, in closed form so they are a function of
+    the step alone). `anchor=(s0, f0)`: after a resume that changed `max_steps`, the cosine
+    starts from the factor `f0` the run had reached at step `s0`, so the rate goes on falling
+    from where it was instead of jumping to the new curve."""
+    warmup = max(min(cfg.warmup_steps, cfg.max_steps - 1), 0)
+    if step < warmup:
+        start = 1.0 / (warmup + 1)
+        return start + (1.0 - start) * step / warmup
+    s0, f0 = anchor if anchor is not None else (warmup, 1.0)
+    span = max(cfg.max_steps - s0, 1)
+    done = min(max(step - s0, 0), span)
+    return cfg.min_lr_ratio + (f0 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * done / span))
 
-    torch's own schedulers, not transformers': importing transformers' scheduler pulls in
+
+def _schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int = 0,
+              anchor: tuple[int, float] | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """`lr_factor` as a torch scheduler, positioned at `step` (a resumed optimizer carries
+    each group's `initial_lr`).
+
+    torch's own scheduler, not transformers': importing transformers' scheduler pulls in
     peft and bitsandbytes, about 6 s on every `mehldau-train` start.
     """
-    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+    from torch.optim.lr_scheduler import LambdaLR
 
-    warmup = min(cfg.warmup_steps, cfg.max_steps - 1)
-    cosine = CosineAnnealingLR(optimizer, T_max=max(cfg.max_steps - warmup, 1),
-                               eta_min=cfg.lr * cfg.min_lr_ratio)
-    if warmup <= 0:
-        return cosine
-    ramp = LinearLR(optimizer, start_factor=1.0 / (warmup + 1), total_iters=warmup)
-    return SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
+    return LambdaLR(optimizer, lambda k: lr_factor(k, cfg, anchor), last_epoch=step - 1)
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:
@@ -158,18 +174,19 @@ def fit(
     logger = logger or NullLogger()
     metrics = MetricsFile(run_dir / "metrics.jsonl")
     optimizer = (make_optimizer or _optimizer)(model, cfg)
-    scheduler = _schedule(optimizer, cfg)
-    step = 0
+    step, anchor = 0, None
     if cfg.resume:
+        _remove_unfinished_checkpoints(run_dir)
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None or not (ckpt / "trainer_state.pt").is_file():
             print(f"train: no checkpoint to resume in {run_dir}; starting fresh", file=sys.stderr)
         else:
-            step = _restore(ckpt, model, optimizer, scheduler, read_weights)
+            step, anchor = _restore(ckpt, model, optimizer, cfg, read_weights)
             metrics.truncate_after(step)
             print(f"train: resumed from {ckpt} at step {step}", file=sys.stderr)
     else:
         set_seed(cfg.seed)
+    scheduler = _schedule(optimizer, cfg, step, anchor)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
 
@@ -183,7 +200,9 @@ def fit(
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             state = {"step": step, "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                     "schedule": {"max_steps": cfg.max_steps,
+                                  "anchor": list(anchor) if anchor is not None else None},
+                     "torch_rng": torch.get_rng_state(),
                      "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
                      else None}
             save_checkpoint(run_dir, step, accelerator.unwrap_model(model), meta, write_extra,
@@ -198,47 +217,91 @@ def fit(
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step",
                disable=not accelerator.is_main_process or None, dynamic_ncols=True)
     loss_sum, tok_sum, t0 = 0.0, 0, time.perf_counter()
-    while step < cfg.max_steps:
-        for micro in range(cfg.grad_accum):
-            batch = {k: v.to(accelerator.device) for k, v in next(batches).items()}
-            sync = micro == cfg.grad_accum - 1
-            ctx = accelerator.no_sync(model) if not sync else nullcontext()
-            with ctx, accelerator.autocast():
-                loss = model(**batch).loss
-                accelerator.backward(loss / cfg.grad_accum)
-            loss_sum += float(loss.detach()) / cfg.grad_accum
-            tok_sum += count(batch) * world
-        if cfg.grad_clip > 0:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
+    saved_at = step
+    with _deferred_interrupt() as interrupted:
+        while step < cfg.max_steps:
+            if interrupted():
+                # Ctrl-C waited for the step in flight, so the state is whole: keep it.
+                if step > saved_at:
+                    checkpoint()
+                bar.close()
+                print(f"train: interrupted at step {step}; checkpoint saved, continue with "
+                      "train.resume=true", file=sys.stderr)
+                raise KeyboardInterrupt
+            for micro in range(cfg.grad_accum):
+                batch = {k: v.to(accelerator.device) for k, v in next(batches).items()}
+                sync = micro == cfg.grad_accum - 1
+                ctx = accelerator.no_sync(model) if not sync else nullcontext()
+                with ctx, accelerator.autocast():
+                    loss = model(**batch).loss
+                    accelerator.backward(loss / cfg.grad_accum)
+                loss_sum += float(loss.detach()) / cfg.grad_accum
+                tok_sum += count(batch) * world
+            if cfg.grad_clip > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
 
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
-            dt = time.perf_counter() - t0
-            train_loss = loss_sum / n
-            if not math.isfinite(train_loss):
-                raise RuntimeError(f"training loss became {train_loss} at step {step}")
-            last = {"step": step, "split": "train", "loss": round(train_loss, 5),
-                    "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(tok_sum / dt, 1)}
-            record(last)
-            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_sum / dt:.0f}")
-            loss_sum, tok_sum, t0 = 0.0, 0, time.perf_counter()
-        if val_ds is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            val = evaluate(model, val_ds, accelerator, cfg.eval_batch_size, cfg.eval_max_batches,
-                           count)
-            record({"step": step, "split": "val", "loss": round(val, 5)})
-            last["val_loss"] = val
-            bar.write(f"step {step}: val loss {val:.4f} {loss_unit}")
-            t0 = time.perf_counter()  # keep eval time out of tokens/s
-        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
-            checkpoint()
-            t0 = time.perf_counter()
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
+                dt = time.perf_counter() - t0
+                train_loss = loss_sum / n
+                if not math.isfinite(train_loss):
+                    raise RuntimeError(f"training loss became {train_loss} at step {step}")
+                last = {"step": step, "split": "train", "loss": round(train_loss, 5),
+                        "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(tok_sum / dt, 1)}
+                record(last)
+                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_sum / dt:.0f}")
+                loss_sum, tok_sum, t0 = 0.0, 0, time.perf_counter()
+            if val_ds is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                val = evaluate(model, val_ds, accelerator, cfg.eval_batch_size,
+                               cfg.eval_max_batches, count)
+                record({"step": step, "split": "val", "loss": round(val, 5)})
+                last["val_loss"] = val
+                bar.write(f"step {step}: val loss {val:.4f} {loss_unit}")
+                t0 = time.perf_counter()  # keep eval time out of tokens/s
+            if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+                checkpoint()
+                saved_at, t0 = step, time.perf_counter()
     bar.close()
     return last
+
+
+@contextmanager
+def _deferred_interrupt() -> Iterator[Callable[[], bool]]:
+    """While training, the first Ctrl-C (SIGINT) is noted rather than raised, so the loop can
+    finish its step, checkpoint and stop; a second one interrupts at once. Outside the main
+    thread (where signals cannot be caught) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    hits: list[int] = []
+
+    def note(signum: int, frame: Any) -> None:
+        hits.append(signum)
+        if len(hits) > 1:
+            raise KeyboardInterrupt
+        print("\ntrain: interrupt: finishing this step, then saving a checkpoint (Ctrl-C "
+              "again to stop at once)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, note)
+    try:
+        yield lambda: bool(hits)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _remove_unfinished_checkpoints(run_dir: Path) -> None:
+    """Temp directories of checkpoints a killed run was writing (never picked up, as they
+    are not named step_*): removed on resume, with a line saying so."""
+    root = run_dir / "checkpoints"
+    for tmp in sorted(root.glob(".step_*.tmp-*")) if root.is_dir() else []:
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"train: removed {tmp.name}, a checkpoint a stopped run did not finish",
+              file=sys.stderr)
 
 
 def _own_generator() -> torch.Generator:
@@ -247,18 +310,46 @@ def _own_generator() -> torch.Generator:
     return torch.Generator().manual_seed(0)
 
 
+def load_trainer_state(ckpt: Path) -> dict[str, Any]:
+    """trainer_state.pt with torch's weights-only unpickler: tensors and plain values load, a
+    pickle that would build any other object (and so could run code) is refused."""
+    path = ckpt / "trainer_state.pt"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{path} holds objects other than tensors and plain values, so it was "
+                        "not written by mehldau-train and could run code; refusing to load it "
+                        "(resume a run of your own, or start fresh)") from e
+
+
 def _restore(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             scheduler: Any, read_weights: Callable[[torch.nn.Module, Path], None] | None) -> int:
+             cfg: TrainConfig, read_weights: Callable[[torch.nn.Module, Path], None] | None
+             ) -> tuple[int, tuple[int, float] | None]:
+    """Weights, optimizer and RNG state of `ckpt`; returns its step and the schedule's anchor
+    (see `lr_factor`), moved when `cfg.max_steps` differs from the checkpoint's."""
     from safetensors.torch import load_file
 
-    state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+    state = load_trainer_state(ckpt)
     if read_weights is not None:
         read_weights(model, ckpt)
     else:
         model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
     optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     if state.get("cuda_rng") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return int(state["step"])
+    step = int(state["step"])
+    saved = state.get("schedule") or {}
+    anchor = tuple(saved["anchor"]) if saved.get("anchor") else None
+    before = int(saved.get("max_steps", cfg.max_steps))
+    if before != cfg.max_steps:
+        if step >= cfg.max_steps:
+            raise UserError(f"the run is at step {step}, past train.max_steps={cfg.max_steps}; "
+                            f"raise train.max_steps to train on")
+        old = replace(cfg, max_steps=before)
+        factor = lr_factor(step, old, anchor)
+        anchor = (step, factor) if step >= min(cfg.warmup_steps, before - 1) else None
+        print(f"train: max_steps {before} -> {cfg.max_steps}: the learning rate goes on from "
+              f"{cfg.lr * factor:.3g} at step {step} and decays by cosine to "
+              f"{cfg.lr * cfg.min_lr_ratio:.3g} at step {cfg.max_steps}", file=sys.stderr)
+    return step, anchor
