@@ -25,7 +25,6 @@ from mehldau.errors import UserError
 from mehldau.generation import cap_durations, device_for, generate_seconds, write_scores
 from mehldau.nn.moonbeam import MoonbeamConfig, MoonbeamForCausalLM, load_released
 from mehldau.recipes import autoregressive as ar
-from mehldau.sampling import SamplingConfig
 from mehldau.sampling_compound import EventSampling, sample_events
 from mehldau.tokenize.base import load_tokenizer
 from mehldau.tokenize.compound import EOS, NUM_ATTRIBUTES, CompoundTokenizer
@@ -171,8 +170,7 @@ def generate(cfg: DictConfig, ckpt: Path) -> list[Path]:
     if cfg.prompt is not None:
         rows, start = prompt_rows(tokenizer, cfg.prompt, cfg.prompt_seconds), cfg.prompt_seconds
     try:
-        opts = EventSampling(SamplingConfig(cfg.temperature, cfg.top_k, cfg.top_p),
-                             instrument=cfg.get("instrument", 0))
+        opts = EventSampling(ar.sampling_config(cfg), instrument=cfg.get("instrument", 0))
     except ValueError as e:
         raise UserError(str(e)) from e
     gen = torch.Generator(device=device).manual_seed(int(cfg.seed))

@@ -60,6 +60,7 @@ from mehldau.recipes.run import (
     run_corpus,
     run_dir_for,
     run_pieces,
+    train_config,
 )
 from mehldau.tokenize.base import Tokenizer, build_tokenizer, load_tokenizer
 from mehldau.tokenize.pianoroll import tensor_to_roll
@@ -68,7 +69,7 @@ from mehldau.train.checkpoint import (
     read_meta,
     resolve_checkpoint,
 )
-from mehldau.train.trainer import TrainConfig, make_accelerator
+from mehldau.train.trainer import make_accelerator
 
 BRANCH = "scg_diffusion"
 STAGES = ("autoencoder", "diffusion")
@@ -78,21 +79,6 @@ _REPAIRS = {"max_gap_frames": int, "restrike_frames": int, "min_note_frames": in
 
 
 # --- configs ---------------------------------------------------------------------------------
-def train_config(cfg: DictConfig, stage: str) -> TrainConfig:
-    """cfg.train with each null key taken from cfg.train.stages.<stage>."""
-    given = OmegaConf.to_container(cfg.train, resolve=True)
-    per_stage = (given.pop("stages", None) or {}).get(stage, {})
-    merged = {k: (per_stage.get(k) if v is None else v) for k, v in given.items()}
-    missing = [k for k, v in merged.items() if v is None]
-    if missing:
-        raise UserError(f"train.{missing[0]} is not set for stage={stage}; give "
-                        f"train.{missing[0]}=... or train.stages.{stage}.{missing[0]}=...")
-    try:
-        return TrainConfig(**merged)
-    except TypeError as e:
-        raise UserError(f"bad train config: {e}; see configs/train/default.yaml") from e
-
-
 def autoencoder_config(cfg: DictConfig) -> VQVAEConfig:
     try:
         return VQVAEConfig(**OmegaConf.to_container(cfg.model.autoencoder, resolve=True))

@@ -11,10 +11,10 @@ import torch
 from conftest import make_folder
 from omegaconf import OmegaConf
 
-from mehldau.branches.scg_diffusion.recipe import train_config
 from mehldau.cli.generate import main as generate
 from mehldau.cli.train import main as train
 from mehldau.guidance.rules import targets_from_midi, targets_to_json
+from mehldau.recipes.run import train_config
 from mehldau.tokenize.pianoroll import PianoRollTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

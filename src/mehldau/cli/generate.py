@@ -10,6 +10,8 @@ import sys
 
 from mehldau.cli.common import compose_or_show, run_cli
 from mehldau.errors import UserError
+from mehldau.sampling import SamplingConfig
+from mehldau.settings import checked
 from mehldau.train.checkpoint import branch_recipe, read_meta, resolve_checkpoint
 
 USAGE = """usage: mehldau-generate ckpt=RUN_OR_CHECKPOINT out=FILE.mid [key=value ...]
@@ -34,6 +36,7 @@ def _main(args: list[str]) -> int:
         raise UserError(f"prompt_seconds must be positive, got {cfg.prompt_seconds}")
     if not str(cfg.out).lower().endswith((".mid", ".midi")):
         raise UserError(f"out must be a .mid file path, got '{cfg.out}'")
+    checked(SamplingConfig, {k: cfg[k] for k in ("temperature", "top_k", "top_p")}, "")
     ckpt = resolve_checkpoint(cfg.ckpt)
     meta = read_meta(ckpt)
     branch = meta.get("branch")

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mehldau.cli.common import compose_or_show, config_dir, finalize, run_cli
 from mehldau.errors import UserError
+from mehldau.recipes.run import check_settings
 
 USAGE = """usage: mehldau-train [--cfg] [-m] [key=value ...]
 
@@ -46,6 +47,7 @@ def _train(cfg: DictConfig) -> Path:
         raise UserError(f"model preset '{cfg.model.get('preset')}' is for branch "
                         f"'{cfg.model.branch}', not '{cfg.branch.name}'; pick a "
                         f"{cfg.branch.name} preset")
+    check_settings(cfg)  # typed and in range, before any data is listed or read
     run_dir = Path(load_recipe(cfg).train(cfg))
     print(f"mehldau-train: done; run directory {run_dir}", file=sys.stderr)
     return run_dir

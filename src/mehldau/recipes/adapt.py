@@ -23,6 +23,7 @@ from mehldau.adapters import (
 )
 from mehldau.data.sources import Piece
 from mehldau.errors import UserError
+from mehldau.settings import checked
 from mehldau.tokenize.base import Tokenizer, build_tokenizer, load_tokenizer
 from mehldau.train.checkpoint import WEIGHTS, read_meta, resolve_checkpoint
 from mehldau.train.loggers import MetricsFile
@@ -34,7 +35,8 @@ def adapter_config(cfg: DictConfig) -> AdapterConfig:
     `branch.adapter`, so `adapter=qlora` adapts each model where its paper does."""
     given = OmegaConf.to_container(cfg.adapter, resolve=True)
     defaults = OmegaConf.to_container(cfg.branch.get("adapter") or {}, resolve=True)
-    return AdapterConfig(**{**defaults, **{k: v for k, v in given.items() if v is not None}})
+    return checked(AdapterConfig,
+                   {**defaults, **{k: v for k, v in given.items() if v is not None}}, "adapter")
 
 
 def base_checkpoint(cfg: DictConfig, branch: str) -> Path:

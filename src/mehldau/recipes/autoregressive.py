@@ -38,7 +38,9 @@ from mehldau.io import atomic_dir
 from mehldau.recipes import adapt
 from mehldau.recipes import run as setup
 from mehldau.sampling import Decoder, SamplingConfig, sample_tokens
+from mehldau.settings import checked
 from mehldau.tokenize.base import Tokenizer, build_tokenizer, load_tokenizer
+from mehldau.tokenize.performance import NUM_SPECIAL
 from mehldau.train.checkpoint import WEIGHTS, load_weights, read_meta, save_weights
 from mehldau.train.loggers import MetricsFile
 from mehldau.train.trainer import TrainConfig, make_accelerator
@@ -76,6 +78,9 @@ def start_run(cfg: DictConfig, branch: str, config_class: type,
     run_dir = setup.run_dir_for(cfg, f"{branch}/", tcfg.resume)
     if cfg.stage not in ("pretrain", "adapt"):
         raise UserError(f"unknown stage '{cfg.stage}'; use stage=pretrain or stage=adapt")
+    if cfg.stage == "pretrain" and config is None:
+        # checked before any file is listed; the vocabulary size comes from the tokenizer
+        model_config(config_class, cfg.model, vocab_size=NUM_SPECIAL + 1)
     pieces = setup.run_pieces(cfg)
     name = cfg.branch.tokenizer.name
     if tokenizer_config is None:
@@ -107,10 +112,7 @@ def model_config(config_class: type, model: DictConfig, **given: Any) -> Any:
     """`config_class` from the keys of `model` (cfg.model) that are its fields, and `given`;
     a bad value is a one-line user error."""
     keys = {f.name for f in fields(config_class)} - set(given)
-    try:
-        return config_class(**{k: model[k] for k in keys if k in model}, **given)
-    except ValueError as e:
-        raise UserError(f"bad model config: {e}") from e
+    return checked(config_class, {k: model[k] for k in keys if k in model}, "model", **given)
 
 
 @dataclass
@@ -298,13 +300,15 @@ def id_prompt(tokenizer: Tokenizer, cfg: DictConfig) -> tuple[np.ndarray, int]:
     return prompt, len(prefix)
 
 
+def sampling_config(cfg: DictConfig) -> SamplingConfig:
+    """temperature, top_k and top_p of mehldau-generate, typed and in range."""
+    return checked(SamplingConfig, {k: cfg[k] for k in ("temperature", "top_k", "top_p")}, "")
+
+
 def sample_ids(decoder: Decoder, tokenizer: Tokenizer, prompt: np.ndarray, cfg: DictConfig,
                device: torch.device) -> list[Path]:
     """`num_samples` continuations of `prompt`, each `seconds` long, written as MIDI."""
-    try:
-        scfg = SamplingConfig(cfg.temperature, cfg.top_k, cfg.top_p)
-    except ValueError as e:
-        raise UserError(str(e)) from e
+    scfg = sampling_config(cfg)
     sp = tokenizer.special_tokens
     seconds = generate_seconds(cfg)
     gen = torch.Generator(device=device).manual_seed(int(cfg.seed))

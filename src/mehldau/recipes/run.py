@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import secrets
 import sys
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,20 +20,63 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
 from mehldau.data.corpus import Corpus, build_corpus, file_hash
+from mehldau.data.dataset import Augmentation
 from mehldau.data.sources import Piece, pieces_from_config
-from mehldau.data.splits import MANIFEST, read_manifest, resume_pieces, splits_for_run
+from mehldau.data.splits import MANIFEST, check_ratios, read_manifest, resume_pieces, splits_for_run
 from mehldau.errors import UserError
+from mehldau.settings import checked
 from mehldau.tokenize.base import Tokenizer
 from mehldau.train.checkpoint import checkpoint_dirs, latest_checkpoint
 from mehldau.train.loggers import MetricsFile, make_logger
 from mehldau.train.trainer import TrainConfig, fit, load_trainer_state
 
 
-def train_config(cfg: DictConfig) -> TrainConfig:
+def train_config(cfg: DictConfig, stage: str | None = None) -> TrainConfig:
+    """`cfg.train`, typed and range-checked; with `stage`, each null key is taken from
+    `train.stages.<stage>` (scg_diffusion trains two stages with their own defaults)."""
+    given = OmegaConf.to_container(cfg.train, resolve=True)
+    per_stage = (given.pop("stages", None) or {}).get(stage, {}) if stage else {}
+    merged = {k: (per_stage.get(k) if v is None else v) for k, v in given.items()}
+    missing = [k for k, v in merged.items() if v is None]
+    if missing:
+        raise UserError(f"train.{missing[0]} is not set for stage={stage}; give "
+                        f"train.{missing[0]}=... or train.stages.{stage}.{missing[0]}=...")
+    return checked(TrainConfig, merged, "train")
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Every shared setting typed and in range, before a recipe lists or reads any data: the
+    training config (each stage's, for a branch that trains in stages), the split ratios,
+    the augmentation and, when adapting, the adapter. One line names the first bad key."""
+    stages = list((cfg.train.get("stages") or {}).keys())
+    for stage in stages or [None]:
+        train_config(cfg, stage)
+    checked(_Top, {k: cfg[k] for k in ("seed", "stage", "force", "report_base_loss")
+                   if k in cfg}, "")
+    checked(_Split, {k: v for k, v in cfg.split.items() if k != "manifest"}, "split")
     try:
-        return TrainConfig(**OmegaConf.to_container(cfg.train, resolve=True))
-    except TypeError as e:
-        raise UserError(f"bad train config: {e}; see configs/train/default.yaml") from e
+        check_ratios(OmegaConf.to_container(cfg.split.ratios, resolve=True))
+    except (UserError, ValueError) as e:
+        raise UserError(f"split.ratios: {e}") from e
+    Augmentation.from_config(cfg.augment)
+    if cfg.stage == "adapt":
+        from mehldau.recipes.adapt import adapter_config
+
+        adapter_config(cfg)
+
+
+@dataclass
+class _Top:
+    seed: int = 0
+    stage: str = "pretrain"
+    force: bool = False
+    report_base_loss: bool = True
+
+
+@dataclass
+class _Split:
+    ratios: list[float] = field(default_factory=list)
+    seed: int = 0
 
 
 # Files a training run writes into its directory before its first checkpoint.

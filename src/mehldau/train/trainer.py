@@ -63,11 +63,19 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_every",
-                     "ckpt_every", "eval_batch_size"):
+                     "ckpt_every", "eval_batch_size", "lr"):
             if getattr(self, name) <= 0:
                 raise UserError(f"train.{name} must be positive, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise UserError(f"train.lr must be positive, got {self.lr}")
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "keep_last",
+                     "eval_max_batches"):
+            if getattr(self, name) < 0:
+                raise UserError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("min_lr_ratio", "beta1", "beta2"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise UserError(f"train.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise UserError(f"train.mixed_precision must be auto, no, bf16 or fp16, got "
+                            f"{self.mixed_precision!r}")
 
 
 def make_accelerator(mixed_precision: str = "auto") -> Accelerator:
