@@ -115,7 +115,9 @@ def train(cfg: DictConfig) -> Path:
         raise UserError("scg_diffusion has no style conditioning; drop style.enabled")
     tcfg = train_config(cfg, stage)
     augment = Augmentation.from_config(cfg.augment)
+    accelerator = make_accelerator(tcfg.mixed_precision)
     run_dir = run_dir_for(cfg, f"{BRANCH}/{stage}-", tcfg.resume)
+    accelerator.wait_for_everyone()  # every process checked the run dir before any writes
     if stage == "autoencoder":
         if cfg.init is not None:
             raise UserError("stage=autoencoder trains from scratch; drop init= (init= is for "
@@ -132,13 +134,13 @@ def train(cfg: DictConfig) -> Path:
 
     # The diffusion stage keeps its autoencoder's splits unless told otherwise: a latent
     # model must not be validated on pieces its autoencoder learned to reconstruct.
-    corpus = run_corpus(cfg, run_pieces(cfg), tokenizer, run_dir, base, tcfg.resume)
+    corpus = run_corpus(cfg, run_pieces(cfg), tokenizer, run_dir, base, tcfg.resume,
+                        accelerator)
     rolls = {s: corpus.sequences(s) for s in corpus.splits}
     all_rolls = [r for s in corpus.splits for r in corpus.sequences(s)]
     metrics, _ = metrics_file(run_dir, tcfg.resume, {
         "frames": int(sum(map(len, all_rolls))), "pieces": len(all_rolls),
-        "skipped": len(corpus.skipped)})
-    accelerator = make_accelerator(tcfg.mixed_precision)
+        "skipped": len(corpus.skipped)}, accelerator.is_main_process)
     set_seed(cfg.seed)
     val_windows = RollWindowDataset(rolls["val"], frames) if rolls["val"] else None
     if val_windows is not None and len(val_windows) == 0:
@@ -177,7 +179,7 @@ def train(cfg: DictConfig) -> Path:
     last = fit_logged(cfg, tcfg, run_dir, model, train_ds, val_ds, meta, write_extra,
                       accelerator, "(reconstruction BCE + commitment)"
                       if stage == "autoencoder" else "(noise MSE)", count=count)
-    if stage == "autoencoder" and val_ds is not None:
+    if stage == "autoencoder" and val_ds is not None and accelerator.is_main_process:
         report = reconstruction_report(accelerator.unwrap_model(model), val_ds,
                                        tcfg.eval_batch_size)
         metrics.write({"step": int(last.get("step", tcfg.max_steps)), "split": "val",

@@ -60,7 +60,10 @@ def _main(args: list[str]) -> int:
     if cfg is None:
         return 0
     run_dir = _train(cfg)
-    _record(run_dir, cfg, args)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # one record for a run of several processes
+        _record(run_dir, cfg, args)
     return 0
 
 

@@ -150,9 +150,11 @@ def build_corpus(
     run_dir: str | Path | None,
     cache_dir: str | Path | None,
     rule: dict | None = None,
+    quiet: bool = False,
 ) -> Corpus:
     """Validate and tokenize (cached) pieces whose splits are set; write skipped.tsv and the
-    manifest splits.json (`rule`: how the splits were made, recorded in it)."""
+    manifest splits.json (`rule`: how the splits were made, recorded in it). `quiet`: no
+    summary line (the other processes of a multi-process run)."""
     hashes: dict[str, str] = {}
     ok, skipped, hits = tokenize_pieces(pieces, tokenizer, cache_dir, hashes=hashes)
     if not ok:
@@ -184,7 +186,8 @@ def build_corpus(
         msg += f"; {len(notes)} kept but changed, e.g. {notes[0][1]}"
         if run_dir is not None:
             msg += f" (see {Path(run_dir) / 'changed.tsv'})"
-    print(msg, file=sys.stderr)
+    if not quiet:
+        print(msg, file=sys.stderr)
     return corpus
 
 

@@ -100,8 +100,9 @@ def report_base_loss(model: torch.nn.Module, val_ds, accelerator, tcfg: TrainCon
     what the adapter's val losses are read against."""
     loss = evaluate(model.to(accelerator.device), val_ds, accelerator, tcfg.eval_batch_size,
                     tcfg.eval_max_batches)
-    metrics.write({"step": 0, "split": "val", "loss": round(loss, 5), "model": "base"})
-    print(f"base val loss before adapting: {loss:.4f} {unit}", file=sys.stderr)
+    if accelerator.is_main_process:
+        metrics.write({"step": 0, "split": "val", "loss": round(loss, 5), "model": "base"})
+        print(f"base val loss before adapting: {loss:.4f} {unit}", file=sys.stderr)
 
 
 def frozen_base(model: torch.nn.Module, acfg: AdapterConfig,

@@ -58,6 +58,7 @@ class Run:
     tokenizer: Tokenizer
     config: Any  # the model's config dataclass
     augment: Augmentation  # of training crops
+    accelerator: Any  # devices, precision and processes (accelerate)
     base: Path | None = None  # stage=adapt: the checkpoint dir (or foreign file) adapted
     adapter: AdapterConfig | None = None  # stage=adapt: LoRA or QLoRA
 
@@ -75,7 +76,9 @@ def start_run(cfg: DictConfig, branch: str, config_class: type,
     adapted with a new tokenizer and `config`."""
     tcfg = setup.train_config(cfg)
     augment = Augmentation.from_config(cfg.augment)
+    accelerator = make_accelerator(tcfg.mixed_precision)
     run_dir = setup.run_dir_for(cfg, f"{branch}/", tcfg.resume)
+    accelerator.wait_for_everyone()  # every process checked the run dir before any writes
     if cfg.stage not in ("pretrain", "adapt"):
         raise UserError(f"unknown stage '{cfg.stage}'; use stage=pretrain or stage=adapt")
     if cfg.stage == "pretrain" and config is None:
@@ -93,7 +96,7 @@ def start_run(cfg: DictConfig, branch: str, config_class: type,
                                     else tokenizer_config)
         if config is None:
             config = model_config(config_class, cfg.model, vocab_size=tokenizer.vocab_size)
-        return Run(branch, tcfg, run_dir, pieces, tokenizer, config, augment)
+        return Run(branch, tcfg, run_dir, pieces, tokenizer, config, augment, accelerator)
     if foreign_init and cfg.init is not None and Path(str(cfg.init)).expanduser().is_file():
         base = Path(str(cfg.init)).expanduser().resolve()
         tokenizer = build_tokenizer(name, tokenizer_config)
@@ -105,7 +108,8 @@ def start_run(cfg: DictConfig, branch: str, config_class: type,
     if acfg.kind == "qlora":
         qlora.import_bnb()  # fail before anything is written
     adapt.check_styles(tokenizer, pieces, cfg, base)
-    return Run(branch, tcfg, run_dir, pieces, tokenizer, config, augment, base, acfg)
+    return Run(branch, tcfg, run_dir, pieces, tokenizer, config, augment, accelerator, base,
+               acfg)
 
 
 def model_config(config_class: type, model: DictConfig, **given: Any) -> Any:
@@ -136,7 +140,8 @@ def token_data(cfg: DictConfig, run: Run,
     a model without context (default: the token unigram). Seeds the run afterwards, so the
     model's initial weights depend on `seed` alone."""
     tokenizer = run.tokenizer
-    corpus = setup.run_corpus(cfg, run.pieces, tokenizer, run.dir, run.base, run.train.resume)
+    corpus = setup.run_corpus(cfg, run.pieces, tokenizer, run.dir, run.base, run.train.resume,
+                              run.accelerator)
     seqs = {s: [frame(x, tokenizer) for x in corpus.sequences(s)] for s in corpus.splits}
     if not seqs["train"]:
         raise UserError("the training split is empty; use more files or change split.ratios")
@@ -148,7 +153,7 @@ def token_data(cfg: DictConfig, run: Run,
         "unigram_entropy": baseline(train_seqs, tokenizer) if baseline is not None
         else unigram_entropy(train_seqs, tokenizer.vocab_size),
         "baseline_from": "train", "tokens": int(sum(len(x) for x in all_seqs)),
-        "pieces": len(all_seqs), "skipped": len(corpus.skipped)})
+        "pieces": len(all_seqs), "skipped": len(corpus.skipped)}, run.accelerator.is_main_process)
     prefixes = {s: [np.array([tokenizer.style_id(adapt.style_of(p, cfg))]) for p, _ in pairs]
                 if tokenizer.styles else None for s, pairs in corpus.splits.items()}
     set_seed(cfg.seed)
@@ -166,15 +171,16 @@ def fit_run(cfg: DictConfig, run: Run, model: torch.nn.Module, train_ds: Dataset
             val_ds: Dataset | None, data: TokenData) -> Path:
     """Train (stage=adapt: the base's val loss first, then an adapter on the frozen base)
     and write checkpoints that carry the config, tokenizer, model config and splits."""
+    accelerator = run.accelerator
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {run.branch}, {n_params / 1e6:.2f}M parameters"
-          + (f", adapting {run.base}" if run.base is not None else ""), file=sys.stderr)
+    say = print if accelerator.is_main_process else (lambda *a, **k: None)
+    say(f"model: {run.branch}, {n_params / 1e6:.2f}M parameters"
+        + (f", adapting {run.base}" if run.base is not None else ""), file=sys.stderr)
     if val_ds is None:
-        print("train: no validation split (fewer than 3 groups); no val loss", file=sys.stderr)
+        say("train: no validation split (fewer than 3 groups); no val loss", file=sys.stderr)
     meta = {"branch": run.branch, "recipe": f"mehldau.branches.{run.branch}.recipe",
             "model": type(model).__name__, "stage": cfg.stage}
     unit = f"nats/{run.tokenizer.step_name}"
-    accelerator = make_accelerator(run.train.mixed_precision)
     hooks: dict = {}
     if run.adapter is not None:
         meta["adapter"] = run.adapter.kind
@@ -184,7 +190,7 @@ def fit_run(cfg: DictConfig, run: Run, model: torch.nn.Module, train_ds: Dataset
         model, hooks = adapt.with_adapter(model, run.adapter, run.base, accelerator.device)
     write_extra = setup.checkpoint_extras(cfg, run.tokenizer, run.config.to_dict(), run.dir)
     setup.fit_logged(cfg, run.train, run.dir, model, train_ds, val_ds, meta, write_extra,
-               accelerator, unit, **hooks)
+                     accelerator, unit, **hooks)
     return run.dir
 
 

@@ -27,7 +27,7 @@ from mehldau.errors import UserError
 from mehldau.settings import checked
 from mehldau.tokenize.base import Tokenizer
 from mehldau.train.checkpoint import checkpoint_dirs, latest_checkpoint
-from mehldau.train.loggers import MetricsFile, make_logger
+from mehldau.train.loggers import MetricsFile, NullLogger, make_logger
 from mehldau.train.trainer import TrainConfig, fit, load_trainer_state
 
 
@@ -167,10 +167,13 @@ def run_pieces(cfg: DictConfig) -> list[Piece]:
 
 
 def run_corpus(cfg: DictConfig, pieces: list[Piece], tokenizer: Tokenizer, run_dir: Path,
-               base: Path | None = None, resume: bool = False) -> Corpus:
+               base: Path | None = None, resume: bool = False, accelerator=None) -> Corpus:
     """Final splits (`split.manifest`, or the base's; leaks into val/test refused; on resume
     the run's own pieces and splits, `resume_pieces`), then the validated, tokenized corpus;
-    creates the run directory and writes skipped.tsv and splits.json into it."""
+    creates the run directory and writes skipped.tsv and splits.json into it. With several
+    processes (`accelerator`), the main one builds and writes; the others then read the
+    token cache it filled, and write nothing."""
+    main = accelerator is None or accelerator.is_main_process
     own = run_dir / MANIFEST
     manifest = cfg.split.get("manifest")
     saved_rule = None
@@ -178,18 +181,25 @@ def run_corpus(cfg: DictConfig, pieces: list[Piece], tokenizer: Tokenizer, run_d
         saved = read_manifest(own)
         pieces, manifest, saved_rule = resume_pieces(pieces, saved, file_hash), own, saved["rule"]
     pieces, rule = splits_for_run(pieces, manifest, base, bool(cfg.force), file_hash)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return build_corpus(pieces, tokenizer, run_dir, cfg.cache_dir,
-                        saved_rule or {**rule, **OmegaConf.to_container(cfg.split, resolve=True)})
+    rule = saved_rule or {**rule, **OmegaConf.to_container(cfg.split, resolve=True)}
+    corpus = None
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        corpus = build_corpus(pieces, tokenizer, run_dir, cfg.cache_dir, rule)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return corpus or build_corpus(pieces, tokenizer, None, cfg.cache_dir, rule, quiet=True)
 
 
-def metrics_file(run_dir: Path, resume: bool, header: dict[str, Any]) -> tuple[MetricsFile, bool]:
+def metrics_file(run_dir: Path, resume: bool, header: dict[str, Any], main: bool = True
+                 ) -> tuple[MetricsFile, bool]:
     """`metrics.jsonl`, its first line the corpus `header`. A resume from a checkpoint keeps
     the file (the trainer drops lines past the checkpoint); a run that starts from step 0
-    starts a new file, so a crashed run's lines never mix with it. Returns (file, fresh)."""
+    starts a new file, so a crashed run's lines never mix with it. Only the `main` process
+    writes. Returns (file, fresh)."""
     metrics = MetricsFile(run_dir / "metrics.jsonl")
     fresh = not resume or latest_checkpoint(run_dir) is None
-    if fresh:
+    if fresh and main:
         metrics.path.unlink(missing_ok=True)
         metrics.write({"step": 0, "split": "corpus", **header})
     return metrics, fresh
@@ -212,15 +222,15 @@ def checkpoint_extras(cfg: DictConfig, tokenizer: Tokenizer, model_config: dict,
 def fit_logged(cfg: DictConfig, tcfg: TrainConfig, run_dir: Path, model: torch.nn.Module,
                train_ds: Dataset, val_ds: Dataset | None, meta: dict[str, Any], write_extra,
                accelerator, loss_unit: str, **fit_kwargs) -> dict[str, Any]:
-    """The shared trainer under the run's logger (closed however the run ends); the last
-    logged values, the final val loss also on the console."""
+    """The shared trainer under the run's logger (the main process's only; closed however
+    the run ends); the last logged values, the final val loss also on the console."""
     logger = make_logger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True),
-                         resume=tcfg.resume)
+                         resume=tcfg.resume) if accelerator.is_main_process else NullLogger()
     try:
         last = fit(model, train_ds, val_ds, tcfg, run_dir, meta, write_extra, logger,
                    accelerator=accelerator, loss_unit=loss_unit, **fit_kwargs)
     finally:
         logger.finish()
-    if "val_loss" in last:
+    if "val_loss" in last and accelerator.is_main_process:
         print(f"final val loss {last['val_loss']:.4f} {loss_unit}", file=sys.stderr)
     return last

@@ -183,15 +183,21 @@ def fit(
     metrics = MetricsFile(run_dir / "metrics.jsonl")
     optimizer = (make_optimizer or _optimizer)(model, cfg)
     step, anchor = 0, None
+    main = accelerator.is_main_process
     if cfg.resume:
-        _remove_unfinished_checkpoints(run_dir)
+        if main:
+            _remove_unfinished_checkpoints(run_dir)
+        accelerator.wait_for_everyone()
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None or not (ckpt / "trainer_state.pt").is_file():
-            print(f"train: no checkpoint to resume in {run_dir}; starting fresh", file=sys.stderr)
+            if main:
+                print(f"train: no checkpoint to resume in {run_dir}; starting fresh",
+                      file=sys.stderr)
         else:
             step, anchor = _restore(ckpt, model, optimizer, cfg, read_weights)
-            metrics.truncate_after(step)
-            print(f"train: resumed from {ckpt} at step {step}", file=sys.stderr)
+            if main:
+                metrics.truncate_after(step)
+                print(f"train: resumed from {ckpt} at step {step}", file=sys.stderr)
     else:
         set_seed(cfg.seed)
     scheduler = _schedule(optimizer, cfg, step, anchor)
@@ -228,7 +234,7 @@ def fit(
     saved_at = step
     with _deferred_interrupt() as interrupted:
         while step < cfg.max_steps:
-            if interrupted():
+            if _everyone(accelerator, interrupted()):
                 # Ctrl-C waited for the step in flight, so the state is whole: keep it.
                 if step > saved_at:
                     checkpoint()
@@ -244,7 +250,7 @@ def fit(
                     loss = model(**batch).loss
                     accelerator.backward(loss / cfg.grad_accum)
                 loss_sum += float(loss.detach()) / cfg.grad_accum
-                tok_sum += count(batch) * world
+                tok_sum += count(batch)
             if cfg.grad_clip > 0:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
@@ -255,6 +261,11 @@ def fit(
 
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
+                if world > 1:  # every process's loss and targets, not the main one's alone
+                    total = accelerator.reduce(
+                        torch.tensor([loss_sum, tok_sum], dtype=torch.float64,
+                                     device=accelerator.device), "sum")
+                    loss_sum, tok_sum = float(total[0]) / world, int(total[1])
                 dt = time.perf_counter() - t0
                 train_loss = loss_sum / n
                 if not math.isfinite(train_loss):
@@ -269,13 +280,23 @@ def fit(
                                cfg.eval_max_batches, count)
                 record({"step": step, "split": "val", "loss": round(val, 5)})
                 last["val_loss"] = val
-                bar.write(f"step {step}: val loss {val:.4f} {loss_unit}")
+                if main:
+                    bar.write(f"step {step}: val loss {val:.4f} {loss_unit}")
                 t0 = time.perf_counter()  # keep eval time out of tokens/s
             if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
                 checkpoint()
                 saved_at, t0 = step, time.perf_counter()
     bar.close()
     return last
+
+
+def _everyone(accelerator: Accelerator, flag: bool) -> bool:
+    """`flag` if any process raised it: with several processes, all stop at the same step,
+    or the checkpoint's barrier would wait forever for the ones that went on."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device),
+                                   "sum").item())
 
 
 @contextmanager

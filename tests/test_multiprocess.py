@@ -1,0 +1,76 @@
+"""Several processes through accelerate, on CPU with the gloo backend: two processes with half
+the batch each train as one process with the whole batch (the same samples, split without
+overlap), and only the main process writes the run's files.
+
+`torchrun --standalone` starts the processes, with ACCELERATE_USE_CPU=true so accelerate
+takes the CPU (gloo) path; on GPUs, `accelerate launch --multi_gpu --num_processes N` does
+the same through the same torchrun machinery.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+from conftest import make_folder
+
+from mehldau.cli.train import main as train
+from mehldau.data.dataset import CounterSampler
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+COMMON = ["data=folder", "model.n_layers=1", "model.d_model=32", "model.n_heads=2",
+          "model.d_ff=64", "model.max_seq_len=64", "model.max_relative_position=32",
+          "model.dropout=0", "train.warmup_steps=2", "train.log_every=1",
+          "train.eval_every=3", "train.ckpt_every=3", "train.max_steps=6", "logger=none"]
+TOLERANCE = 1e-4  # nats/token; measured equal to the 5 decimals metrics.jsonl keeps
+
+
+def lines(run: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path: Path) -> None:
+    data = make_folder(tmp_path / "data")
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert train([f"run_dir={one}", f"data.root={data}", "train.batch_size=4", *COMMON]) == 0
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "mehldau.cli.train", f"run_dir={two}", f"data.root={data}",
+         "train.batch_size=2", *COMMON], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    a, b = lines(one), lines(two)
+    assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
+    for x, y in zip(a, b):  # every logged loss (the mean over both processes) and lr
+        if "loss" in x:
+            assert abs(x["loss"] - y["loss"]) <= TOLERANCE, (x, y)
+        if "lr" in x:
+            assert x["lr"] == pytest.approx(y["lr"])
+    # Only the main process wrote: one header, one line per step and split, one record.
+    assert sum(r["split"] == "corpus" for r in b) == 1
+    assert (two / ".hydra" / "overrides.yaml").is_file()
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step_0000003",
+                                                                      "step_0000006"]
+    assert done.stderr.count("data: 8 pieces") == 1
+
+
+@pytest.mark.parametrize("world, batch", [(2, 3), (4, 2), (3, 5)])
+def test_processes_share_the_samples_without_overlap(world: int, batch: int) -> None:
+    # Each step, rank r takes its `batch` samples from one counter: together they are the
+    # single process's `world * batch` samples of that step, and no sample twice.
+    for start in (0, 7 * world * batch):
+        per_rank = []
+        for rank in range(world):
+            it = iter(CounterSampler(start=start, rank=rank, world=world))
+            per_rank.append([next(it) for _ in range(batch)])
+        taken = [i for r in per_rank for i in r]
+        assert len(set(taken)) == len(taken)
+        assert sorted(taken) == list(range(start, start + world * batch))
