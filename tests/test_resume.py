@@ -179,11 +179,13 @@ def test_resume_reads_the_run_s_own_corpus(reference: Path, data: Path, tmp_path
     shutil.copytree(data, moved)
     (moved / "set 0" / "piece 0.mid").unlink()  # a file the run trained on is gone
     write_midi(moved / "set 9" / "new.mid", scale_notes(64, base=60, seed=99))  # a new one
+    write_midi(moved / "set 1" / "piece 1.mid", scale_notes(32, base=50, seed=7))  # changed
     assert train([f"run_dir={run}", "data=folder", f"data.root={data}", "train.max_steps=9",
                   *ARGS, "train.resume=true", f"data.root={moved}", "force=true"]) == 0
     err = capsys.readouterr().err
     assert "resume: 1 files of the run's splits.json are gone" in err
     assert "resume: 1 files are new to the source; left out" in err
+    assert "resume: 1 files changed since the run started; their new content is used" in err
     manifest = json.loads((run / "splits.json").read_text())
     ids = {p["id"] for s in ("train", "val", "test") for p in manifest[s]["pieces"]}
     assert not any("new" in i for i in ids) and len(ids) == 7
