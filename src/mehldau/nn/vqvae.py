@@ -16,8 +16,10 @@ VQ: the codebook is learned by exponential moving averages (arXiv 1711.00937 App
 loss, the decoder sees z_e + sg(z_q - z_e) (straight-through). The codebook is initialised
 from the first training batch, and a code whose EMA usage (assignments per batch) falls below
 `dead_threshold` is moved onto a random encoder output of the current batch (Jukebox's
-revival, Dhariwal et al. 2020, arXiv 2005.00341), so codes never stay dead. Not synchronised
-across processes (single-process training only).
+revival, Dhariwal et al. 2020, arXiv 2005.00341), so codes never stay dead. With several
+processes the EMA statistics (assignment counts and sums) are summed over all of them, so the
+codebook learns from the global batch as one process would; the first-batch init and the
+revivals draw from the main process's batch (DDP copies its buffers to the others).
 
 Reconstruction: BCE on logits for both channels. For velocity the target is soft (v/127);
 BCE's minimum is still at the target and, unlike MSE, its gradient does not vanish on the
@@ -168,6 +170,16 @@ class Decoder(nn.Module):
         return self.net(z)
 
 
+def _summed_over_processes(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Each tensor summed over the processes of a distributed run (unchanged in one)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for t in tensors:
+            dist.all_reduce(t)
+    return tensors
+
+
 class EMAQuantizer(nn.Module):
     """Nearest-code quantiser over the channel dim with an EMA codebook and dead-code revival."""
 
@@ -202,8 +214,9 @@ class EMAQuantizer(nn.Module):
     def _update(self, flat: Tensor, onehot: Tensor) -> None:
         """One EMA step on the batch's encoder outputs flat (N, D), assignments onehot (N, K)."""
         K = self.embed.size(0)
-        self.cluster_size.mul_(self.decay).add_(onehot.sum(0), alpha=1 - self.decay)
-        self.embed_avg.mul_(self.decay).add_(onehot.t() @ flat, alpha=1 - self.decay)
+        counts, sums = _summed_over_processes(onehot.sum(0), onehot.t() @ flat)
+        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.embed_avg.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         n = self.cluster_size.sum()
         size = (self.cluster_size + self.eps) / (n + K * self.eps) * n  # Laplace smoothing
         self.embed.copy_(self.embed_avg / size[:, None])
