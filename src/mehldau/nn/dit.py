@@ -24,6 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from mehldau.nn import checkpointing
+
 
 @dataclass
 class DiTConfig:
@@ -126,6 +128,7 @@ class FinalLayer(nn.Module):
 
 class DiT(nn.Module):
     branch = "scg_diffusion"
+    activation_checkpointing = False  # `mehldau.nn.checkpointing`: recompute each block
 
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
@@ -190,8 +193,9 @@ class DiT(nn.Module):
         (ph, pw) = self.config.patch_size
         h = self.embed(x)  # (B, N, D)
         c = self.condition(t, y)  # (B, D)
+        recompute = self.activation_checkpointing and self.training
         for block in self.blocks:
-            h = block(h, c)
+            h = checkpointing.run(recompute, block, h, c)
         out = self.final(h, c).view(B, H // ph, W // pw, ph, pw, C)  # (B, h, w, ph, pw, C)
         return torch.einsum("bhwpqc->bchpwq", out).reshape(B, C, H, W)
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from mehldau.constants import IGNORE_INDEX
 from mehldau.errors import UserError
+from mehldau.nn import checkpointing
 from mehldau.nn.blocks import KV
 
 # Input columns: onset, duration, octave, pitch class, instrument, velocity; all but the
@@ -356,6 +357,8 @@ class DecoderLayer(nn.Module):
 class MoonbeamModel(nn.Module):
     """The backbone: compound embedding + MRA LLaMA layers + final norm (keys `model.*`)."""
 
+    activation_checkpointing = False  # `mehldau.nn.checkpointing`: recompute each layer
+
     def __init__(self, config: MoonbeamConfig) -> None:
         super().__init__()
         self.config = config
@@ -411,9 +414,11 @@ class MoonbeamModel(nn.Module):
         elif past_len and L > 1:
             mask = torch.ones(L, past_len + L, dtype=torch.bool, device=x.device).tril(past_len)
         presents = []
+        recompute = self.activation_checkpointing and self.training and not past_len
         for i, layer in enumerate(self.layers):
-            x, present = layer(x, cos, sin, mask,
-                               None if past_key_values is None else past_key_values[i])
+            x, present = checkpointing.run(
+                recompute, layer, x, cos, sin, mask,
+                None if past_key_values is None else past_key_values[i])
             presents.append(present)
         return self.norm(x), presents
 

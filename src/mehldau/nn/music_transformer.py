@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mehldau.nn import checkpointing
 from mehldau.nn.blocks import CausalLMOutput, KVCache, decoder_parts, init_weights
 
 
@@ -56,6 +57,7 @@ class MusicTransformerConfig:
 
 class MusicTransformer(nn.Module):
     branch = "production"
+    activation_checkpointing = False  # `mehldau.nn.checkpointing`: recompute each block
 
     def __init__(self, cfg: MusicTransformerConfig) -> None:
         super().__init__()
@@ -72,9 +74,10 @@ class MusicTransformer(nn.Module):
     ) -> CausalLMOutput:
         x = self.drop(self.embed_tokens(input_ids))  # (B, T, C)
         presents: KVCache = []
+        recompute = self.activation_checkpointing and self.training and not use_cache
         for i, layer in enumerate(self.layers):
             past = past_key_values[i] if past_key_values is not None else None
-            x, present = layer(x, past, use_cache)
+            x, present = checkpointing.run(recompute, layer, x, past, use_cache)
             if use_cache:
                 presents.append(present)
         logits = self.lm_head(self.norm(x))  # (B, T, V)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mehldau.constants import IGNORE_INDEX
+from mehldau.nn import checkpointing
 from mehldau.nn.blocks import CausalLMOutput, KVCache, decoder_parts, init_weights
 
 
@@ -91,6 +92,7 @@ class PerceiverARConfig:
 
 class PerceiverAR(nn.Module):
     branch = "perceiver_mt"
+    activation_checkpointing = False  # `mehldau.nn.checkpointing`: recompute each block
 
     def __init__(self, cfg: PerceiverARConfig) -> None:
         super().__init__()
@@ -131,6 +133,7 @@ class PerceiverAR(nn.Module):
         """Logits (B, N', V) for the last N' positions. With `past_key_values`, `input_ids`
         are T new tokens appended to the cached window, all of them latents (so N' = T)."""
         B, T = input_ids.shape
+        recompute = self.activation_checkpointing and self.training and not use_cache
         x = self.drop(self.embed_tokens(input_ids))  # (B, T, C)
         if past_key_values is None:
             n = self.config.num_latents if num_latents is None else num_latents
@@ -138,7 +141,8 @@ class PerceiverAR(nn.Module):
                 raise ValueError(f"num_latents must be >= 1, got {n}")
             n = min(n, T)
             key_keep = self._key_keep(attention_mask, n, x)
-            x, present = self.layers[0].cross(x, n, key_keep, use_cache)  # (B, N', C)
+            x, present = checkpointing.run(recompute, self.layers[0].cross, x, n, key_keep,
+                                           use_cache)  # (B, N', C)
         else:
             if attention_mask is not None or num_latents is not None:
                 raise ValueError("with past_key_values every new token is a latent and the "
@@ -150,7 +154,7 @@ class PerceiverAR(nn.Module):
         presents: KVCache = [present]
         for i, layer in enumerate(self.layers[1:], start=1):
             past = past_key_values[i] if past_key_values is not None else None
-            x, present = layer(x, past, use_cache)  # (B, N', C)
+            x, present = checkpointing.run(recompute, layer, x, past, use_cache)  # (B, N', C)
             presents.append(present)
         logits = self.lm_head(self.norm(x))  # (B, N', V)
         loss = None

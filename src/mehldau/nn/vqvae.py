@@ -36,6 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from mehldau.nn import checkpointing
+
 
 @dataclass
 class VQVAEConfig:
@@ -133,6 +135,8 @@ def _stage(c_in: int, c_out: int, n_res: int) -> list[nn.Module]:
 
 
 class Encoder(nn.Module):
+    activation_checkpointing = False
+
     def __init__(self, cfg: VQVAEConfig, out_channels: int) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Conv2d(cfg.in_channels, cfg.channels[0], 3, padding=1)]
@@ -145,10 +149,21 @@ class Encoder(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        return _layers(self, x)
+
+
+def _layers(stack: nn.Module, x: Tensor) -> Tensor:
+    """An encoder's or decoder's layers in turn, each recomputed in the backward pass when
+    the stack's `activation_checkpointing` is on (`mehldau.nn.checkpointing`)."""
+    recompute = stack.activation_checkpointing and stack.training
+    for layer in stack.net:
+        x = checkpointing.run(recompute, layer, x)
+    return x
 
 
 class Decoder(nn.Module):
+    activation_checkpointing = False
+
     def __init__(self, cfg: VQVAEConfig) -> None:
         super().__init__()
         c = cfg.channels[-1]
@@ -167,7 +182,7 @@ class Decoder(nn.Module):
         nn.init.constant_(layers[-1].bias, -4.0)
 
     def forward(self, z: Tensor) -> Tensor:
-        return self.net(z)
+        return _layers(self, z)
 
 
 def _summed_over_processes(*tensors: Tensor) -> tuple[Tensor, ...]:

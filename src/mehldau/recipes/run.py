@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import secrets
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,8 @@ def train_config(cfg: DictConfig, stage: str | None = None) -> TrainConfig:
     given = OmegaConf.to_container(cfg.train, resolve=True)
     per_stage = (given.pop("stages", None) or {}).get(stage, {}) if stage else {}
     merged = {k: (per_stage.get(k) if v is None else v) for k, v in given.items()}
-    missing = [k for k, v in merged.items() if v is None]
+    nullable = {f.name for f in fields(TrainConfig) if f.default is None}
+    missing = [k for k, v in merged.items() if v is None and k not in nullable]
     if missing:
         raise UserError(f"train.{missing[0]} is not set for stage={stage}; give "
                         f"train.{missing[0]}=... or train.stages.{stage}.{missing[0]}=...")

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from mehldau.constants import IGNORE_INDEX
 from mehldau.data.dataset import CounterSampler
 from mehldau.errors import UserError
+from mehldau.nn.checkpointing import set_activation_checkpointing
 from mehldau.train.checkpoint import latest_checkpoint, save_checkpoint
 from mehldau.train.loggers import MetricsFile, NullLogger
 
@@ -60,6 +61,10 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: str = "auto"  # "auto" = bf16 on CUDA, fp32 on CPU; or "no", "bf16", "fp16"
     resume: bool = False
+    # Memory only (the step's gradient is unchanged): split each batch into micro-batches of
+    # this many rows, their losses weighted by their targets; None = the whole batch.
+    micro_batch_size: int | None = None
+    activation_checkpointing: bool = False  # `mehldau.nn.checkpointing`
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_every",
@@ -73,6 +78,9 @@ class TrainConfig:
         for name in ("min_lr_ratio", "beta1", "beta2"):
             if not 0 <= getattr(self, name) <= 1:
                 raise UserError(f"train.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.micro_batch_size is not None and self.micro_batch_size <= 0:
+            raise UserError(f"train.micro_batch_size must be positive or null, got "
+                            f"{self.micro_batch_size}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise UserError(f"train.mixed_precision must be auto, no, bf16 or fp16, got "
                             f"{self.mixed_precision!r}")
@@ -181,6 +189,9 @@ def fit(
     accelerator = accelerator or make_accelerator(cfg.mixed_precision)
     logger = logger or NullLogger()
     metrics = MetricsFile(run_dir / "metrics.jsonl")
+    if cfg.activation_checkpointing and not set_activation_checkpointing(model, True):
+        raise UserError(f"{type(model).__name__} has no blocks to checkpoint; drop "
+                        "train.activation_checkpointing")
     optimizer = (make_optimizer or _optimizer)(model, cfg)
     step, anchor = 0, None
     main = accelerator.is_main_process
@@ -242,15 +253,21 @@ def fit(
                 print(f"train: interrupted at step {step}; checkpoint saved, continue with "
                       "train.resume=true", file=sys.stderr)
                 raise KeyboardInterrupt
-            for micro in range(cfg.grad_accum):
+            for accum in range(cfg.grad_accum):
                 batch = {k: v.to(accelerator.device) for k, v in next(batches).items()}
-                sync = micro == cfg.grad_accum - 1
-                ctx = accelerator.no_sync(model) if not sync else nullcontext()
-                with ctx, accelerator.autocast():
-                    loss = model(**batch).loss
-                    accelerator.backward(loss / cfg.grad_accum)
-                loss_sum += float(loss.detach()) / cfg.grad_accum
-                tok_sum += count(batch)
+                parts = _micro_batches(batch, cfg.micro_batch_size)
+                targets = [count(p) for p in parts]
+                for i, (part, n) in enumerate(zip(parts, targets)):
+                    # Each micro-batch's mean loss weighted by its share of the batch's
+                    # targets: the sum is the whole batch's mean loss, whatever the split.
+                    weight = n / max(sum(targets), 1) if len(parts) > 1 else 1.0
+                    sync = accum == cfg.grad_accum - 1 and i == len(parts) - 1
+                    ctx = accelerator.no_sync(model) if not sync else nullcontext()
+                    with ctx, accelerator.autocast():
+                        loss = model(**part).loss * weight
+                        accelerator.backward(loss / cfg.grad_accum)
+                    loss_sum += float(loss.detach()) / cfg.grad_accum
+                tok_sum += sum(targets)
             if cfg.grad_clip > 0:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
@@ -288,6 +305,16 @@ def fit(
                 saved_at, t0 = step, time.perf_counter()
     bar.close()
     return last
+
+
+def _micro_batches(batch: dict[str, torch.Tensor], size: int | None
+                   ) -> list[dict[str, torch.Tensor]]:
+    """The batch cut along its first axis into pieces of `size` rows (the last may be
+    smaller); the whole batch as one piece when `size` is None or not smaller."""
+    rows = len(next(iter(batch.values())))
+    if size is None or size >= rows:
+        return [batch]
+    return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, rows, size)]
 
 
 def _everyone(accelerator: Accelerator, flag: bool) -> bool:
