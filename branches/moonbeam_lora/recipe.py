@@ -119,15 +119,20 @@ def train(cfg: DictConfig) -> Path:
         print(f"moonbeam_lora: adapting {cfg.init} (stage=adapt)", file=sys.stderr)
     run = ar.start_run(cfg, BRANCH, MoonbeamConfig, _tokenizer_config(cfg), model_config(cfg),
                        foreign_init=True)
-    data = ar.token_data(cfg, run, frame=_unframed, baseline=unigram_baseline)
     if run.base is not None and run.base.is_file():  # released weights
         model = _load_released(run.base, run.config)
     else:
         model = ar.with_base_weights(MoonbeamForCausalLM(run.config), run)
-    # Crops pack whole samples ([SOS] events [EOS]) into one context, attending only within
-    # each; validation reads each piece's events in consecutive windows.
     length = run.config.max_len
-    train_ds = PackedCropDataset(data.train, length, run.tokenizer, cfg.seed, run.augment)
+
+    def crops(seqs: list, prefixes: list | None) -> PackedCropDataset:
+        # whole samples ([SOS] events [EOS]) packed into one context, attending within each
+        return PackedCropDataset(seqs, length, run.tokenizer, cfg.seed, run.augment)
+
+    ar.plan_memory(cfg, run, model, crops, length, frame=_unframed)
+    data = ar.token_data(cfg, run, frame=_unframed, baseline=unigram_baseline)
+    train_ds = crops(data.train, None)
+    # validation: each piece's events in consecutive windows
     val_ds = EventWindowDataset(data.val, length, run.tokenizer) if data.val else None
     return ar.fit_run(cfg, run, model, train_ds, val_ds, data)
 

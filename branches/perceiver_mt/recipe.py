@@ -32,14 +32,19 @@ def train(cfg: DictConfig) -> Path:
     """Pretrain Perceiver AR (`stage=pretrain`), or adapt one of its runs with LoRA/QLoRA
     (`stage=adapt init=RUN`)."""
     run = ar.start_run(cfg, BRANCH, PerceiverARConfig)
-    data = ar.token_data(cfg, run)
     model = ar.with_base_weights(PerceiverAR(run.config), run)
-    # A training crop holds up to M inputs whose last N are the targets, placed at random in
-    # the piece (Flaxformer's FULL_LATENTS); validation reads consecutive target windows of
-    # N, each with up to M - N tokens of context.
     inputs, latents = run.config.max_seq_len, run.config.num_latents
-    train_ds = PerceiverCropDataset(data.train, inputs, latents, run.tokenizer, cfg.seed,
-                                    run.augment, data.prefixes["train"])
+
+    def crops(seqs: list, prefixes: list | None) -> PerceiverCropDataset:
+        # up to M inputs whose last N are the targets, placed at random in the piece
+        # (Flaxformer's FULL_LATENTS)
+        return PerceiverCropDataset(seqs, inputs, latents, run.tokenizer, cfg.seed,
+                                    run.augment, prefixes)
+
+    ar.plan_memory(cfg, run, model, crops, inputs)
+    data = ar.token_data(cfg, run)
+    train_ds = crops(data.train, data.prefixes["train"])
+    # validation: consecutive target windows of N, each with up to M - N tokens of context
     val_ds = PerceiverWindowDataset(data.val, inputs, latents,
                                     run.tokenizer.special_tokens["pad"],
                                     data.prefixes["val"]) if data.val else None

@@ -31,13 +31,17 @@ def train(cfg: DictConfig) -> Path:
     """Pretrain a Music Transformer (`stage=pretrain`), or fit a LoRA/QLoRA adapter to one of
     its runs (`stage=adapt init=RUN`)."""
     run = ar.start_run(cfg, BRANCH, MusicTransformerConfig)
-    data = ar.token_data(cfg, run)
     model = ar.with_base_weights(MusicTransformer(run.config), run)
-    # Training sees random crops of one context (transposed and time-stretched); validation
-    # every piece once, in consecutive windows.
     length = run.config.max_seq_len
-    train_ds = RandomCropDataset(data.train, length, run.tokenizer, cfg.seed, run.augment,
-                                 data.prefixes["train"])
+
+    def crops(seqs: list, prefixes: list | None) -> RandomCropDataset:
+        # random crops of one context, transposed and time-stretched
+        return RandomCropDataset(seqs, length, run.tokenizer, cfg.seed, run.augment, prefixes)
+
+    ar.plan_memory(cfg, run, model, crops, length)
+    data = ar.token_data(cfg, run)
+    train_ds = crops(data.train, data.prefixes["train"])
+    # validation: every piece once, in consecutive windows
     val_ds = WindowDataset(data.val, length, run.tokenizer.special_tokens["pad"],
                            data.prefixes["val"]) if data.val else None
     return ar.fit_run(cfg, run, model, train_ds, val_ds, data)

@@ -2,7 +2,7 @@
 steps every model that predicts the next token takes the same way. Each branch's `recipe.py`
 calls them in order, with its own model, datasets and decoder in between:
 
-    train:    start_run -> (model config) -> token_data -> (model, datasets) -> fit_run
+    train:    start_run -> (model) -> plan_memory -> token_data -> (datasets) -> fit_run
     generate: load_checkpoint -> id_prompt -> (decoder) -> sample_ids
     score:    load_checkpoint -> (windows) -> score_files
     merge:    merge_checkpoint
@@ -17,11 +17,12 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import symusic
 import torch
 from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
@@ -41,6 +42,7 @@ from mehldau.sampling import Decoder, SamplingConfig, sample_tokens
 from mehldau.settings import checked
 from mehldau.tokenize.base import Tokenizer, build_tokenizer, load_tokenizer
 from mehldau.tokenize.performance import NUM_SPECIAL
+from mehldau.train import memory
 from mehldau.train.checkpoint import WEIGHTS, load_weights, read_meta, save_weights
 from mehldau.train.loggers import MetricsFile
 from mehldau.train.trainer import TrainConfig, make_accelerator
@@ -96,6 +98,7 @@ def start_run(cfg: DictConfig, branch: str, config_class: type,
                                     else tokenizer_config)
         if config is None:
             config = model_config(config_class, cfg.model, vocab_size=tokenizer.vocab_size)
+        set_seed(cfg.seed)  # the model is built next: its initial weights depend on seed alone
         return Run(branch, tcfg, run_dir, pieces, tokenizer, config, augment, accelerator)
     if foreign_init and cfg.init is not None and Path(str(cfg.init)).expanduser().is_file():
         base = Path(str(cfg.init)).expanduser().resolve()
@@ -108,6 +111,7 @@ def start_run(cfg: DictConfig, branch: str, config_class: type,
     if acfg.kind == "qlora":
         qlora.import_bnb()  # fail before anything is written
     adapt.check_styles(tokenizer, pieces, cfg, base)
+    set_seed(cfg.seed)
     return Run(branch, tcfg, run_dir, pieces, tokenizer, config, augment, accelerator, base,
                acfg)
 
@@ -137,8 +141,7 @@ def token_data(cfg: DictConfig, run: Run,
                ) -> TokenData:
     """The corpus, split and tokenized (`run_corpus`), each piece framed for the datasets
     (default: BOS + tokens + EOS), and metrics.jsonl's header. `baseline`: nats per target of
-    a model without context (default: the token unigram). Seeds the run afterwards, so the
-    model's initial weights depend on `seed` alone."""
+    a model without context (default: the token unigram)."""
     tokenizer = run.tokenizer
     corpus = setup.run_corpus(cfg, run.pieces, tokenizer, run.dir, run.base, run.train.resume,
                               run.accelerator)
@@ -156,8 +159,47 @@ def token_data(cfg: DictConfig, run: Run,
         "pieces": len(all_seqs), "skipped": len(corpus.skipped)}, run.accelerator.is_main_process)
     prefixes = {s: [np.array([tokenizer.style_id(adapt.style_of(p, cfg))]) for p, _ in pairs]
                 if tokenizer.styles else None for s, pairs in corpus.splits.items()}
-    set_seed(cfg.seed)
     return TokenData(seqs["train"], seqs["val"], prefixes, metrics, fresh)
+
+
+def made_up_piece(tokenizer: Tokenizer, tokens: int) -> np.ndarray:
+    """At least `tokens` tokens of a made-up piece (a seeded stream of notes): what the memory
+    plan's probe trains on, so it needs no data."""
+    rng = np.random.default_rng(0)
+    score = symusic.Score(480)
+    track = symusic.Track(program=0)
+    for i in range(tokens):  # at least one token per note in every tokenizer here
+        track.notes.append(symusic.Note(i * 60, 240, int(rng.integers(36, 96)),
+                                        int(rng.integers(40, 110))))
+    score.tracks.append(track)
+    return tokenizer.encode(score)
+
+
+def plan_memory(cfg: DictConfig, run: Run, model: torch.nn.Module,
+                crops: Callable[[list[np.ndarray], list[np.ndarray] | None], Dataset],
+                context: int,
+                frame: Callable[[np.ndarray, Tokenizer], np.ndarray] = add_bos_eos) -> None:
+    """Before any data is read: the memory plan of training `model` on `crops` (the branch's
+    training dataset over given sequences) of `context` tokens, printed in one line, refused
+    with the settings that would fit when it does not (`mehldau.train.memory`). Resolves
+    `train.micro_batch_size=auto`."""
+    tcfg, accelerator = run.train, run.accelerator
+    items = crops([frame(made_up_piece(run.tokenizer, context + 8), run.tokenizer)], None)
+    model.to(accelerator.device)
+
+    def probe(rows: int) -> dict[str, torch.Tensor]:
+        batch = [items[i] for i in range(rows)]
+        return {k: torch.stack([b[k] for b in batch]).to(accelerator.device) for k in batch[0]}
+
+    auto = tcfg.micro_batch_size == "auto"
+    rows = tcfg.batch_size if auto or tcfg.micro_batch_size is None else min(
+        tcfg.micro_batch_size, tcfg.batch_size)
+    plan = memory.plan(model, probe, rows, tcfg.activation_checkpointing, run.adapter,
+                       accelerator.device, accelerator.autocast)
+    chosen = memory.check(plan, memory.budget_bytes(accelerator.device, tcfg.memory_budget_gb),
+                          tcfg.batch_size, tcfg.activation_checkpointing, run.adapter, auto)
+    if auto:
+        run.train = replace(tcfg, micro_batch_size=chosen)
 
 
 def with_base_weights(model: torch.nn.Module, run: Run) -> torch.nn.Module:

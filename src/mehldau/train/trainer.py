@@ -63,8 +63,9 @@ class TrainConfig:
     resume: bool = False
     # Memory only (the step's gradient is unchanged): split each batch into micro-batches of
     # this many rows, their losses weighted by their targets; None = the whole batch.
-    micro_batch_size: int | None = None
+    micro_batch_size: int | str | None = None  # or "auto": the largest the memory plan fits
     activation_checkpointing: bool = False  # `mehldau.nn.checkpointing`
+    memory_budget_gb: float | None = None  # the memory plan's budget; None = the device's
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_every",
@@ -78,9 +79,13 @@ class TrainConfig:
         for name in ("min_lr_ratio", "beta1", "beta2"):
             if not 0 <= getattr(self, name) <= 1:
                 raise UserError(f"train.{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.micro_batch_size is not None and self.micro_batch_size <= 0:
-            raise UserError(f"train.micro_batch_size must be positive or null, got "
-                            f"{self.micro_batch_size}")
+        m = self.micro_batch_size
+        if m is not None and (m != "auto" if isinstance(m, str) else m <= 0):
+            raise UserError(f"train.micro_batch_size must be a positive number, auto or null, "
+                            f"got {m!r}")
+        if self.memory_budget_gb is not None and self.memory_budget_gb <= 0:
+            raise UserError(f"train.memory_budget_gb must be positive, got "
+                            f"{self.memory_budget_gb}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise UserError(f"train.mixed_precision must be auto, no, bf16 or fp16, got "
                             f"{self.mixed_precision!r}")
@@ -312,7 +317,7 @@ def _micro_batches(batch: dict[str, torch.Tensor], size: int | None
     """The batch cut along its first axis into pieces of `size` rows (the last may be
     smaller); the whole batch as one piece when `size` is None or not smaller."""
     rows = len(next(iter(batch.values())))
-    if size is None or size >= rows:
+    if not isinstance(size, int) or size >= rows:  # None (or an unresolved "auto"): whole
         return [batch]
     return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, rows, size)]
 

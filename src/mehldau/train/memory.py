@@ -1,0 +1,160 @@
+"""A memory plan before the first step: what training will hold (weights, gradients,
+optimizer state, activations) against what the device has, so a setting that cannot fit is
+refused in one line that says which settings would, instead of a silent kill minutes later.
+
+Weights, gradients and the optimizer's state are counted from the model (and, when adapting,
+the adapter's ranks and targets). Activations are measured: one forward of the branch's own
+training item, built from a made-up piece rather than the corpus (so this runs before any
+data is read), with a hook that adds up every tensor autograd keeps for the backward pass;
+that is what grows with the micro-batch. With activation checkpointing, the recomputation
+briefly holds one block's activations as well, so one block's share of the plain figure is
+added. The probe runs under `torch.random.fork_rng`, so it draws nothing from the run's RNG.
+
+A plan is an estimate: allocator slack and temporary buffers are covered by a 15 % margin,
+not measured. `train.memory_budget_gb` sets the budget (default: the CUDA device's memory,
+or the memory available on a CPU machine).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from mehldau.errors import UserError
+from mehldau.nn.checkpointing import set_activation_checkpointing
+
+GiB = 1024**3
+MARGIN = 1.15  # allocator slack, temporaries, the CUDA context
+
+
+@dataclass
+class MemoryPlan:
+    weights: int  # bytes
+    gradients: int
+    optimizer: int
+    activations_per_row: int  # kept for backward by one training row, as configured
+    rows: int  # per forward/backward (the micro-batch)
+
+    @property
+    def static(self) -> int:
+        return self.weights + self.gradients + self.optimizer
+
+    def total(self, rows: int | None = None, activations_per_row: int | None = None) -> int:
+        per_row = self.activations_per_row if activations_per_row is None else activations_per_row
+        return int(MARGIN * (self.static + per_row * (self.rows if rows is None else rows)))
+
+
+def budget_bytes(device: torch.device, gigabytes: float | None) -> int:
+    """`train.memory_budget_gb`, else the CUDA device's memory, else MemAvailable."""
+    if gigabytes is not None:
+        return int(gigabytes * GiB)
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 1 << 62  # unknown: no refusal
+
+
+def saved_bytes(model: nn.Module, batch: dict[str, torch.Tensor],
+                autocast: Callable = nullcontext) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass of one training forward."""
+    total = 0
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    was = model.training
+    model.train()
+    with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(
+            keep, lambda t: t), autocast():
+        model(**batch)
+    model.train(was)
+    return total
+
+
+def lora_parameters(model: nn.Module, targets: list[str], rank: int) -> int:
+    """Parameters LoRA adds: rank x (in + out) for each targeted Linear (or Embedding)."""
+    n = 0
+    for name, m in model.named_modules():
+        if name.rsplit(".", 1)[-1] in targets:
+            if isinstance(m, nn.Linear):
+                n += rank * (m.in_features + m.out_features)
+            elif isinstance(m, nn.Embedding):
+                n += rank * (m.num_embeddings + m.embedding_dim)
+    return n
+
+
+def plan(model: nn.Module, probe: Callable[[int], dict[str, torch.Tensor]], rows: int,
+         checkpointing: bool, adapter=None, device: torch.device | None = None,
+         autocast: Callable = nullcontext) -> MemoryPlan:
+    """The plan for training `model` on micro-batches of `rows` rows; `probe(n)` gives a
+    training batch of n rows (on the model's device), `adapter` an AdapterConfig or None."""
+    device = device or next(model.parameters()).device
+    params = list(model.parameters())
+    if adapter is None:
+        weights = sum(p.numel() * p.element_size() for p in params)
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+    else:
+        trainable = lora_parameters(model, adapter.target_modules(), adapter.r)
+        weights = sum(p.numel() * p.element_size() for p in params) + 4 * trainable
+        if adapter.kind == "qlora":  # NF4: half a byte a weight + one fp32 scale per block
+            linear = sum(m.weight.numel() for n, m in model.named_modules()
+                         if isinstance(m, nn.Linear) and not n.endswith("lm_head"))
+            weights -= int(linear * (4 - 0.5 - 4 / 64))
+    paged_8bit = adapter is not None and adapter.kind == "qlora" and device.type == "cuda"
+    optimizer = trainable * (2 if paged_8bit else 8)
+    batch = probe(1)
+    set_activation_checkpointing(model, False)
+    plain = saved_bytes(model, batch, autocast)
+    per_row = plain
+    if checkpointing and set_activation_checkpointing(model, True):
+        blocks = max(sum(1 for m in model.modules() if isinstance(m, nn.ModuleList)
+                         for _ in m), 1)
+        per_row = saved_bytes(model, batch, autocast) + plain // blocks
+    return MemoryPlan(weights, 4 * trainable, optimizer, per_row, rows)
+
+
+def check(p: MemoryPlan, budget: int, batch_size: int, checkpointing: bool, adapter,
+          auto: bool) -> int:
+    """The micro-batch size to train with (`auto`: the largest that fits), after printing the
+    plan in one line; a `UserError` naming settings that would fit when none does."""
+    rows = p.rows
+    if auto:
+        fits = [r for r in range(batch_size, 0, -1) if p.total(r) <= budget]
+        rows = fits[0] if fits else 1
+        p = MemoryPlan(p.weights, p.gradients, p.optimizer, p.activations_per_row, rows)
+    need = p.total()
+    line = (f"{_size(need)} of {_size(budget)} (weights {_size(p.weights)}, gradients "
+            f"{_size(p.gradients)}, optimizer {_size(p.optimizer)}, activations "
+            f"{_size(p.activations_per_row * rows)} for {rows} row{'s' if rows > 1 else ''}, "
+            f"+{round(100 * (MARGIN - 1))} %)")
+    if need <= budget:
+        print(f"memory plan: {line}" + (f"; micro_batch_size=auto chose {rows}" if auto
+                                        else ""), file=sys.stderr)
+        return rows
+    ways = []
+    smaller = [r for r in range(rows - 1, 0, -1) if p.total(r) <= budget]
+    if smaller:
+        ways.append(f"train.micro_batch_size={smaller[0]}")
+    if not checkpointing:
+        ways.append("train.activation_checkpointing=true")
+    if adapter is not None and adapter.kind == "lora":
+        ways.append("adapter=qlora")
+    ways.append("a shorter context (model.max_seq_len or model.context_len)")
+    raise UserError(f"this run does not fit: it needs {line}, the budget being "
+                    f"train.memory_budget_gb or the device's memory; try "
+                    f"{', or '.join(ways)}")
+
+
+def _size(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / 2**20:.1f} MiB"
