@@ -435,3 +435,29 @@ def test_random_init_lets_a_small_model_fit_one_batch() -> None:
         opt.step()
         opt.zero_grad()
     assert loss.item() < 0.1 * first, (first, loss.item())
+
+
+def test_packed_attention_keeps_no_score_matrix() -> None:
+    # The block-diagonal mask of packed crops goes to SDPA's fused kernels (CPU flash, CUDA
+    # memory-efficient), which keep no per-head (L x L) softmax for backward, as the math
+    # path would: only the mask itself, once per layer for all heads.
+    model = tiny_model().train()
+    c = model.config
+    ids, _ = random_batch(c, B=2, L=256, seed=3)
+
+    def kept(**kw) -> list[tuple[int, ...]]:
+        shapes = []
+
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            shapes.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            model.model(ids, **kw)
+        return shapes
+
+    packed = kept(attention_mask=(torch.arange(256) >= 100).long().expand(2, 256))
+    causal = kept()
+    assert (2, c.num_attention_heads, 256, 256) not in packed
+    extra = [s for s in packed if s not in causal]
+    assert extra == [(2, 1, 256, 256)] * c.num_hidden_layers, extra

@@ -212,7 +212,8 @@ RELEASED_CONFIGS = {"309M": MoonbeamConfig.moonbeam_309m, "839M": MoonbeamConfig
 @dataclass
 class MoonbeamOutput:
     summary: torch.Tensor  # (B, L, G): sub-decoder initial state per position (ref: `logits`)
-    logits: torch.Tensor | None = None  # (B, L-1, 6, V): teacher-forced, only with labels
+    logits: torch.Tensor | None = None  # (B, L-1, 6, V): teacher-forced, with labels (not
+    # kept when training with activation checkpointing: only the losses are)
     loss: torch.Tensor | None = None  # nats per event: the sum of attribute_loss
     attribute_loss: torch.Tensor | None = None  # (6,) mean cross-entropy of each attribute
     past_key_values: list[KV] | None = None
@@ -495,11 +496,17 @@ class MoonbeamForCausalLM(nn.Module):
         nxt = labels[:, 1:]  # position t predicts the attributes of token t+1
         s = summary[:, :-1].reshape(B * (L - 1), -1)
         gru_in = nxt[..., :6].clamp(min=0).reshape(B * (L - 1), 6)  # ignored rows feed id 0
-        logits, _ = self.decode(s, gru_in)  # teacher forcing
-        out.logits = logits.view(B, L - 1, 6, -1)
         target = nxt[..., 1:]  # (B, L-1, 6)
-        ce = F.cross_entropy(out.logits.float().flatten(0, 2), target.reshape(-1),
-                             ignore_index=IGNORE_INDEX, reduction="none").view_as(target)
+        if self.model.activation_checkpointing and self.training and not use_cache:
+            # The GRU head's logits (6 x 2,341 per event) outweigh a backbone layer: recompute
+            # them in the backward pass too, and keep only the losses.
+            ce = checkpointing.run(True, self._head_loss, s, gru_in, target.reshape(-1))
+        else:
+            logits, _ = self.decode(s, gru_in)  # teacher forcing
+            out.logits = logits.view(B, L - 1, 6, -1)
+            ce = F.cross_entropy(out.logits.float().flatten(0, 2), target.reshape(-1),
+                                 ignore_index=IGNORE_INDEX, reduction="none")
+        ce = ce.view_as(target)
         # Nats per event: the sum of the six attributes' mean cross-entropies over the rows
         # that have targets (the reference instead averages over all 6 * B * (L-1) targets,
         # pads included: a sixth of this, diluted by padding).
@@ -507,6 +514,14 @@ class MoonbeamForCausalLM(nn.Module):
         out.attribute_loss = (ce * valid).sum((0, 1)) / valid.sum((0, 1)).clamp(min=1)  # (6,)
         out.loss = out.attribute_loss.sum()
         return out
+
+
+    def _head_loss(self, summary: torch.Tensor, gru_in: torch.Tensor, target: torch.Tensor
+                   ) -> torch.Tensor:
+        """Per-target cross-entropy (N * 6,) of the teacher-forced GRU head."""
+        logits, _ = self.decode(summary, gru_in)  # (N, 6, V)
+        return F.cross_entropy(logits.float().flatten(0, 1), target,
+                               ignore_index=IGNORE_INDEX, reduction="none")
 
 
 def load_released(path: str | os.PathLike, config: MoonbeamConfig | str,
