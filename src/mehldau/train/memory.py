@@ -3,17 +3,20 @@ optimizer state, activations) against what the device has, so a setting that can
 refused in one line that says which settings would, instead of a silent kill minutes later.
 
 Weights, gradients and the optimizer's state are counted from the model (and, when adapting,
-the adapter's ranks and targets). Activations are measured: one forward of the branch's own
+the adapter's ranks and targets). Activations are measured: forwards of the branch's own
 training item, built from a made-up piece rather than the corpus (so this runs before any
 data is read), with a hook that adds up every tensor autograd keeps for the backward pass;
-that is what grows with the micro-batch. With activation checkpointing, the recomputation
-briefly holds one block's activations as well, so one block's share of the plain figure is
-added. The probe runs under `torch.random.fork_rng`, so it draws nothing from the run's RNG.
+that is what grows with the micro-batch. The whole model is only probed with checkpointing
+on (a plain probe of a large model could itself run out of memory); the model cut to one
+and to two blocks gives what each plain block keeps, and what the largest recomputation (a
+block, or a head not kept) holds on top of the checkpointed figure during the backward
+pass. The probes run under `torch.random.fork_rng`, so they draw nothing from the run's
+RNG.
 
-A plan is an estimate: allocator slack and temporary buffers are covered by a 15 % margin,
-not measured. `train.memory_budget_gb` sets the budget (default: the CUDA device's memory,
-or the memory available on a CPU machine).
-"""
+A plan is an estimate, on the safe side where blocks differ (Perceiver AR's cross-attention
+layer stands for all its layers): allocator slack and temporary buffers are covered by a
+15 % margin, not measured. `train.memory_budget_gb` sets the budget (default: the CUDA
+device's memory, or the memory available on a CPU machine)."""
 
 from __future__ import annotations
 
@@ -114,14 +117,42 @@ def plan(model: nn.Module, probe: Callable[[int], dict[str, torch.Tensor]], rows
     paged_8bit = adapter is not None and adapter.kind == "qlora" and device.type == "cuda"
     optimizer = trainable * (2 if paged_8bit else 8)
     batch = probe(1)
-    set_activation_checkpointing(model, False)
-    plain = saved_bytes(model, batch, autocast)
-    per_row = plain
-    if checkpointing and set_activation_checkpointing(model, True):
-        blocks = max(sum(1 for m in model.modules() if isinstance(m, nn.ModuleList)
-                         for _ in m), 1)
-        per_row = saved_bytes(model, batch, autocast) + plain // blocks
+    stack = _block_stack(model)
+    if stack is None or not set_activation_checkpointing(model, True):
+        set_activation_checkpointing(model, False)
+        per_row = saved_bytes(model, batch, autocast)  # no blocks to reason about: measure
+    else:
+        # Never the whole model unchecked (that probe could itself run out of memory): the
+        # whole model checkpointed, and the model cut to one and to two blocks.
+        whole = saved_bytes(model, batch, autocast)
+        parent, name, blocks = stack
+        cut = {}
+        try:
+            for n in (1, 2):
+                setattr(parent, name, nn.ModuleList(list(blocks)[:n]))
+                for recompute in (True, False):
+                    set_activation_checkpointing(model, recompute)
+                    cut[n, recompute] = saved_bytes(model, batch, autocast)
+        finally:
+            setattr(parent, name, blocks)
+        block = max(cut[2, False] - cut[1, False], 0)  # what one more plain block keeps
+        if checkpointing:  # plus the largest recomputation: a block, or an unkept head
+            per_row = whole + max(cut[1, False] - cut[1, True], block)
+        else:
+            per_row = cut[1, False] + (len(blocks) - 1) * block
+    set_activation_checkpointing(model, checkpointing)
     return MemoryPlan(weights, 4 * trainable, optimizer, per_row, rows)
+
+
+def _block_stack(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList] | None:
+    """(parent, attribute, blocks) of the model's longest stack of blocks, if any."""
+    best = None
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.ModuleList) and len(child) > 1 and (
+                    best is None or len(child) > len(best[2])):
+                best = (parent, name, child)
+    return best
 
 
 def check(p: MemoryPlan, budget: int, batch_size: int, checkpointing: bool, adapter,
