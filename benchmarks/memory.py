@@ -103,20 +103,28 @@ def main() -> int:
     ap.add_argument("--step", action="store_true", help="also run one real step per variant")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--plan-child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         print(json.dumps(one_step(a.size, a.context, a.batch, a.child, a.device)))
         return 0
+    if a.plan_child:
+        print(json.dumps(plan_line(a.size, a.context, a.batch, a.plan_child, a.device)))
+        return 0
     print(f"Moonbeam {a.size}, context {a.context}, batch {a.batch}, {a.device}")
     rows = []
     for v in a.variants:
-        row = plan_line(a.size, a.context, a.batch, v, a.device)
-        if a.step:
-            out = subprocess.run([sys.executable, __file__, "--child", v, "--size", a.size,
+        row = {"variant": v}
+        # each in its own process: a released-size model is gigabytes, and one process
+        # building several does not give the memory back
+        for flag, what in (("--plan-child", "plan"), ("--child", "step")):
+            if what == "step" and not a.step:
+                continue
+            out = subprocess.run([sys.executable, __file__, flag, v, "--size", a.size,
                                   "--context", str(a.context), "--batch", str(a.batch),
                                   "--device", a.device], capture_output=True, text=True)
             if out.returncode != 0:
-                row["step"] = f"failed (exit {out.returncode}): {out.stderr.strip()[-200:]}"
+                row[what] = f"failed (exit {out.returncode}): {out.stderr.strip()[-200:]}"
             else:
                 row.update(json.loads(out.stdout.strip().splitlines()[-1]))
         rows.append(row)
@@ -127,7 +135,7 @@ def main() -> int:
         peak = r.get("peak_gib")
         ratio = (f"{peak / base['peak_gib']:.2f}" if peak and base and base.get("peak_gib")
                  else "-")
-        print(f"{r['variant']:<12} {r['total_gib']:>9.2f} "
+        print(f"{r['variant']:<12} {r.get('total_gib', float('nan')):>9.2f} "
               f"{peak if peak is None else round(peak, 2)!s:>9} "
               f"{r.get('seconds', '-')!s:>8} {ratio:>11}")
     return 0
