@@ -30,7 +30,7 @@ def build(size: str, context: int, kind: str, device: str):
     from mehldau.data.dataset import Augmentation
     from mehldau.data.packing import PackedCropDataset
     from mehldau.nn.moonbeam import MoonbeamConfig, MoonbeamForCausalLM
-    from mehldau.recipes.autoregressive import made_up_piece
+    from mehldau.recipes.run import made_up_score
     from mehldau.tokenize.base import build_tokenizer
 
     cfg = MoonbeamConfig.released(size)
@@ -40,7 +40,7 @@ def build(size: str, context: int, kind: str, device: str):
     tokenizer = build_tokenizer("moonbeam", {"onset_vocab_size": cfg.onset_vocab_size,
                                              "dur_vocab_size": cfg.dur_vocab_size,
                                              "fold_pedal": False})
-    items = PackedCropDataset([made_up_piece(tokenizer, context + 8)], context, tokenizer, 0,
+    items = PackedCropDataset([tokenizer.encode(made_up_score(context + 8))], context, tokenizer, 0,
                               Augmentation())
     adapter = AdapterConfig(kind=kind, alpha=32, targets=[
         "q_proj", "k_proj", "v_proj", "o_proj", "decoder_embedding", "summary_projection",
@@ -58,7 +58,10 @@ def plan_line(size: str, context: int, batch: int, variant: str, device: str) ->
 
     kind, ckpt = VARIANTS[variant]
     model, adapter, probe = build(size, context, kind, device)
-    p = memory.plan(model, probe, batch, ckpt, adapter, torch.device(device))
+    def autocast():  # as the trainer: bf16 on CUDA
+        return torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
+
+    p = memory.plan(model, probe, batch, ckpt, adapter, torch.device(device), autocast)
     return {"variant": variant, "total_gib": p.total() / memory.GiB,
             "weights_gib": p.weights / memory.GiB,
             "activations_gib": p.activations_per_row * batch / memory.GiB}
@@ -69,11 +72,13 @@ def one_step(size: str, context: int, batch: int, variant: str, device: str) -> 
     from mehldau.adapters import apply_lora
     from mehldau.adapters.qlora import quantize_4bit
     from mehldau.nn.checkpointing import set_activation_checkpointing
+    from mehldau.train.memory import give_back
 
     kind, ckpt = VARIANTS[variant]
     model, adapter, probe = build(size, context, kind, device)
     if kind == "qlora":
         quantize_4bit(model, torch.bfloat16 if device == "cuda" else torch.float32, device)
+        give_back()  # as the recipe does: the fp32 weights just replaced
     model = apply_lora(model, adapter)
     set_activation_checkpointing(model, ckpt)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -111,7 +116,11 @@ def main() -> int:
     if a.plan_child:
         print(json.dumps(plan_line(a.size, a.context, a.batch, a.plan_child, a.device)))
         return 0
-    print(f"Moonbeam {a.size}, context {a.context}, batch {a.batch}, {a.device}")
+    from mehldau.train.memory import GiB, budget_bytes
+
+    budget = budget_bytes(torch.device(a.device), None) / GiB
+    print(f"Moonbeam {a.size}, context {a.context}, batch {a.batch}, {a.device} "
+          f"({budget:.1f} GiB available)")
     rows = []
     for v in a.variants:
         row = {"variant": v}
@@ -119,6 +128,10 @@ def main() -> int:
         # building several does not give the memory back
         for flag, what in (("--plan-child", "plan"), ("--child", "step")):
             if what == "step" and not a.step:
+                continue
+            if what == "step" and row.get("total_gib", 0) > budget:
+                # a step the plan says cannot fit would only be killed by the kernel
+                row["step"] = f"skipped: planned {row['total_gib']:.1f} GiB > {budget:.1f} GiB"
                 continue
             out = subprocess.run([sys.executable, __file__, flag, v, "--size", a.size,
                                   "--context", str(a.context), "--batch", str(a.batch),
@@ -129,15 +142,19 @@ def main() -> int:
                 row.update(json.loads(out.stdout.strip().splitlines()[-1]))
         rows.append(row)
         print(json.dumps(row), flush=True)
-    base = next((r for r in rows if r["variant"] == "plain"), None)
-    print(f"{'variant':<12} {'plan GiB':>9} {'peak GiB':>9} {'s/step':>8} {'peak/plain':>11}")
+    base = next((r for r in rows if r["variant"] == "plain" and "peak_gib" in r), None)
+
+    def ratio(r: dict, key: str) -> str:
+        return f"{r[key] / base[key]:.2f}" if key in r and base else "-"
+
+    def num(r: dict, key: str) -> str:
+        return f"{r[key]:.2f}" if isinstance(r.get(key), float) else "-"
+
+    print(f"{'variant':<12} {'plan GiB':>9} {'peak GiB':>9} {'s/step':>8} {'peak/plain':>11}"
+          f" {'time/plain':>11}")
     for r in rows:
-        peak = r.get("peak_gib")
-        ratio = (f"{peak / base['peak_gib']:.2f}" if peak and base and base.get("peak_gib")
-                 else "-")
-        print(f"{r['variant']:<12} {r.get('total_gib', float('nan')):>9.2f} "
-              f"{peak if peak is None else round(peak, 2)!s:>9} "
-              f"{r.get('seconds', '-')!s:>8} {ratio:>11}")
+        print(f"{r['variant']:<12} {num(r, 'total_gib'):>9} {num(r, 'peak_gib'):>9} "
+              f"{num(r, 'seconds'):>8} {ratio(r, 'peak_gib'):>11} {ratio(r, 'seconds'):>11}")
     return 0
 
 

@@ -3,7 +3,7 @@ would fit) before any data is tokenized, and `micro_batch_size=auto` picks what 
 
 from __future__ import annotations
 
-import re
+import gc
 from pathlib import Path
 
 import pytest
@@ -12,6 +12,8 @@ from conftest import MICRO, make_folder
 
 from mehldau.adapters import AdapterConfig, apply_lora, trainable_parameters
 from mehldau.cli.train import main as train
+from mehldau.errors import UserError
+from mehldau.nn.checkpointing import set_activation_checkpointing
 from mehldau.nn.music_transformer import MusicTransformer, MusicTransformerConfig
 from mehldau.train import memory
 
@@ -34,31 +36,30 @@ def test_a_run_that_cannot_fit_is_refused_before_any_data_is_tokenized(data: Pat
     assert not run.exists() and not cache.exists()  # nothing listed, tokenized or written
 
 
-def _sizes(line: str) -> dict[str, float]:
-    """The byte figures of a printed plan line."""
-    found = re.findall(r"(weights|gradients|optimizer|activations) ([\d.]+) ([GM]iB)", line)
-    return {k: float(v) * (memory.GiB if u == "GiB" else 2**20) for k, v, u in found}
-
-
-def test_the_plan_is_printed_and_auto_picks_the_largest_micro_batch_that_fits(
+def test_the_plan_is_printed_before_any_data_and_auto_takes_the_whole_batch_when_it_fits(
         data: Path, tmp_path: Path, capsys) -> None:
-    base = [f"data.root={data}", "data=folder", *MICRO, "train.max_steps=1",
-            "train.batch_size=8"]
-    assert train([f"run_dir={tmp_path / 'a'}", *base]) == 0
-    line = next(ln for ln in capsys.readouterr().err.splitlines()
-                if ln.startswith("memory plan:"))
-    assert "for 8 rows" in line
-    sizes = _sizes(line)
-    per_row = sizes["activations"] / 8
-    static = sizes["weights"] + sizes["gradients"] + sizes["optimizer"]
-    # a budget between 3 and 4 rows' worth: auto must choose 3
-    budget = memory.MARGIN * (static + 3.5 * per_row) / memory.GiB
-    assert train([f"run_dir={tmp_path / 'b'}", *base, "train.micro_batch_size=auto",
-                  f"train.memory_budget_gb={budget}"]) == 0
+    assert train([f"run_dir={tmp_path / 'a'}", f"data.root={data}", "data=folder", *MICRO,
+                  "train.max_steps=1", "train.batch_size=8", "train.micro_batch_size=auto"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    plan = next(i for i, ln in enumerate(err) if ln.startswith("memory plan:"))
+    assert "for 8 rows" in err[plan] and "micro_batch_size=auto chose 8" in err[plan]
+    assert "runtime" in err[plan]
+    assert plan < next(i for i, ln in enumerate(err) if ln.startswith("data:"))
+
+
+def test_auto_picks_the_largest_micro_batch_that_fits_and_a_refusal_names_it(capsys) -> None:
+    mib = 2**20
+    p = memory.MemoryPlan(weights=10 * mib, gradients=mib, optimizer=2 * mib,
+                          activations_per_row=100 * mib, rows=8, runtime=300 * mib)
+    budget = p.total(3) + 50 * mib  # between 3 and 4 rows' worth
+    assert p.total(3) < budget < p.total(4)
+    assert memory.check(p, budget, 8, True, None, auto=True) == 3
     assert "micro_batch_size=auto chose 3" in capsys.readouterr().err
-    # the same budget without auto: refused, naming the micro-batch that fits
-    assert train([f"run_dir={tmp_path / 'c'}", *base, f"train.memory_budget_gb={budget}"]) == 2
-    assert "train.micro_batch_size=3" in capsys.readouterr().err
+    with pytest.raises(UserError, match=r"train\.micro_batch_size=3") as e:
+        memory.check(p, budget, 8, True, None, auto=False)
+    assert "\n" not in str(e.value) and "runtime 0.29 GiB" in str(e.value)
+    # the runtime is held beside the plan's bytes, outside the margin
+    assert p.total(1) == int(memory.MARGIN * (13 * mib + 100 * mib)) + 300 * mib
 
 
 def test_lora_parameter_count_matches_peft() -> None:
@@ -84,3 +85,53 @@ def test_checkpointing_lowers_the_planned_activations() -> None:
     ckpt = memory.plan(model, probe, 4, checkpointing=True)
     assert ckpt.activations_per_row < 0.5 * plain.activations_per_row
     assert plain.total(8) > plain.total(4) > plain.static
+
+
+def test_the_plan_leaves_the_codebook_as_it_found_it_and_counts_recomputation() -> None:
+    # The VQ-VAE's layers differ in size (no stack of equal blocks): it is probed whole,
+    # and its EMA codebook (buffers a training forward moves) must come back unchanged.
+    from mehldau.nn.vqvae import VQVAE, VQVAEConfig
+
+    model = VQVAE(VQVAEConfig(channels=[4, 8], strides=[[2, 2], [2, 2]], codebook_size=16))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = (torch.rand(1, 2, 64, 88) < 0.05).float()
+
+    def probe(rows: int) -> dict:
+        return {"x": x.expand(rows, -1, -1, -1)}
+
+    plain = memory.plan(model, probe, 2, checkpointing=False)
+    ckpt = memory.plan(model, probe, 2, checkpointing=True)
+    after = model.state_dict()
+    assert not bool(before["quantizer.initted"])
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    set_activation_checkpointing(model, False)
+    assert memory.saved_bytes(model, probe(1))[0] == plain.activations_per_row
+    assert ckpt.activations_per_row < plain.activations_per_row
+
+
+def test_the_plain_estimate_from_cut_models_equals_a_whole_measurement() -> None:
+    cfg = MusicTransformerConfig(vocab_size=40, n_layers=4, d_model=32, n_heads=2, d_ff=64,
+                                 max_seq_len=64, max_relative_position=32)
+    model = MusicTransformer(cfg)
+    x = torch.randint(3, 40, (1, 64))
+    planned = memory.plan(model, lambda rows: {"input_ids": x, "labels": x}, 1,
+                          checkpointing=False)
+    assert planned.activations_per_row == memory.saved_bytes(
+        model, {"input_ids": x, "labels": x})[0]
+
+
+def test_the_probe_keeps_no_activation_alive() -> None:
+    # A hook that kept each saved tensor would tie outputs saved by their own node (softmax,
+    # exp) into a reference cycle autograd never frees: every probe's activations leaked.
+    cfg = MusicTransformerConfig(vocab_size=40, n_layers=2, d_model=32, n_heads=2, d_ff=64,
+                                 max_seq_len=64, max_relative_position=32)
+    model = MusicTransformer(cfg)
+    x = torch.randint(3, 40, (2, 64))
+
+    def live() -> int:
+        gc.collect()
+        return sum(o.numel() for o in gc.get_objects() if type(o) is torch.Tensor)
+
+    before = live()
+    assert memory.saved_bytes(model, {"input_ids": x, "labels": x})[0] > 0
+    assert live() == before

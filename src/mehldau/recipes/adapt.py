@@ -25,6 +25,7 @@ from mehldau.data.sources import Piece
 from mehldau.errors import UserError
 from mehldau.settings import checked
 from mehldau.tokenize.base import Tokenizer, build_tokenizer, load_tokenizer
+from mehldau.train import memory
 from mehldau.train.checkpoint import WEIGHTS, read_meta, resolve_checkpoint
 from mehldau.train.loggers import MetricsFile
 from mehldau.train.trainer import TrainConfig, evaluate
@@ -112,6 +113,7 @@ def frozen_base(model: torch.nn.Module, acfg: AdapterConfig,
     if acfg.kind == "qlora":
         compute = torch.bfloat16 if device.type == "cuda" else torch.float32
         qlora.quantize_4bit(model, compute, device)
+        memory.give_back()  # the fp32 weights just replaced
     return model
 
 
