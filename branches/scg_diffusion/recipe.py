@@ -56,7 +56,9 @@ from mehldau.nn.vqvae import VQVAE, VQVAEConfig, reconstruction_report
 from mehldau.recipes.run import (
     checkpoint_extras,
     fit_logged,
+    made_up_score,
     metrics_file,
+    plan_memory,
     run_corpus,
     run_dir_for,
     run_pieces,
@@ -132,6 +134,21 @@ def train(cfg: DictConfig) -> Path:
         dcfg = diffusion_config(cfg, ae_cfg)  # validated before anything is written
         frames = dcfg.frames
 
+    # The model and the memory plan come before any data is read: a setting that cannot fit
+    # is refused before the corpus is tokenized. The probe trains on made-up items.
+    set_seed(cfg.seed)
+    if stage == "autoencoder":
+        model: torch.nn.Module = VQVAE(ae_cfg)
+        made_up = tokenizer.encode(made_up_score(frames // 4 + 8))  # >= 6 frames a note
+        items = RollCropDataset([made_up], frames, tokenizer, cfg.seed, augment)
+        model_dict, count = ae_cfg.to_dict(), count_frames
+    else:
+        ae = VQVAE(ae_cfg)
+        model = LatentDiffusion(dcfg)  # reads dcfg.latent_scale, set once the data is encoded
+        items = [{"z": torch.zeros(dcfg.latent_shape())}] * tcfg.batch_size
+        count = count_latent_rows
+    tcfg = plan_memory(tcfg, accelerator, model, items)
+
     # The diffusion stage keeps its autoencoder's splits unless told otherwise: a latent
     # model must not be validated on pieces its autoencoder learned to reconstruct.
     corpus = run_corpus(cfg, run_pieces(cfg), tokenizer, run_dir, base, tcfg.resume,
@@ -141,7 +158,6 @@ def train(cfg: DictConfig) -> Path:
     metrics, _ = metrics_file(run_dir, tcfg.resume, {
         "frames": int(sum(map(len, all_rolls))), "pieces": len(all_rolls),
         "skipped": len(corpus.skipped)}, accelerator.is_main_process)
-    set_seed(cfg.seed)
     val_windows = RollWindowDataset(rolls["val"], frames) if rolls["val"] else None
     if val_windows is not None and len(val_windows) == 0:
         val_windows = None
@@ -153,21 +169,15 @@ def train(cfg: DictConfig) -> Path:
         except ValueError as e:
             raise UserError(f"the training split has no notes ({e}); use more files") from e
         val_ds = val_windows
-        model: torch.nn.Module = VQVAE(ae_cfg)
-        model_dict = ae_cfg.to_dict()
-        count = count_frames
     else:
-        ae = VQVAE(ae_cfg)
         load_weights(ae, base, BRANCH)
         shift = cfg.model.get("latent_transpose")
         train_ds, val_ds = _encoded_datasets(ae.to(accelerator.device).eval(), dcfg, rolls,
                                              val_windows, tokenizer,
                                              augment.transpose if shift is None else int(shift),
                                              cfg.seed)
-        model = LatentDiffusion(dcfg)
         model.autoencoder.load_state_dict(ae.state_dict())
         model_dict = dcfg.to_dict()
-        count = count_latent_rows
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"model: {BRANCH} {stage}, {n / 1e6:.2f}M trainable parameters", file=sys.stderr)
 

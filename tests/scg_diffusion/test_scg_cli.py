@@ -145,3 +145,24 @@ def test_bad_generation_input_is_one_line(runs, tmp_path: Path, capsys, args, me
 def test_generating_from_the_autoencoder_run_is_refused(runs, tmp_path: Path, capsys) -> None:
     assert generate([f"ckpt={runs['ae']}", f"out={tmp_path / 'o.mid'}"]) == 2
     assert "stage=diffusion" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stage", ["autoencoder", "diffusion"])
+def test_a_stage_that_cannot_fit_is_refused_before_any_data_is_read(runs, stage: str,
+                                                                     tmp_path: Path,
+                                                                     capsys) -> None:
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    init = [f"init={runs['ae']}"] if stage == "diffusion" else []
+    assert train([f"run_dir={run}", f"stage={stage}", *init, "data=folder",
+                  f"data.root={runs['data']}", f"cache_dir={cache}", *MICRO,
+                  "train.memory_budget_gb=0.0001"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "this run does not fit" in err, err
+    assert not run.exists() and not cache.exists()
+
+
+def test_the_plan_picks_a_micro_batch_for_the_autoencoder(runs, tmp_path: Path,
+                                                          capsys) -> None:
+    assert train([f"run_dir={tmp_path / 'a'}", "stage=autoencoder", *runs["common"],
+                  "train.max_steps=1", "train.micro_batch_size=auto"]) == 0
+    assert "micro_batch_size=auto chose 2" in capsys.readouterr().err  # the whole batch

@@ -17,12 +17,11 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import symusic
 import torch
 from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
@@ -42,7 +41,6 @@ from mehldau.sampling import Decoder, SamplingConfig, sample_tokens
 from mehldau.settings import checked
 from mehldau.tokenize.base import Tokenizer, build_tokenizer, load_tokenizer
 from mehldau.tokenize.performance import NUM_SPECIAL
-from mehldau.train import memory
 from mehldau.train.checkpoint import WEIGHTS, load_weights, read_meta, save_weights
 from mehldau.train.loggers import MetricsFile
 from mehldau.train.trainer import TrainConfig, make_accelerator
@@ -162,44 +160,16 @@ def token_data(cfg: DictConfig, run: Run,
     return TokenData(seqs["train"], seqs["val"], prefixes, metrics, fresh)
 
 
-def made_up_piece(tokenizer: Tokenizer, tokens: int) -> np.ndarray:
-    """At least `tokens` tokens of a made-up piece (a seeded stream of notes): what the memory
-    plan's probe trains on, so it needs no data."""
-    rng = np.random.default_rng(0)
-    score = symusic.Score(480)
-    track = symusic.Track(program=0)
-    for i in range(tokens):  # at least one token per note in every tokenizer here
-        track.notes.append(symusic.Note(i * 60, 240, int(rng.integers(36, 96)),
-                                        int(rng.integers(40, 110))))
-    score.tracks.append(track)
-    return tokenizer.encode(score)
-
-
 def plan_memory(cfg: DictConfig, run: Run, model: torch.nn.Module,
                 crops: Callable[[list[np.ndarray], list[np.ndarray] | None], Dataset],
                 context: int,
                 frame: Callable[[np.ndarray, Tokenizer], np.ndarray] = add_bos_eos) -> None:
     """Before any data is read: the memory plan of training `model` on `crops` (the branch's
-    training dataset over given sequences) of `context` tokens, printed in one line, refused
-    with the settings that would fit when it does not (`mehldau.train.memory`). Resolves
-    `train.micro_batch_size=auto`."""
-    tcfg, accelerator = run.train, run.accelerator
-    items = crops([frame(made_up_piece(run.tokenizer, context + 8), run.tokenizer)], None)
-    model.to(accelerator.device)
-
-    def probe(rows: int) -> dict[str, torch.Tensor]:
-        batch = [items[i] for i in range(rows)]
-        return {k: torch.stack([b[k] for b in batch]).to(accelerator.device) for k in batch[0]}
-
-    auto = tcfg.micro_batch_size == "auto"
-    rows = tcfg.batch_size if auto or tcfg.micro_batch_size is None else min(
-        tcfg.micro_batch_size, tcfg.batch_size)
-    plan = memory.plan(model, probe, rows, tcfg.activation_checkpointing, run.adapter,
-                       accelerator.device, accelerator.autocast)
-    chosen = memory.check(plan, memory.budget_bytes(accelerator.device, tcfg.memory_budget_gb),
-                          tcfg.batch_size, tcfg.activation_checkpointing, run.adapter, auto)
-    if auto:
-        run.train = replace(tcfg, micro_batch_size=chosen)
+    training dataset over given sequences) of `context` tokens, from a made-up piece
+    (`recipes.run.plan_memory`). Resolves `train.micro_batch_size=auto`."""
+    piece = run.tokenizer.encode(setup.made_up_score(context + 8))  # >= 1 token a note
+    items = crops([frame(piece, run.tokenizer)], None)
+    run.train = setup.plan_memory(run.train, run.accelerator, model, items, run.adapter)
 
 
 def with_base_weights(model: torch.nn.Module, run: Run) -> torch.nn.Module:

@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 import secrets
 import sys
-from dataclasses import dataclass, field, fields
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import symusic
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
@@ -26,6 +29,7 @@ from mehldau.data.splits import MANIFEST, check_ratios, read_manifest, resume_pi
 from mehldau.errors import UserError
 from mehldau.settings import checked
 from mehldau.tokenize.base import Tokenizer
+from mehldau.train import memory
 from mehldau.train.checkpoint import checkpoint_dirs, latest_checkpoint
 from mehldau.train.loggers import MetricsFile, NullLogger, make_logger
 from mehldau.train.trainer import TrainConfig, fit, load_trainer_state
@@ -218,6 +222,42 @@ def checkpoint_extras(cfg: DictConfig, tokenizer: Tokenizer, model_config: dict,
         (d / MANIFEST).write_text((run_dir / MANIFEST).read_text())
 
     return write
+
+
+def made_up_score(notes: int) -> symusic.Score:
+    """A made-up piece of `notes` notes (seeded, a note every 32nd at 120 bpm): what the
+    memory plan's probe trains on, so it needs no data. Every tokenizer here gives it at
+    least one token a note, and the piano roll 6.25 frames a note at 100 fps."""
+    rng = np.random.default_rng(0)
+    score = symusic.Score(480)
+    track = symusic.Track(program=0)
+    for i in range(notes):
+        track.notes.append(symusic.Note(i * 60, 240, int(rng.integers(36, 96)),
+                                        int(rng.integers(40, 110))))
+    score.tracks.append(track)
+    return score
+
+
+def plan_memory(tcfg: TrainConfig, accelerator, model: torch.nn.Module,
+                items: Sequence[dict[str, torch.Tensor]], adapter=None) -> TrainConfig:
+    """Before any data is read: the memory plan of training `model` on micro-batches of the
+    branch's own training `items` (made up, at full length; `mehldau.train.memory`),
+    printed in one line, or refused in one line with the settings that would fit. Returns
+    `tcfg` with `micro_batch_size=auto` resolved."""
+    model.to(accelerator.device)
+
+    def probe(rows: int) -> dict[str, torch.Tensor]:
+        batch = [items[i] for i in range(rows)]
+        return {k: torch.stack([b[k] for b in batch]).to(accelerator.device) for k in batch[0]}
+
+    auto = tcfg.micro_batch_size == "auto"
+    rows = tcfg.batch_size if auto or tcfg.micro_batch_size is None else min(
+        tcfg.micro_batch_size, tcfg.batch_size)
+    plan = memory.plan(model, probe, rows, tcfg.activation_checkpointing, adapter,
+                       accelerator.device, accelerator.autocast)
+    chosen = memory.check(plan, memory.budget_bytes(accelerator.device, tcfg.memory_budget_gb),
+                          tcfg.batch_size, tcfg.activation_checkpointing, adapter, auto)
+    return replace(tcfg, micro_batch_size=chosen) if auto else tcfg
 
 
 def fit_logged(cfg: DictConfig, tcfg: TrainConfig, run_dir: Path, model: torch.nn.Module,
