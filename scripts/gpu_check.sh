@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a CUDA machine: the CUDA tests (fused FlexAttention path = skew path, forward and
-# backward, fp32 and bf16), then the production benchmark in bf16. Figures go to stdout and,
-# when $OUT is set (the device tool), to $OUT/gpu_check.log.
+# backward, fp32 and bf16), then the benchmarks in bf16 (the memory one: peaks of real steps).
+# Figures go to stdout and, when $OUT is set (the device tool), to $OUT/gpu_check.log.
 # The GPU machine lacks some of our dependencies: build the project's non-torch dependencies
 # as wheels beforehand on a networked machine (e.g. `pip wheel ... -w .whl/`), carry .whl/ over,
 # and this script installs them into /tmp/site. wandb is not needed: nothing here logs.
@@ -27,4 +27,8 @@ log=${OUT:-/tmp}/gpu_check.log
   python3 benchmarks/moonbeam.py --device cuda --dtype bf16 --lora-config 309M
   echo "== SCG benchmark (bf16, scg_base)"
   python3 benchmarks/scg.py --device cuda --dtype bf16 --preset scg_base
+  echo "== memory: 309M LoRA steps at 8 x 2048 (plain, checkpointed, QLoRA + checkpointed; bf16)"
+  python3 benchmarks/memory.py --device cuda --size 309M --step
+  echo "== memory: does the 839M QLoRA step fit 24 GiB? (3 rows a forward, as auto picks)"
+  python3 benchmarks/memory.py --device cuda --size 839M --batch 3 --variants qlora_ckpt --step
 } 2>&1 | tee "$log"
