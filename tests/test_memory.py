@@ -135,3 +135,14 @@ def test_the_probe_keeps_no_activation_alive() -> None:
     before = live()
     assert memory.saved_bytes(model, {"input_ids": x, "labels": x})[0] > 0
     assert live() == before
+
+
+@pytest.mark.skipif(not Path("/proc/meminfo").exists(), reason="no /proc (not Linux)")
+def test_a_cpu_budget_counts_what_the_process_already_holds() -> None:
+    # MemAvailable leaves out what this process holds (the model already loaded): the
+    # budget is that plus the process's resident set.
+    rss = memory._kib("/proc/self/status", "VmRSS:")
+    budget = memory.budget_bytes(torch.device("cpu"), None)
+    available = memory._kib("/proc/meminfo", "MemAvailable:")
+    assert rss and available and abs(budget - (available + rss)) < 0.5 * rss
+    assert memory.budget_bytes(torch.device("cpu"), 2.0) == 2 * memory.GiB

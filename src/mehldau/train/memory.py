@@ -18,10 +18,11 @@ change nothing in the run.
 
 A plan is an estimate, on the safe side where blocks differ (Perceiver AR's cross-attention
 layer stands for all its layers): allocator slack, temporary buffers and the gradients of
-a recomputed block are covered by a 20 % margin, not measured (steps measured on CPU peaked
-at 0.7-1.2x the plan). What the process already holds beside the model (the CUDA context,
-or the interpreter and libraries) is measured and added. `train.memory_budget_gb` sets the
-budget (default: the CUDA device's memory, or the memory available on a CPU machine)."""
+a recomputed block are covered by a 20 % margin, not measured (checkpointed steps measured
+on CPU peaked up to 1.2x the unmargined estimate). What the process already holds beside
+the model (the CUDA context, or the interpreter and libraries) is measured and added.
+`train.memory_budget_gb` sets the budget; by default it is the CUDA device's memory, or on
+a CPU what the process holds plus MemAvailable."""
 
 from __future__ import annotations
 
@@ -63,17 +64,24 @@ class MemoryPlan:
 
 
 def budget_bytes(device: torch.device, gigabytes: float | None) -> int:
-    """`train.memory_budget_gb`, else the CUDA device's memory, else MemAvailable."""
+    """`train.memory_budget_gb`, else the CUDA device's memory, else what this process may
+    hold on a CPU machine: what it holds (the model already loaded) plus MemAvailable."""
     if gigabytes is not None:
         return int(gigabytes * GiB)
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device).total_memory)
+    available = _kib("/proc/meminfo", "MemAvailable:")
+    return 1 << 62 if available is None else available + (_kib("/proc/self/status", "VmRSS:")
+                                                          or 0)
+
+
+def _kib(path: str, key: str) -> int | None:
+    """A `key: N kB` line of a /proc file, in bytes (None where there is no such file)."""
     try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return 1 << 62  # unknown: no refusal
+        with open(path) as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
 
 
 def runtime_bytes(model: nn.Module, device: torch.device) -> int:
@@ -83,10 +91,8 @@ def runtime_bytes(model: nn.Module, device: torch.device) -> int:
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         return max(total - free - torch.cuda.memory_reserved(device), 0)
-    try:
-        with open("/proc/self/status") as f:
-            rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-    except (OSError, StopIteration, ValueError):
+    rss = _kib("/proc/self/status", "VmRSS:")
+    if rss is None:
         return 0
     own = sum(t.numel() * t.element_size() for t in chain(model.parameters(), model.buffers())
               if t.device.type == "cpu")
