@@ -17,7 +17,7 @@ from mehldau.nn.moonbeam import MoonbeamConfig, MoonbeamForCausalLM
 from mehldau.nn.music_transformer import MusicTransformer, MusicTransformerConfig
 from mehldau.nn.perceiver_ar import PerceiverAR, PerceiverARConfig
 from mehldau.nn.vqvae import VQVAE, VQVAEConfig
-from mehldau.train.trainer import TrainConfig, fit
+from mehldau.train.trainer import TrainConfig, evaluate, fit, make_accelerator
 
 ATOL = 1e-6
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -162,3 +162,16 @@ def test_micro_batches_take_the_whole_batch_s_step(micro: int, tmp_path) -> None
     for got in (trained(micro), trained(micro, checkpointing=True)):
         for n in whole:
             torch.testing.assert_close(got[n], whole[n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("micro", [1, 3])
+def test_evaluation_in_micro_batches_equals_the_whole_batch(micro: int) -> None:
+    class Eight(_Windows):
+        def __len__(self) -> int:
+            return 16
+
+    model, _ = music_transformer()
+    accelerator = make_accelerator("no")  # as the trainer: one state per process
+    whole = evaluate(model, Eight(), accelerator, batch_size=8)
+    parts = evaluate(model, Eight(), accelerator, batch_size=8, micro_batch_size=micro)
+    assert abs(parts - whole) < 1e-5 * whole

@@ -100,7 +100,7 @@ def report_base_loss(model: torch.nn.Module, val_ds, accelerator, tcfg: TrainCon
     """The base's val loss before adapting, as metrics.jsonl's step-0 line (`model: base`):
     what the adapter's val losses are read against."""
     loss = evaluate(model.to(accelerator.device), val_ds, accelerator, tcfg.eval_batch_size,
-                    tcfg.eval_max_batches)
+                    tcfg.eval_max_batches, micro_batch_size=tcfg.micro_batch_size)
     if accelerator.is_main_process:
         metrics.write({"step": 0, "split": "val", "loss": round(loss, 5), "model": "base"})
         print(f"base val loss before adapting: {loss:.4f} {unit}", file=sys.stderr)

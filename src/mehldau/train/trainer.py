@@ -147,8 +147,11 @@ def count_targets(batch: dict[str, torch.Tensor]) -> int:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset: Dataset, accelerator: Accelerator,
              batch_size: int, max_batches: int = 0,
-             count: Callable[[dict[str, torch.Tensor]], int] = count_targets) -> float:
-    """Mean cross-entropy in nats per labelled token over the dataset's windows."""
+             count: Callable[[dict[str, torch.Tensor]], int] = count_targets,
+             micro_batch_size: int | str | None = None) -> float:
+    """Mean cross-entropy in nats per labelled token over the dataset's windows; each batch
+    goes through in pieces of `micro_batch_size` rows (what the memory plan found fits a
+    training step, so it fits a forward without gradients)."""
     was_training = model.training
     model.eval()
     total, seen = 0.0, 0
@@ -156,14 +159,15 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, accelerator: Accelerator,
     for i, batch in enumerate(loader):
         if max_batches and i >= max_batches:
             break
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        n = count(batch)
-        if n == 0:
-            continue
-        with accelerator.autocast():
-            loss = model(**batch).loss
-        total += float(loss) * n
-        seen += n
+        for part in _micro_batches(batch, micro_batch_size):
+            part = {k: v.to(accelerator.device) for k, v in part.items()}
+            n = count(part)
+            if n == 0:
+                continue
+            with accelerator.autocast():
+                loss = model(**part).loss
+            total += float(loss) * n
+            seen += n
     model.train(was_training)
     return total / max(seen, 1)
 
@@ -299,7 +303,7 @@ def fit(
                 loss_sum, tok_sum, t0 = 0.0, 0, time.perf_counter()
             if val_ds is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                 val = evaluate(model, val_ds, accelerator, cfg.eval_batch_size,
-                               cfg.eval_max_batches, count)
+                               cfg.eval_max_batches, count, cfg.micro_batch_size)
                 record({"step": step, "split": "val", "loss": round(val, 5)})
                 last["val_loss"] = val
                 if main:
