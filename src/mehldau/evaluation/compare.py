@@ -45,6 +45,7 @@ from mehldau.evaluation.features import FEATURES, Notes, cut, read_notes
 from mehldau.evaluation.likelihood import POLICY, PieceScore, summarize
 from mehldau.io import atomic_dir
 from mehldau.metrics import midi_files
+from mehldau.tokenize.notes import cut_prompt
 from mehldau.train.checkpoint import BRANCHES, read_meta, resolve_checkpoint
 
 SUMMARY_METRICS = ("pitch_class_entropy", "scale_consistency", "polyphony", "polyphony_rate",
@@ -177,7 +178,7 @@ def write_prompts(ref: list[tuple[str, Path]], cfg: DictConfig, out: Path) -> li
         except BadMidi as e:
             print(f"compare: no prompt from {path}: {e}", file=sys.stderr)
             continue
-        excerpt = secs.clip(0, ps, clip_end=False)
+        excerpt = cut_prompt(secs, ps)  # as mehldau-generate cuts a prompt
         if excerpt.note_num() == 0:
             print(f"compare: no prompt from {path}: no notes in its first {ps:g} s",
                   file=sys.stderr)

@@ -40,6 +40,7 @@ from mehldau.recipes import run as setup
 from mehldau.sampling import Decoder, SamplingConfig, sample_tokens
 from mehldau.settings import checked
 from mehldau.tokenize.base import Tokenizer, build_tokenizer, load_tokenizer
+from mehldau.tokenize.notes import cut_prompt
 from mehldau.tokenize.performance import NUM_SPECIAL
 from mehldau.train.checkpoint import WEIGHTS, load_weights, read_meta, save_weights
 from mehldau.train.loggers import MetricsFile
@@ -273,23 +274,20 @@ def merge_checkpoint(cfg: DictConfig, ckpt: Path,
 
 # --- generation -------------------------------------------------------------------------------
 def prompt_tokens(tokenizer: Tokenizer, path: str | Path, seconds: float) -> np.ndarray:
-    """The first `seconds` of a MIDI file as tokens: the notes that start before the cut.
+    """The first `seconds` of a MIDI file as tokens, cut by `notes.cut_prompt` (the notes that
+    start before the cut, a pedal still down at the cut lifted there), as mehldau-compare's
+    prompts are.
 
-    Tokens that carry durations keep each note's whole duration (and the pedal that holds
-    it), so the continuation starts with the notes sounding that the pianist left sounding.
+    Tokens that carry durations keep each note's whole duration (as the key was held), so
+    the continuation starts with the notes sounding that the pianist left sounding.
     Note-on/note-off tokens end every note at the cut: a note left open would need the model
     to close it."""
     try:
         score = read_score(path)
     except BadMidi as e:
         raise UserError(f"prompt {path}: {e}; pass a MIDI file with notes") from e
-    secs = score.to("second")
-    if tokenizer.note_durations:
-        clipped = secs.copy()
-        for track in clipped.tracks:
-            track.notes = track.notes.filter(lambda n: n.time < float(seconds), inplace=False)
-    else:
-        clipped = secs.clip(0, float(seconds), clip_end=False)
+    clipped = cut_prompt(score, float(seconds))
+    if not tokenizer.note_durations:
         for track in clipped.tracks:
             for note in track.notes:
                 note.duration = min(note.duration, float(seconds) - note.time)

@@ -117,3 +117,27 @@ def fold_pedal(end: np.ndarray, down: np.ndarray, up: np.ndarray) -> np.ndarray:
     j = np.maximum(i, 0)
     held = (i >= 0) & (end < up[j])
     return np.where(held, up[j], end)
+
+
+def cut_prompt(score: symusic.Score, seconds: float) -> symusic.Score:
+    """The first `seconds` of a performance as a prompt, in seconds: every note that starts
+    before the cut, whole (as the key was held), and every controller and pitch bend before
+    it; a sustain pedal still down at the cut is lifted there.
+
+    The one place a prompt is cut, so `mehldau-generate prompt=...` and the prompts
+    `mehldau-compare` writes read an excerpt alike, and cutting a cut prompt again changes
+    nothing. Without the lift, a pedal pressed before the cut and released after it would
+    never be released (its release is past the cut) and would hold its notes to the end of
+    the excerpt; with it, the prompt carries no pedal from after the cut."""
+    cut = float(seconds)
+    out = score.to("second").copy()
+    for track in out.tracks:
+        track.notes = track.notes.filter(lambda n: n.time < cut, inplace=False)
+        track.pitch_bends = track.pitch_bends.filter(lambda b: b.time < cut, inplace=False)
+        track.controls = track.controls.filter(lambda c: c.time < cut, inplace=False)
+        track.controls.sort()
+        pedal = [c.value for c in track.controls if c.number == SUSTAIN_CC]
+        if pedal and pedal[-1] >= 64:
+            track.controls.append(symusic.ControlChange(cut, SUSTAIN_CC, 0, ttype="second"))
+        track.pedals = track.pedals.filter(lambda p: p.time < cut, inplace=False)
+    return out
