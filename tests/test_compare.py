@@ -6,11 +6,23 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import MICRO, scale_notes, write_midi
+from omegaconf import OmegaConf
 
 from mehldau.cli.compare import main as compare
 from mehldau.cli.train import main as train
+from mehldau.evaluation.compare import (
+    System,
+    feature_table,
+    floor_items,
+    human_items,
+    pair_distances,
+    reference_items,
+    write_prompts,
+)
+from mehldau.evaluation.features import cut, read_notes
 
 PERCEIVER = ["branch=perceiver_mt", "model.n_layers=1", "model.d_model=32", "model.n_heads=2",
              "model.d_ff=64", "model.max_seq_len=96", "model.num_latents=32",
@@ -46,7 +58,7 @@ def test_compare_writes_every_report_file(runs) -> None:
     assert len(list((out / "midi" / "prod").glob("*.mid"))) == 2 * 2  # prompts x samples
     report = json.loads((out / "report.json").read_text())
     table = report["table"]
-    assert {"prod", "perc", "human ceiling", "random notes", "reference"} <= set(table)
+    assert {"prod", "perc", "human", "random notes", "reference"} <= set(table)
     assert report["sampling"] == {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
     for name in ("prod", "perc"):
         lik = table[name]["likelihood"]
@@ -56,15 +68,45 @@ def test_compare_writes_every_report_file(runs) -> None:
         assert 0 <= oa[0] <= 1 and oa[1] <= oa[2]
     # the same prompts for every branch: the first 2 s of each continuation are the prompt's
     md = (out / "report.md").read_text()
-    assert "| prod (production) |" in md and "*human ceiling*" in md and "n/a" in md
+    assert "| prod (production) |" in md and "*human*" in md and "n/a" in md
+    # the human and random rows are shaped as a branch's: same prompts, same counts
+    assert table["human"]["items"] == table["random notes"]["items"] == table["prod"]["items"]
+    first = {e["prompt"]: e for e in reversed(table["human"]["excerpts"])}
+    for p in report["prompts"]:
+        assert first[p["name"]]["source"] == p["source"] and first[p["name"]]["start"] == 2.0
+    assert table["human"]["copy"]["samples"] == table["prod"]["copy"]["samples"]
+    # the copy check says what it covered: every training piece of the manifest
+    manifest = json.loads((runs["prod"] / "splits.json").read_text())
+    coverage = report["copy_coverage"]
+    assert coverage["listed"] == coverage["indexed_pieces"] == len(manifest["train"]["pieces"])
+    assert coverage["indexed_notes"] > 0 and "Copy check: indexed" in md
     rows = list(csv.DictReader(open(out / "metrics.csv")))
-    assert {r["system"] for r in rows} >= {"prod", "perc", "human ceiling", "random notes"}
+    assert {r["system"] for r in rows} >= {"prod", "perc", "human", "random notes"}
     if (out / "listening").is_dir():  # fluidsynth and a soundfont installed
         key = json.loads((out / "listening" / "answer_key.json").read_text())
         assert {v["system"] for v in key.values()} == {"prod", "perc", "pianist"}
         assert all((out / "listening" / k).is_file() for k in key)
     else:
         assert "audio skipped" in md or "audio=false" in md
+
+
+def test_a_missing_training_file_is_named_and_counted(runs, tmp_path, capsys) -> None:
+    manifest = json.loads((runs["prod"] / "splits.json").read_text())
+    gone = Path(manifest["train"]["pieces"][0]["path"])
+    aside = tmp_path / "aside.mid"
+    gone.rename(aside)
+    try:
+        out = tmp_path / "report"
+        assert compare([f"runs=[{runs['prod']}]", f"out={out}", "likelihood=false",
+                        "audio=false", *FAST]) == 0
+    finally:
+        aside.rename(gone)
+    assert f"1 of {len(manifest['train']['pieces'])} training files are missing" in \
+        capsys.readouterr().err
+    coverage = json.loads((out / "report.json").read_text())["copy_coverage"]
+    assert coverage["missing"] == [str(gone)]
+    assert coverage["indexed_pieces"] == coverage["listed"] - 1
+    assert "left out: 1 missing" in (out / "report.md").read_text()
 
 
 def test_compare_bad_runs_are_one_line_errors(runs, tmp_path, capsys) -> None:
@@ -105,3 +147,56 @@ def test_compare_bad_runs_are_one_line_errors(runs, tmp_path, capsys) -> None:
     meta["branch"] = "mystery"
     (other / "checkpoints" / "step_0000002" / "meta.json").write_text(json.dumps(meta))
     assert "unknown branch 'mystery'" in err([f"runs=[{other}]", f"out={tmp_path / 'e'}"])
+
+
+# --- the protocol, unit by unit -------------------------------------------------------------
+def test_pairs_of_one_piece_are_never_distances() -> None:
+    """Within the reference and from a system to it, two excerpts of one piece are never a
+    pair: a human continuation would otherwise be scored against its own source."""
+    rng = np.random.default_rng(0)
+    ref = [(k // 3, rng.normal(size=2)) for k in range(9)]  # 3 pieces x 3 segments
+    intra, inter = pair_distances(ref, ref)
+    across = [float(np.linalg.norm(x - y)) for i, (u, x) in enumerate(ref)
+              for v, y in ref[i + 1:] if u != v]
+    assert len(across) == 27
+    assert np.allclose(np.sort(intra), np.sort(across))
+    # the reference as a system: every cross-piece pair twice (a->b and b->a), nothing else
+    assert np.allclose(np.sort(inter), np.sort(across * 2))
+
+
+def _piece(path: Path, seconds: float, base: int, seed: int) -> Path:
+    notes = scale_notes(int(seconds / 0.25), base=base, step=0.25, seed=seed)
+    return write_midi(path, notes)
+
+
+def test_the_human_row_is_the_pianists_own_continuation_shaped_as_a_branch(tmp_path) -> None:
+    # a: long enough for two spans after the prompt; b: one span only; c: no prompt, spare
+    ref = [(name, _piece(tmp_path / f"{name}.mid", secs, base, seed))
+           for name, secs, base, seed in (("a", 20, 50, 1), ("b", 8, 56, 2), ("c", 20, 62, 3))]
+    cfg = OmegaConf.create({"prompt_seconds": 2.0, "max_prompts": 2, "seconds": 4.0})
+    prompts = write_prompts(ref, cfg, tmp_path / "prompts")
+    assert [p["piece"] for p in prompts] == ["a", "b"]
+    items = human_items(ref, prompts, 2, 2.0, 4.0)
+    assert [(it.group, it.piece, it.start) for it in items] == [
+        ("a", "a", 2.0), ("a", "a", 6.0),  # what follows the cut, then the next span
+        ("b", "b", 2.0), ("b", "c", 2.0)]  # b ends at 8 s: the spare piece's continuation
+    for it in items:
+        real = cut(read_notes(dict(ref)[it.piece]), it.start, 4.0)
+        assert np.array_equal(it.notes.onset, real.onset)
+        assert np.array_equal(it.notes.pitch, real.pitch) and it.notes.seconds == 4.0
+    floor = floor_items(reference_items(ref, 4.0), prompts, 2, 4.0, seed=0)
+    assert [it.group for it in floor] == [it.group for it in items]  # one shape for all
+    assert all(it.notes.seconds == 4.0 for it in floor)
+
+
+def test_the_reference_scores_itself_as_its_own_spread_and_random_notes_do_not(tmp_path) -> None:
+    """The calibration a ceiling needs: excerpts drawn like the reference's segments score
+    OA near 1 against them; random notes score far lower on the same protocol."""
+    ref = [(f"p{k}", _piece(tmp_path / f"p{k}.mid", 16, 48 + 3 * k, k)) for k in range(6)]
+    reference = reference_items(ref, 4.0)
+    same = System("same", list(reference))
+    oa_same = feature_table(same, reference, 20, 0)["mean"]["oa"][0]
+    rnd = System("random", floor_items(reference, [{"name": f"q{k}", "piece": p}
+                                                   for k, (p, _) in enumerate(ref)], 4, 4.0, 0))
+    oa_rnd = feature_table(rnd, reference, 20, 0)["mean"]["oa"][0]
+    assert oa_same > 0.9 > 0.5 > oa_rnd

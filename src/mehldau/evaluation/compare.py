@@ -4,17 +4,18 @@ human reference, with intervals that say when two branches are not told apart.
 The protocol (what makes the comparison one to trust):
 - the reference is the test split of the runs' shared manifest (or `reference=FOLDER`); runs
   split differently are refused, since one of them would be tested on pieces it trained on;
-- K prompts, the first `prompt_seconds` of the first K reference pieces (sorted by id): the
-  autoregressive branches continue each excerpt, scg_diffusion is guided by rules computed
-  from the same excerpt, repeated to fill its window (its rules describe a whole window);
+- K prompts, the first `prompt_seconds` of the first K reference pieces (sorted by id), cut
+  as `mehldau-generate` cuts a prompt (`notes.cut_prompt`): every branch continues each one;
 - every branch draws `samples_per_prompt` samples of `seconds` per prompt with one seed and
   one set of sampling settings (stated in the report: OA moves with temperature alone);
-- the generated continuation (after the prompt) is compared, feature by feature, with the
-  reference cut into `seconds`-long segments: mgeval's OA and KL (`distribution`), MusPy's
-  metrics, a sliding pitch-class entropy, the copy check against the training split, and the
-  held-out likelihood (`likelihood`), with bootstrap intervals over pieces;
-- two reference rows: the human ceiling (half the reference pieces against the other half)
-  and a floor of random notes as dense as the reference.
+- what follows the prompt is compared, feature by feature, with the reference cut into
+  `seconds`-long segments: mgeval's OA and KL (`distribution`) over distances between
+  different pieces only (`pair_distances`), MusPy's metrics, a sliding pitch-class entropy,
+  the copy check against every piece the runs trained on (`training_files`), and the
+  held-out likelihood (`likelihood`), with bootstrap intervals over prompts;
+- two rows measured exactly as a branch's, same prompts, counts, lengths, reference and
+  intervals: the human ceiling (the pianist's own continuations of the same prompts,
+  `human_items`) and a floor of random notes as dense as the reference.
 
 Comparison never trains: it reads checkpoints. Each run generates in its own process
 (`worker`), which is also how its compute time and peak memory are measured.
@@ -64,12 +65,19 @@ class Run:
 
 @dataclass
 class Item:
-    """One piece of music compared: a generated continuation or a reference segment."""
+    """One excerpt compared: a generated or human continuation, random notes, or a reference
+    segment."""
 
     uid: str
-    group: str  # the reference piece it belongs to (bootstrap unit)
+    group: str  # bootstrap unit: the prompt it answers (a reference segment: its piece)
     notes: Notes
     source: str = ""  # its MIDI file
+    piece: str = ""  # the reference piece its notes come from or continue: never compared
+    # with that piece's own segments (default: the group)
+    start: float = 0.0  # where in `source` the excerpt starts (seconds)
+
+    def __post_init__(self) -> None:
+        self.piece = self.piece or self.group
 
 
 @dataclass
@@ -123,25 +131,21 @@ def shared_manifest(runs: list[Run]) -> dict:
     return first.manifest
 
 
-def reference_files(cfg: DictConfig, runs: list[Run]) -> tuple[list[tuple[str, Path]],
-                                                               list[Path]]:
-    """(reference pieces as (id, path), training files for the copy check)."""
+def reference_files(cfg: DictConfig, runs: list[Run]) -> list[tuple[str, Path]]:
+    """The reference pieces as (id, path): the runs' shared test (or val) split, or the MIDI
+    files of `reference=FOLDER`."""
     if cfg.get("reference"):
         root = Path(str(cfg.reference)).expanduser()
         files = midi_files([root])
         if not files:
             raise UserError(f"reference {root} has no .mid/.midi files; pass a MIDI folder")
         ref = [(str(f.relative_to(root) if root.is_dir() else f.name), f) for f in files]
-        train = []
-        if all(r.manifest is not None for r in runs):
-            train = [Path(e["path"]) for e in shared_manifest(runs)["train"]["pieces"]]
     else:
         manifest = shared_manifest(runs)
         split = str(cfg.get("split", "test"))
         if split not in ("val", "test"):
             raise UserError(f"split must be val or test, got '{split}'")
         ref = [(e["id"], Path(e["path"])) for e in manifest[split]["pieces"]]
-        train = [Path(e["path"]) for e in manifest["train"]["pieces"]]
         if not ref:
             raise UserError(f"the runs' manifest has no {split} pieces; pass reference=FOLDER")
     missing = [p for _, p in ref if not p.is_file()]
@@ -151,7 +155,40 @@ def reference_files(cfg: DictConfig, runs: list[Run]) -> tuple[list[tuple[str, P
     ref = [(i, p) for i, p in sorted(ref) if _usable(p, "reference")]
     if not ref:
         raise UserError("no reference piece could be read; check the reference files")
-    return ref, [p for p in train if p.is_file() and _usable(p, "training")]
+    return ref
+
+
+def training_files(runs: list[Run]) -> tuple[list[Path], dict]:
+    """The copy check's training set: every piece the runs' manifests list as trained on,
+    once (by content hash where the manifest records it, else by path), and what it covers:
+    how many were listed, the files that are missing or unreadable (named), and the runs
+    whose training data is unknown."""
+    seen: set[str] = set()
+    files: list[Path] = []
+    listed = 0
+    unknown = [r.name for r in runs if r.manifest is None]
+    for run in runs:
+        for manifest in [run.manifest] if run.manifest is not None else []:
+            for e in manifest["train"].get("pieces", []):
+                key = e.get("sha") or str(Path(e["path"]).absolute())
+                if key in seen:
+                    continue
+                seen.add(key)
+                listed += 1
+                files.append(Path(e["path"]))
+    missing = [str(p) for p in files if not p.is_file()]
+    unreadable = [str(p) for p in files if p.is_file() and not _usable(p, "training")]
+    bad = {*missing, *unreadable}
+    coverage = {"listed": listed, "missing": missing, "unreadable": unreadable,
+                "runs_without_manifest": unknown}
+    for what, paths in (("are missing", missing), ("cannot be read", unreadable)):
+        if paths:
+            print(f"compare: copy check: {len(paths)} of {listed} training files {what} and "
+                  f"are left out (e.g. {paths[0]}); report.json names them", file=sys.stderr)
+    if unknown:
+        print(f"compare: copy check: run {unknown[0]} has no splits.json; what it trained on "
+              "is not indexed", file=sys.stderr)
+    return [p for p in files if str(p) not in bad], coverage
 
 
 def _usable(path: Path, what: str) -> bool:
@@ -240,7 +277,7 @@ def reference_items(ref: list[tuple[str, Path]], seconds: float) -> list[Item]:
         for k in range(n):
             seg = cut(notes, k * seconds, seconds)
             if len(seg):
-                items.append(Item(f"ref:{pid}:{k}", pid, seg, str(path)))
+                items.append(Item(f"ref:{pid}:{k}", pid, seg, str(path), start=k * seconds))
     return items
 
 
@@ -250,30 +287,74 @@ def generated_items(run: Run, result: dict, prompts: list[dict], start: float,
     for p in prompts:
         for k, f in enumerate(result["files"][p["name"]]):
             items.append(Item(f"{run.name}:{p['name']}:{k}", p["piece"],
-                              cut(read_notes(f), start, seconds), f))
+                              cut(read_notes(f), start, seconds), f, start=start))
     return items
 
 
-def floor_items(ref: list[Item], n_items: int, groups: list[str], seconds: float,
+def human_items(ref: list[tuple[str, Path]], prompts: list[dict], per_prompt: int,
+                prompt_seconds: float, seconds: float) -> list[Item]:
+    """The pianist's own continuations, shaped as a branch's: for each prompt, the
+    `seconds` that follow it in the real performance, then (for a branch's further samples)
+    the next `seconds` of the same piece. Where a piece ends first: the same span after the
+    cut of a reference piece no prompt came from (each used once); failing that, what is
+    left of the piece if it is at least half a span, else the first continuation again.
+    Each item stands in its prompt's group, so the bootstrap resamples it as a branch's.
+
+    Like a branch's continuations they are measured after the prompt, and never against the
+    segments of the piece they come from (`Item.piece`, `pair_distances`)."""
+    notes = {pid: read_notes(path) for pid, path in ref}
+    paths = dict(ref)
+    used = {p["piece"] for p in prompts}
+    spare = [pid for pid, _ in ref if pid not in used
+             and notes[pid].seconds >= prompt_seconds + seconds]
+    items = []
+    for p in prompts:
+        pid = p["piece"]
+        for k in range(per_prompt):
+            src, start = pid, prompt_seconds + k * seconds
+            if start + seconds > notes[pid].seconds:  # the piece ends within this span
+                if spare:
+                    src, start = spare.pop(0), prompt_seconds
+                elif notes[pid].seconds - start < seconds / 2 or not len(
+                        cut(notes[pid], start, seconds)):
+                    start = prompt_seconds
+            items.append(Item(f"human:{p['name']}:{k}", pid, cut(notes[src], start, seconds),
+                              str(paths[src]), piece=src, start=start))
+    return items
+
+
+def floor_items(reference: list[Item], prompts: list[dict], per_prompt: int, seconds: float,
                 seed: int) -> list[Item]:
+    """Random notes as dense as the reference segments, shaped as a branch's samples (one
+    group per prompt, `per_prompt` each)."""
     rng = np.random.default_rng(seed)
-    density = np.mean([len(i.notes) for i in ref])
-    return [Item(f"random:{k}", groups[k % len(groups)],
+    density = np.mean([len(i.notes) for i in reference])
+    return [Item(f"random:{p['name']}:{k}", p["piece"],
                  feat.random_notes(max(1, int(round(density))), seconds, rng))
-            for k in range(n_items)]
+            for p in prompts for k in range(per_prompt)]
 
 
-def _oa_kl(a: list[tuple[int, np.ndarray]], b: list[tuple[int, np.ndarray]]
-           ) -> tuple[float, float]:
-    """OA and KL of one feature over (item number, vector) pairs. Pairs of one original item
-    (a bootstrap repeat) are left out, so resampling adds no zero distances, which would
-    pull OA down."""
+def pair_distances(a: list[tuple[int, np.ndarray]], b: list[tuple[int, np.ndarray]]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(intra, inter): the distances within b and from a to b of one feature, over (piece
+    number, vector) pairs. No pair of one piece is a distance, on either side: two segments
+    of one performance are closer than any two performances, and a continuation sits close
+    to its own piece's segments, so a human continuation would otherwise be scored against
+    its own source; and a bootstrap repeat of a piece would add zero distances, which pull
+    OA down."""
     ua, xa = np.array([u for u, _ in a]), np.stack([v for _, v in a])
     ub, xb = np.array([u for u, _ in b]), np.stack([v for _, v in b])
     i, j = np.triu_indices(len(ub), 1)
     keep = ub[i] != ub[j]
     intra = np.linalg.norm(xb[i[keep]] - xb[j[keep]], axis=-1)
     inter = np.linalg.norm(xa[:, None] - xb[None], axis=-1)[ua[:, None] != ub[None]]
+    return intra, inter
+
+
+def _oa_kl(a: list[tuple[int, np.ndarray]], b: list[tuple[int, np.ndarray]]
+           ) -> tuple[float, float]:
+    """OA and KL of one feature (`pair_distances`)."""
+    intra, inter = pair_distances(a, b)
     if len(intra) < 2 or len(inter) < 2:
         return math.nan, math.nan
     grid, p, q = dist.densities(intra, inter)
@@ -289,12 +370,14 @@ def _by_group(items: list[Item], value) -> list[list]:
 
 def feature_table(system: System, reference: list[Item], n_boot: int, seed: int) -> dict:
     """Per feature, and averaged over features: OA and KL against the reference, each with a
-    bootstrap interval over pieces (one resampling for all, so the mean's interval is real)."""
-    number = {it.uid: k for k, it in enumerate([*system.items, *reference])}
+    bootstrap interval over groups (prompts; reference pieces), one resampling for all, so
+    the mean's interval is real. Pairs of one piece are left out (`_oa_kl`)."""
+    number = {pid: k for k, pid in enumerate(sorted({it.piece for it in
+                                                     [*system.items, *reference]}))}
     names = list(FEATURES)
 
     def vectors(items):
-        return _by_group(items, lambda it: (number[it.uid],
+        return _by_group(items, lambda it: (number[it.piece],
                                             [FEATURES[f](it.notes) for f in names]))
 
     def stat(a, b):
@@ -368,50 +451,57 @@ def compare(cfg: DictConfig) -> Path:
     out = Path(str(cfg.out)).expanduser()
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty; choose a new out= directory")
-    ref, train_files = reference_files(cfg, runs)
+    ref = reference_files(cfg, runs)
     seconds, n_boot, seed = float(cfg.seconds), int(cfg.bootstrap), int(cfg.seed)
+    ps, per_prompt = float(cfg.prompt_seconds), int(cfg.samples_per_prompt)
+    reference = reference_items(ref, seconds)
+    if len({it.piece for it in reference}) < 2:
+        raise UserError(f"the reference has {len(ref)} usable piece; distances are measured "
+                        "between pieces, so pass at least two (more reference pieces, or "
+                        "reference=FOLDER)")
     with atomic_dir(out) as tmp:
         prompts = write_prompts(ref, cfg, tmp / "prompts")
         results = {}
         for run in runs:
             results[run.name] = run_worker(run, cfg, prompts, ref, tmp / "work",
                                            tmp / "midi" / run.name)
-        reference = reference_items(ref, seconds)
-        if len(reference) < 3:
-            raise UserError(f"the reference has {len(reference)} segments of {seconds:g} s; "
-                            "pass more reference pieces or a shorter seconds=")
         systems = []
         for run in runs:
-            start = 0.0 if run.branch == "scg_diffusion" else float(cfg.prompt_seconds)
+            start = 0.0 if run.branch == "scg_diffusion" else ps
             systems.append(System(run.name, generated_items(run, results[run.name], prompts,
                                                             start, seconds),
                                   extra={"branch": run.branch, "run": str(run.path),
                                          "checkpoint": str(run.ckpt),
                                          "result": results[run.name]}))
-        pieces = sorted({it.group for it in reference})
-        half = set(pieces[::2])
-        ceiling = System("human ceiling", [it for it in reference if it.group in half],
-                         "ceiling")
-        ceiling_ref = [it for it in reference if it.group not in half]
-        n_gen = len(systems[0].items) if systems else len(reference)
-        floor = System("random notes", floor_items(reference, n_gen, pieces, seconds, seed),
-                       "floor")
-        index = None
-        if cfg.copy_check and train_files:
-            index = TrainIndex([read_notes(p) for p in train_files])
-        elif cfg.copy_check:
-            print("compare: no training files found; copy check skipped", file=sys.stderr)
+        # Two rows measured exactly as a branch's: the same prompts, item count, length,
+        # reference and intervals.
+        human = System("human", human_items(ref, prompts, per_prompt, ps, seconds), "ceiling")
+        floor = System("random notes", floor_items(reference, prompts, per_prompt, seconds,
+                                                   seed), "floor")
+        repeated = len(human.items) - len({(it.source, it.start) for it in human.items})
+        if repeated:
+            print(f"compare: the human row repeats {repeated} continuations: the reference "
+                  f"pieces are too short for {per_prompt} spans of {seconds:g} s after each "
+                  "prompt", file=sys.stderr)
+        index, coverage = None, {}
+        if cfg.copy_check:
+            train_files, coverage = training_files(runs)
+            train_notes = [read_notes(p) for p in train_files]
+            index = TrainIndex(train_notes) if train_files else None
+            coverage.update(indexed_pieces=len(train_files),
+                            indexed_notes=int(sum(len(n) for n in train_notes)))
+            print(f"compare: copy check indexed {len(train_files)} training pieces "
+                  f"({coverage['indexed_notes']:,} notes) of {coverage['listed']} listed",
+                  file=sys.stderr)
         table = {}
-        for s in [*systems, ceiling, floor]:
+        for s in [*systems, human, floor]:
             print(f"compare: measuring {s.name}", file=sys.stderr)
-            against = ceiling_ref if s.kind == "ceiling" else reference
             table[s.name] = {
                 "kind": s.kind, "items": len(s.items),
-                "features": feature_table(s, against, n_boot, seed),
+                "features": feature_table(s, reference, n_boot, seed),
                 "metrics": summary_metrics(s.items, n_boot, seed),
                 "copy": copy_table(s.items, index, int(cfg.copy_threshold),
-                                   int(cfg.copy_min_len))
-                if s.kind == "branch" else {},  # the reference row holds the human baseline
+                                   int(cfg.copy_min_len)),
                 "likelihood": likelihood_table(s.extra.get("result", {}), n_boot, seed),
                 **{k: v for k, v in s.extra.items() if k != "result"}}
             if s.kind == "branch":
@@ -420,11 +510,14 @@ def compare(cfg: DictConfig) -> Path:
                 table[s.name]["cost"] = {
                     "compute_seconds_per_music_minute": r["generate_seconds"] / music * 60,
                     "peak_rss_mb": r["peak_rss_mb"], "peak_cuda_mb": r.get("peak_cuda_mb")}
+        table["human"]["excerpts"] = [{"prompt": it.uid.split(":")[1], "source": it.source,
+                                       "start": it.start} for it in human.items]
         table["reference"] = {"kind": "reference", "items": len(reference),
                               "metrics": summary_metrics(reference, n_boot, seed),
                               "copy": copy_table(reference, index, int(cfg.copy_threshold),
                                                  int(cfg.copy_min_len))}
-        report.write_all(tmp, cfg, table, systems, reference, prompts, ref, out)
+        report.write_all(tmp, cfg, table, systems, reference, prompts, ref, out,
+                         copy_coverage=coverage, baselines=[human, floor])
         shutil.rmtree(tmp / "work")  # the jobs' results are in report.json
     print(f"compare: wrote {out / 'report.md'}", file=sys.stderr)
     return out

@@ -115,27 +115,52 @@ def feature_rows(table: dict) -> list[str]:
 
 
 HOW_TO_READ = """\
-How to read it. Each row is measured on the same prompts, seeds and reference. **OA**
-(overlap area, mgeval's method on one shared grid) compares, feature by feature, how far the
-generated continuations sit from the reference segments with how far the reference segments
-sit from each other: 1 = indistinguishable from the reference's own spread. The *human
-ceiling* row (half the reference pieces against the other half) is what real music by the
-same pianist scores at this sample size; it is no upper bound for continuations, which
-start from excerpts of the reference pieces themselves and so can sit closer to them than
-one half of the pieces sits to the other. The *random notes* row is the floor. **KL** is the
-divergence of the reference's own distances from the generated-to-reference ones (0 best).
-**nats/note** and **bits/s** are the test split's likelihood under each model, on one context
-policy (below), divided by the file's notes and seconds, so a verbose tokenization cannot win
-("n/a" for the diffusion branch, which has no likelihood). notes/s, polyphony, pitch-class
-entropy and scale consistency (MusPy's definitions, on a 10 ms grid) are means per segment;
-the best of those is the branch nearest the *reference* row (the 15 s sliding pitch-class
-entropy in report.json is one window when `seconds` is shorter). **Copy check**: the longest
-run of notes (transposition-invariant pitch intervals and inter-onset times) a sample shares
-with the training split, and how many samples pass the flag threshold; the reference row is
-the human baseline (real music shares short runs too). OA rewards copies; the copy check is
-its counterweight. Brackets are 95 % bootstrap intervals over pieces: two branches whose
-intervals overlap are not called different. Bold marks the best branch per column.
-Beat-grid metrics are not reported: transcribed performances have no reliable beat grid."""
+How to read it. Every row is measured the same way: for each prompt, `samples_per_prompt`
+excerpts of `seconds`, after the prompt, against the same reference segments, with intervals
+from the same resampling of prompts. **OA** (overlap area, mgeval's method on one shared grid)
+compares, feature by feature, how far the excerpts sit from the reference segments with how
+far the reference segments sit from each other: 1 = indistinguishable from the reference's own
+spread. Distances are only taken between different pieces (never an excerpt against a
+segment of the piece it comes from or continues, never two segments of one piece), so a
+human continuation is not scored against its own source. The *human* row is the pianist's own
+continuations of the same prompts: the `seconds` after each cut, then the following
+`seconds` of the same piece for each further sample (another reference piece where one
+ends too soon; report.json lists every excerpt): what real music scores under exactly this
+protocol and sample size, the ceiling a branch is read against. *random notes* is the floor:
+as many excerpts of random notes as dense as the reference. **KL** is the divergence of the
+reference's own distances from the excerpt-to-reference ones (0 best). **nats/note** and
+**bits/s** are the test split's likelihood under each model, on one context policy (below),
+divided by the file's notes and seconds, so a verbose tokenization cannot win ("n/a" for the
+diffusion branch, which has no likelihood). notes/s, polyphony, pitch-class entropy and scale
+consistency (MusPy's definitions, on a 10 ms grid) are means per excerpt; the best of those
+is the branch nearest the *reference* row (every segment of the reference pieces; the 15 s
+sliding pitch-class entropy in report.json is one window when `seconds` is shorter). **Copy
+check**: the longest run of notes (transposition-invariant pitch intervals and inter-onset
+times) an excerpt shares with the indexed training pieces, and how many excerpts pass the
+flag threshold; the *human* row is the baseline on equal terms (real music shares short runs
+too). OA rewards copies; the copy check is its counterweight. Brackets are 95 % bootstrap
+intervals over prompts (reference: over pieces): two rows whose intervals overlap are not
+called different. Bold marks the best branch per column. Beat-grid metrics are not
+reported: transcribed performances have no reliable beat grid."""
+
+
+def coverage_line(coverage: dict, cfg: DictConfig) -> str:
+    """What the copy check indexed, and what it could not."""
+    if not cfg.copy_check:
+        return "Copy check: off (copy_check=false)."
+    if not coverage:
+        return "Copy check: no training pieces known (no run has a splits.json)."
+    line = (f"Copy check: indexed {coverage['indexed_pieces']} training pieces "
+            f"({coverage['indexed_notes']:,} notes) of the {coverage['listed']} that the runs' "
+            "manifests list as trained on")
+    gaps = [f"{len(coverage[k])} {what}" for k, what in (
+        ("missing", "missing"), ("unreadable", "unreadable")) if coverage.get(k)]
+    if gaps:
+        line += f"; left out: {', '.join(gaps)} (named in report.json)"
+    if coverage.get("runs_without_manifest"):
+        line += (f"; not covered: what {', '.join(coverage['runs_without_manifest'])} trained "
+                 "on (no splits.json)")
+    return line + "."
 
 
 # --- plots ----------------------------------------------------------------------------------
@@ -171,28 +196,36 @@ def plot_oa(table: dict, path: Path) -> None:
 
 
 def plot_kde(systems, reference, path: Path) -> None:
-    """Per feature: the reference's intra-set distances and each system's inter-set ones."""
+    """Per feature: the reference's intra-set distances and each system's inter-set ones,
+    pairs of one piece left out as in the table (`compare.pair_distances`)."""
     from mehldau.evaluation import distribution as dist
+    from mehldau.evaluation.compare import pair_distances
 
     plt = _plt()
     feats = list(FEATURES)
+    number = {pid: k for k, pid in enumerate(sorted({it.piece for s in [*systems, reference]
+                                                     for it in getattr(s, "items", s)}))}
     cols = 4
     fig, axes = plt.subplots(math.ceil(len(feats) / cols), cols, figsize=(16, 10))
     for ax, f in zip(axes.flat, feats):
-        b = [FEATURES[f](it.notes) for it in reference]
-        intra = dist.intra_distances(b)
+        b = [(number[it.piece], FEATURES[f](it.notes)) for it in reference]
+        intra = None
         for s in systems:
-            a = [FEATURES[f](it.notes) for it in s.items]
-            grid, p, q = dist.densities(intra, dist.inter_distances(a, b))
-            ax.plot(grid, q, lw=1, label=s.name)
-        grid, p, _ = dist.densities(intra, intra)
-        ax.plot(grid, p, "k--", lw=1.5, label="reference (intra)")
+            a = [(number[it.piece], FEATURES[f](it.notes)) for it in s.items]
+            intra, inter = pair_distances(a, b)
+            if len(intra) and len(inter):
+                grid, _, q = dist.densities(intra, inter)
+                ax.plot(grid, q, lw=1, label=s.name)
+        if intra is not None and len(intra):
+            grid, p, _ = dist.densities(intra, intra)
+            ax.plot(grid, p, "k--", lw=1.5, label="reference (intra)")
         ax.set_title(f, fontsize=9)
         ax.tick_params(labelsize=7)
     for ax in axes.flat[len(feats):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
-    fig.suptitle("Distance densities: reference to itself (dashed) vs each system to it")
+    fig.suptitle("Distance densities: reference to itself (dashed) vs each system to it "
+                 "(pairs within one piece left out)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -288,13 +321,14 @@ def write_listening_kit(out: Path, clips: list[tuple[str, str, Path]], seed: int
 
 # --- everything -----------------------------------------------------------------------------
 def write_all(out: Path, cfg: DictConfig, table: dict, systems, reference, prompts: list[dict],
-              ref: list, final: Path | None = None) -> None:
+              ref: list, final: Path | None = None, copy_coverage: dict | None = None,
+              baselines=()) -> None:
     """Everything into `out`, a temp directory that becomes `final`: paths written in the
-    report name `final`."""
+    report name `final`. `systems`: the branches; `baselines`: the human and floor rows."""
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     plot_oa(table, plots / "oa_per_feature.png")
-    plot_kde(systems, reference, plots / "kde.png")
+    plot_kde([*systems, *baselines], reference, plots / "kde.png")
     plot_copies(table, plots / "copy_lengths.png")
     first = prompts[0]
     starts = {s.name: (0.0 if s.extra["branch"] == "scg_diffusion"
@@ -331,14 +365,15 @@ def write_all(out: Path, cfg: DictConfig, table: dict, systems, reference, promp
     report = {"config": config, "git_revision": _git_revision(), "seed": int(cfg.seed),
               "sampling": {k: config[k] for k in ("temperature", "top_k", "top_p")},
               "prompts": prompts, "reference_pieces": [str(p) for _, p in ref],
-              "reference_segments": len(reference), "table": table}
+              "reference_segments": len(reference), "copy_coverage": copy_coverage or {},
+              "table": table}
     def moved(text: str) -> str:
         return text.replace(str(out), str(final)) if final is not None else text
 
     (out / "report.json").write_text(moved(json.dumps(report, indent=1, default=float)))
     write_csv(out / "metrics.csv", table)
     (out / "report.md").write_text(moved(markdown(cfg, table, prompts, ref, reference,
-                                                  audio_note)))
+                                                  audio_note, copy_coverage or {})))
 
 
 def write_csv(path: Path, table: dict) -> None:
@@ -363,7 +398,7 @@ def write_csv(path: Path, table: dict) -> None:
 
 
 def markdown(cfg: DictConfig, table: dict, prompts: list[dict], ref: list, reference,
-             audio_note: str | None) -> str:
+             audio_note: str | None, copy_coverage: dict | None = None) -> str:
     from mehldau.evaluation.likelihood import POLICY
 
     runs = [f"`{n}` ({r['branch']}: {r['checkpoint']})" for n, r in table.items()
@@ -377,12 +412,13 @@ def markdown(cfg: DictConfig, table: dict, prompts: list[dict], ref: list, refer
         f"cut into {len(reference)} segments of {float(cfg.seconds):g} s. Prompts: the first "
         f"{float(cfg.prompt_seconds):g} s of {len(prompts)} of them; "
         f"{int(cfg.samples_per_prompt)} samples of {float(cfg.seconds):g} s per prompt and "
-        f"branch (scg_diffusion: guided by rules from the same excerpt). Sampling: "
+        f"branch, each continuing the prompt. Sampling: "
         f"temperature {cfg.temperature}, top_k {cfg.top_k}, top_p {cfg.top_p}, seed {cfg.seed}. "
         f"Bootstrap: {int(cfg.bootstrap)} resamples of pieces.", "",
         *main_table(table), "",
         *feature_rows(table), "",
         HOW_TO_READ, "",
+        coverage_line(copy_coverage or {}, cfg), "",
         f"Likelihood context policy: {POLICY}.", "",
         "Files: `report.json` (every value with its interval, the config, seeds, git revision), "
         "`metrics.csv`, `plots/` (OA per feature, distance densities, the first prompt's "
