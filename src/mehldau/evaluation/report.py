@@ -414,7 +414,7 @@ def markdown(cfg: DictConfig, table: dict, prompts: list[dict], ref: list, refer
         f"{int(cfg.samples_per_prompt)} samples of {float(cfg.seconds):g} s per prompt and "
         f"branch, each continuing the prompt. Sampling: "
         f"temperature {cfg.temperature}, top_k {cfg.top_k}, top_p {cfg.top_p}, seed {cfg.seed}. "
-        f"Bootstrap: {int(cfg.bootstrap)} resamples of pieces.", "",
+        f"Bootstrap: {int(cfg.bootstrap)} resamples of prompts.", "",
         *main_table(table), "",
         *feature_rows(table), "",
         HOW_TO_READ, "",
