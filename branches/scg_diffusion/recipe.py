@@ -162,7 +162,8 @@ def train(cfg: DictConfig) -> Path:
     if val_windows is not None and len(val_windows) == 0:
         val_windows = None
     if val_windows is None:
-        print("train: no validation split (fewer than 3 groups); no val loss", file=sys.stderr)
+        print("train: no val piece as long as a window (see split.seed, split.ratios); no "
+              "val loss", file=sys.stderr)
     if stage == "autoencoder":
         try:
             train_ds = RollCropDataset(rolls["train"], frames, tokenizer, cfg.seed, augment)

@@ -1,24 +1,38 @@
-"""Train/val/test splits by group that hold across runs: no group (album) is ever in two
-splits, and a group's split never depends on which subset of the catalogue a run uses.
+"""Train/val/test splits by group that hold across runs and as the catalogue grows.
 
-Why a function of the whole catalogue: a split computed over "the files this run reads" moves
-whenever the subset moves. Pretraining on every PiJAMA pianist and then adapting on Mehldau
-alone would deal Mehldau's five albums twice, independently, and the adapted model would be
-validated and tested on albums its base trained on. So a source assigns splits over its
-whole catalogue (every album in PiJAMA's CSV before the pianist filter; every file of a
-folder before any is parsed or skipped) and a run only filters.
+No group (album) is ever in two splits, and a group's split never depends on which subset of
+the catalogue a run uses, nor on which other groups the catalogue holds. A split computed over
+"the files this run reads" moves whenever the subset moves: pretraining on every PiJAMA pianist
+and then adapting on Mehldau alone would deal Mehldau's albums twice, and the adapted model
+would be tested on albums its base trained on. So a source assigns splits over its whole
+catalogue (every album of PiJAMA's CSV before the pianist filter; every file of a folder
+before any is parsed or skipped) and a run only filters.
 
-The rule, per stratum (PiJAMA: the pianist; a folder: the top-level folder), with
-`ratios` and `seed`: a stratum with at least three groups is dealt on its own, so every
-pianist with three albums or more has at least one album in val and one in test; the
-groups of smaller strata are pooled and dealt together. Dealing: groups in a seeded order
-(the stratum's name is part of the seed, so adding a pianist moves no one else), one each
-to test and val first (the first that holds at most twice the split's share of pieces, so a
-box set does not take half a pianist's music out of training), then each to the split
-furthest below its share of pieces.
+The rule (`ratios` train/val/test, normalised, and `seed`). Each group g of stratum S (PiJAMA:
+the pianist; a folder: the top-level folder; a group whose pieces lie in several strata, one
+tune in two folders with group_by=regex, belongs to the first by name) draws u, a blake2b hash
+of (S, g) keyed with the seed, read as a number in [0, 1): test if u < r_test, val if
+u < r_test + r_val, else train. Adding or removing any other group, pianist or folder never
+moves it.
 
-A manifest (`splits.json`) freezes the result; `split.manifest=FILE` reuses one, and
-`check_leaks` refuses adapting on data whose val/test groups (or files) a base trained on.
+The one exception is the guarantee: in a stratum of three groups or more every split with a
+positive ratio holds at least one group, so each pianist with three albums or more has an
+album in val, one in test and one to train on. An empty split (test, then val, then train)
+takes the group whose u is nearest its interval, among the groups whose split holds two or
+more (filling one split never empties another); for test and val only among those holding
+at most twice the split's share of the stratum's pieces if there are any, else the one with
+the fewest pieces (a 32-track box set must not take half a pianist out of training). Only
+such a forced pick depends on other groups, and only on its own stratum's. A stratum of one
+or two groups has no guarantee: with group_by=top_dir every folder is its own stratum, so a
+folder of a few album folders may deal none to val or test (`split.seed` deals another hand).
+Hashing rather than dealing is what keeps splits still: any rule that guarantees a val group
+in a pooled set must move a group when a set with none grows by one that lands in val
+(manifests up to version 2 pooled small strata and dealt them in one seeded draw, so adding
+a one-album pianist moved 25 of PiJAMA's 259 albums).
+
+A manifest (`splits.json`) freezes the result; `split.manifest=FILE` reuses one (of any
+version: its groups keep their splits, whatever rule made them), and `check_leaks` refuses
+adapting on data whose val/test groups (or files) a base trained on.
 """
 
 from __future__ import annotations
@@ -39,11 +53,13 @@ from mehldau.io import atomic_file
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "splits.json"
-MANIFEST_VERSION = 2
-
-
-def _stable_int(text: str) -> int:
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+MANIFEST_VERSION = 3
+# How the splits were dealt, recorded in every manifest's `rule`.
+RULE = {"by": "group, stratified by style (pianist or top folder), over the source's whole "
+              "catalogue",
+        "deal": "u = blake2b(seed; stratum, group) in [0, 1): test below r_test, val below "
+                "r_test + r_val; a stratum of >= 3 groups fills each empty split (test, val, "
+                "train) with the group nearest its interval"}
 
 
 def check_ratios(ratios: Sequence[float]) -> np.ndarray:
@@ -54,29 +70,42 @@ def check_ratios(ratios: Sequence[float]) -> np.ndarray:
     return r / r.sum()
 
 
-def _deal(groups: dict[str, int], ratios: np.ndarray, rng: np.random.Generator
+def group_draw(seed: int, stratum: str, group: str) -> float:
+    """u in [0, 1) for one group: a keyed hash of its stratum and name alone, the same on
+    every machine and Python (never `hash`, which is salted per process)."""
+    digest = hashlib.blake2b(json.dumps([stratum, group]).encode(), digest_size=8,
+                             key=str(int(seed)).encode()).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
+
+
+def _distance(u: float, interval: tuple[float, float]) -> float:
+    return max(interval[0] - u, u - interval[1], 0.0)
+
+
+def _deal(stratum: str, groups: dict[str, int], ratios: np.ndarray, seed: int
           ) -> dict[str, str]:
     """Groups (name -> piece count) of one stratum -> group -> split."""
-    names = sorted(groups)
-    names = [names[i] for i in rng.permutation(len(names))]
-    targets = ratios * sum(groups.values())
-    counts = dict.fromkeys(SPLITS, 0)
-    out: dict[str, str] = {}
-    queue = list(names)
-    for s in ("test", "val"):  # never empty when there are enough groups
-        i = SPLITS.index(s)
-        if len(names) >= 3 and ratios[i] > 0:
-            # the next group in seeded order that is at most twice the split's share (else
-            # the smallest): one 32-track box set must not take half a pianist into test
-            fits = [g for g in queue if groups[g] <= 2 * targets[i]]
-            g = fits[0] if fits else min(queue, key=lambda g: groups[g])
-            queue.remove(g)
-            out[g] = s
-            counts[s] += groups[g]
-    for g in queue:
-        s = SPLITS[int(np.argmax([targets[i] - counts[s] for i, s in enumerate(SPLITS)]))]
-        out[g] = s
-        counts[s] += groups[g]
+    u = {g: group_draw(seed, stratum, g) for g in groups}
+    _, r_val, r_test = ratios
+    interval = {"test": (0.0, r_test), "val": (r_test, r_test + r_val),
+                "train": (r_test + r_val, 1.0)}
+    out = {g: "test" if u[g] < r_test else "val" if u[g] < r_test + r_val else "train"
+           for g in groups}
+    if len(groups) < 3:
+        return out
+    total = sum(groups.values())
+    for s in ("test", "val", "train"):
+        share = ratios[SPLITS.index(s)]
+        if share <= 0 or s in out.values():
+            continue
+        count = {t: sum(v == t for v in out.values()) for t in SPLITS}
+        donors = [g for g in sorted(groups) if count[out[g]] >= 2]  # >= 3 groups: never none
+        nearest = sorted(donors, key=lambda g: _distance(u[g], interval[s]))
+        if s == "train":
+            out[nearest[0]] = s
+            continue
+        fits = [g for g in nearest if groups[g] <= 2 * share * total]
+        out[fits[0] if fits else min(nearest, key=lambda g: groups[g])] = s
     return out
 
 
@@ -84,20 +113,17 @@ def assign_splits(pieces: Sequence[Piece], ratios: Sequence[float] = (0.8, 0.1, 
                   seed: int = 0) -> list[Piece]:
     """Every piece with its `split` set by the catalogue rule above (input order kept)."""
     r = check_ratios(ratios)
-    strata: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    stratum_of: dict[str, str] = {}
+    size: dict[str, int] = defaultdict(int)
     for p in pieces:
-        strata[p.style][p.group] += 1
-    pooled: dict[str, int] = {}
+        stratum_of[p.group] = min(stratum_of.get(p.group, p.style), p.style)
+        size[p.group] += 1
+    strata: dict[str, dict[str, int]] = defaultdict(dict)
+    for g, s in stratum_of.items():
+        strata[s][g] = size[g]
     split_of: dict[str, str] = {}
-    for name in sorted(strata):
-        groups = strata[name]
-        if len(groups) >= 3:
-            rng = np.random.default_rng([seed, _stable_int(name)])
-            split_of.update(_deal(groups, r, rng))
-        else:
-            pooled.update(groups)
-    if pooled:
-        split_of.update(_deal(pooled, r, np.random.default_rng([seed, 0])))
+    for name, groups in strata.items():
+        split_of.update(_deal(name, groups, r, seed))
     return [replace(p, split=split_of[p.group]) for p in pieces]
 
 
@@ -245,8 +271,7 @@ def splits_for_run(pieces: Sequence[Piece], manifest: str | Path | None = None,
     (`base_ckpt`, a checkpoint directory) uses the base's manifest when none is given, and
     in every case refuses val/test pieces the base trained on (`force` warns instead)."""
     pieces = list(pieces)
-    rule: dict = {"by": "group, stratified by style (pianist or top folder), over the "
-                        "source's whole catalogue"}
+    rule: dict = dict(RULE)
     base_path = find_manifest(base_ckpt) if base_ckpt is not None and base_ckpt.is_dir() else None
     if manifest is not None:
         frozen = read_manifest(manifest)

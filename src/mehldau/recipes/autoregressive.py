@@ -190,7 +190,8 @@ def fit_run(cfg: DictConfig, run: Run, model: torch.nn.Module, train_ds: Dataset
     say(f"model: {run.branch}, {n_params / 1e6:.2f}M parameters"
         + (f", adapting {run.base}" if run.base is not None else ""), file=sys.stderr)
     if val_ds is None:
-        say("train: no validation split (fewer than 3 groups); no val loss", file=sys.stderr)
+        say("train: no piece was dealt to val (see split.seed, split.ratios); no val loss",
+            file=sys.stderr)
     meta = {"branch": run.branch, "recipe": f"mehldau.branches.{run.branch}.recipe",
             "model": type(model).__name__, "stage": cfg.stage}
     unit = f"nats/{run.tokenizer.step_name}"
