@@ -1,11 +1,13 @@
 """Splits that hold across runs: a function of each group alone (bar the guarantee in its own
-stratum), frozen by a manifest, checked against a base's training data when adapting."""
+stratum), frozen by a manifest, checked against everything a base and its ancestors trained
+on when adapting."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -19,13 +21,18 @@ from test_data import PIJAMA_HEADER
 from mehldau.data.corpus import BadMidi, build_corpus, file_hash
 from mehldau.data.sources import Piece, folder_source, pijama_source
 from mehldau.data.splits import (
+    LINEAGE,
     SPLITS,
+    ancestry,
     assign_splits,
     check_leaks,
     group_draw,
+    lineage_manifests,
     read_manifest,
     resume_pieces,
     splits_for_run,
+    training_pieces,
+    write_lineage,
     write_manifest,
 )
 from mehldau.errors import UserError
@@ -241,7 +248,7 @@ def test_a_version_2_manifest_keeps_its_splits(tmp_path: Path) -> None:
     base = tmp_path / "base"  # a base checkpoint that carries it: adapting keeps its splits
     base.mkdir()
     (base / "splits.json").write_text(json.dumps(old))
-    adapted, rule = splits_for_run(pieces, None, base)
+    adapted, rule = splits_for_run(pieces, None, ancestry(base))
     assert [p.split for p in adapted] == want and rule["base_manifest"].endswith("splits.json")
 
 
@@ -288,23 +295,95 @@ def test_manifest_freezes_splits_and_lists_shared_titles(tmp_path: Path) -> None
 
 def test_check_leaks_by_group_and_by_content(tmp_path: Path) -> None:
     for i in range(9):
-        write_midi(tmp_path / "a" / f"album {i}" / "t.mid", scale_notes(8, seed=i))
-    pieces = folder_source(tmp_path / "a")
+        write_midi(tmp_path / "a" / f"t{i}.mid", scale_notes(8, seed=i))
+    pieces = folder_source(tmp_path / "a", group_by="file")  # one stratum of 9 files
     base = write_manifest(pieces, tmp_path / "splits.json", hashes={
         p.id: file_hash(p.path) for p in pieces})
-    check_leaks(pieces, base, "base")  # its own splits: fine
+    check_leaks(pieces, [("base", base)])  # its own splits: fine
     moved = assign_splits(pieces, seed=3)
     assert any(p.split != q.split for p, q in zip(moved, pieces))
     with pytest.raises(UserError, match=r"val/test pieces were in the training data of base"):
-        check_leaks(moved, base, "base", hash_of=file_hash)
-    check_leaks(moved, base, "base", force=True)  # warns only
+        check_leaks(moved, [("base", base)], hash_of=file_hash)
+    check_leaks(moved, [("base", base)], force=True)  # warns only
     # the same files copied under other names and groups: caught by content
     for i in range(9):
         write_midi(tmp_path / "b" / f"disc {i}.mid", scale_notes(8, seed=i))
     copies = folder_source(tmp_path / "b", group_by="file")
-    check_leaks(copies, base, "base")  # no hashes asked: groups differ, not caught
+    assert {p.split for p in copies} != {"train"}
+    check_leaks(copies, [("base", base)])  # no hashes asked: groups differ, not caught
     with pytest.raises(UserError, match="force=true"):
-        check_leaks(copies, base, "base", hash_of=file_hash)
+        check_leaks(copies, [("base", base)], hash_of=file_hash)
+    # an ancestor further back leaks: the message names it, not the clean base
+    clean = write_manifest(copies, tmp_path / "clean.json")
+    with pytest.raises(UserError, match=r"training data of runs/p \(the base's base\)"):
+        check_leaks(moved, [("runs/a (the base)", clean), ("runs/p (the base's base)", base)])
+
+
+def fake_checkpoint(path: Path, manifest: dict, **meta) -> Path:
+    """A checkpoint as far as lineage goes: meta.json, splits.json, and base.json for an
+    adapter (`base=`)."""
+    path.mkdir(parents=True)
+    base = meta.pop("base", None)
+    (path / "meta.json").write_text(json.dumps({"branch": "production", **meta}))
+    (path / "splits.json").write_text(json.dumps(manifest))
+    if base is not None:
+        (path / "base.json").write_text(json.dumps({"path": str(base), "sha256": "x"}))
+    return path
+
+
+def manifest_of(tmp_path: Path, name: str, train: list[str], held: list[str]) -> dict:
+    pieces = [Piece(f"{name}-{g}", tmp_path / "midi" / f"{g}.mid", g, split=s)
+              for s, gs in (("train", train), ("test", held)) for g in gs]
+    return write_manifest(pieces, tmp_path / f"{name}.json")
+
+
+def test_lineage_of_a_merged_chain(tmp_path: Path) -> None:
+    # pretrain(all) -> adapt(Mehldau) -> merge -> adapt(Evans), as checkpoints on disk
+    p_man = manifest_of(tmp_path, "p", ["evans 1", "mehldau 1"], ["evans 2"])
+    a_man = manifest_of(tmp_path, "a", ["mehldau 1", "mehldau 2"], ["mehldau 3"])
+    p = fake_checkpoint(tmp_path / "p" / "checkpoints" / "step_1", p_man, stage="pretrain")
+    a = fake_checkpoint(tmp_path / "a" / "checkpoints" / "step_1", a_man, stage="adapt",
+                        base=p)
+    m = fake_checkpoint(tmp_path / "m", a_man, stage="pretrain", merged_from=str(a))
+    # checkpoints written before lineage files: the chain from their pointers
+    assert lineage_manifests(m) == [(str(m), a_man), (str(p), p_man)]
+    write_lineage(ancestry(p), a / LINEAGE)  # what training the adapter writes now
+    assert [n for n, _ in lineage_manifests(a)] == [str(a), str(p)]
+    # adapting the merged checkpoint: its val/test album was in the first stage's training
+    lineage = ancestry(m)
+    evans = [Piece("e1", tmp_path / "e1.mid", "evans 1", "Evans", "test"),
+             Piece("e3", tmp_path / "e3.mid", "evans 3", "Evans", "train")]
+    with pytest.raises(UserError, match=rf"of {p} \(the base's base\)"):
+        splits_for_run(evans, tmp_path / "a.json", lineage)
+    # without split.manifest every ancestor's manifest freezes its groups: no leak
+    frozen, rule = splits_for_run(evans, None, lineage)
+    assert [q.split for q in frozen] == ["train", "train"]
+    assert rule["ancestors"] == [str(m), str(p)]
+    # the lineage is carried whole: the first stage's run may be deleted since
+    e = fake_checkpoint(tmp_path / "e" / "checkpoints" / "step_1",
+                        manifest_of(tmp_path, "e", ["evans 3"], []), stage="adapt", base=m)
+    write_lineage(lineage, e / LINEAGE)
+    for f in (p / "splits.json", p / "meta.json", a / LINEAGE):
+        f.unlink()
+    assert [n for n, _ in lineage_manifests(e)] == [str(e), str(m), str(p)]
+    assert lineage_manifests(e)[2][1] == p_man
+    trained = training_pieces(e)
+    assert [(n, x["group"]) for n, x in trained] == [
+        (str(e), "evans 3"), (str(m), "mehldau 1"), (str(m), "mehldau 2"),
+        (str(p), "evans 1")]  # "mehldau 1" of p is the same file as m's: listed once
+    # released weights have no manifest; a pointer to a checkpoint gone is unknown too
+    pt = tmp_path / "released.pt"
+    pt.write_bytes(b"weights")
+    assert ancestry(pt) == [{"checkpoint": str(pt), "manifest_file": None, "manifest": None}]
+    shutil.rmtree(tmp_path / "a")
+    assert lineage_manifests(m)[1] == (str(a), None)
+
+
+def test_unreadable_lineage_is_one_line(tmp_path: Path) -> None:
+    ck = fake_checkpoint(tmp_path / "ck", manifest_of(tmp_path, "x", ["g"], []))
+    (ck / LINEAGE).write_text(json.dumps({"ancestors": [{"checkpoint": 3}]}))
+    with pytest.raises(UserError, match="is not a lineage file"):
+        lineage_manifests(ck)
 
 
 def test_manifest_paths_are_absolute(tmp_path: Path, monkeypatch) -> None:

@@ -149,8 +149,9 @@ def train(cfg: DictConfig) -> Path:
         count = count_latent_rows
     tcfg = plan_memory(tcfg, accelerator, model, items)
 
-    # The diffusion stage keeps its autoencoder's splits unless told otherwise: a latent
-    # model must not be validated on pieces its autoencoder learned to reconstruct.
+    # The diffusion stage keeps its autoencoder's splits unless told otherwise, and records
+    # the autoencoder as its ancestor (lineage.json): a latent model must not be validated
+    # on pieces its autoencoder learned to reconstruct.
     corpus = run_corpus(cfg, run_pieces(cfg), tokenizer, run_dir, base, tcfg.resume,
                         accelerator)
     rolls = {s: corpus.sequences(s) for s in corpus.splits}

@@ -1,4 +1,5 @@
-"""Train/val/test splits by group that hold across runs and as the catalogue grows.
+"""Train/val/test splits by group that hold across runs, and the record of what a checkpoint
+and every checkpoint it was built on trained on.
 
 No group (album) is ever in two splits, and a group's split never depends on which subset of
 the catalogue a run uses, nor on which other groups the catalogue holds. A split computed over
@@ -31,8 +32,17 @@ in a pooled set must move a group when a set with none grows by one that lands i
 a one-album pianist moved 25 of PiJAMA's 259 albums).
 
 A manifest (`splits.json`) freezes the result; `split.manifest=FILE` reuses one (of any
-version: its groups keep their splits, whatever rule made them), and `check_leaks` refuses
-adapting on data whose val/test groups (or files) a base trained on.
+version: its groups keep their splits, whatever rule made them).
+
+Lineage. A run that builds on a checkpoint (adapting, or scg_diffusion's diffusion stage on
+its autoencoder) records in `lineage.json` the manifests of that base and of every checkpoint
+the base was built on, nearest first; every checkpoint carries it, and `mehldau-merge` copies
+the adapter's. The base's base's data is in the weights as much as the base's own: a chain
+pretrain(all) -> adapt(Mehldau) -> merge -> adapt(Evans) must not test on an Evans album the
+first stage trained on. So adapting freezes the splits of every group any ancestor lists, and
+`check_leaks` refuses val/test pieces that any ancestor trained on, by group and by file
+content. Weights without a manifest (a released Moonbeam `.pt`) are an ancestor whose data is
+unknown: said once, not checked. `lineage_manifests(ckpt)` gives the whole record.
 """
 
 from __future__ import annotations
@@ -54,6 +64,8 @@ from mehldau.io import atomic_file
 SPLITS = ("train", "val", "test")
 MANIFEST = "splits.json"
 MANIFEST_VERSION = 3
+LINEAGE = "lineage.json"
+LINEAGE_VERSION = 1
 # How the splits were dealt, recorded in every manifest's `rule`.
 RULE = {"by": "group, stratified by style (pianist or top folder), over the source's whole "
               "catalogue",
@@ -170,6 +182,11 @@ def write_manifest(pieces: Sequence[Piece], path: str | Path, rule: dict | None 
     return manifest
 
 
+def _is_manifest(manifest: object) -> bool:
+    return isinstance(manifest, dict) and all(
+        isinstance(manifest.get(s), dict) and "groups" in manifest[s] for s in SPLITS)
+
+
 def read_manifest(path: str | Path) -> dict:
     path = Path(path).expanduser()
     if path.is_dir():
@@ -180,8 +197,7 @@ def read_manifest(path: str | Path) -> dict:
         raise UserError(f"split manifest {path}: {e.strerror}; pass a run's splits.json") from e
     except ValueError as e:
         raise UserError(f"split manifest {path} is not JSON; pass a run's splits.json") from e
-    if not isinstance(manifest, dict) or not all(
-            isinstance(manifest.get(s), dict) and "groups" in manifest[s] for s in SPLITS):
+    if not _is_manifest(manifest):
         raise UserError(f"{path} is not a split manifest (train/val/test with groups); pass a "
                         "run's splits.json")
     return manifest
@@ -191,16 +207,20 @@ def manifest_split_of(manifest: dict) -> dict[str, str]:
     return {g: s for s in SPLITS for g in manifest[s]["groups"]}
 
 
-def apply_manifest(pieces: Sequence[Piece], manifest: dict, name: str = "manifest"
-                   ) -> list[Piece]:
-    """Pieces whose group the manifest lists take its split; other groups keep the catalogue
-    rule's (they were never in the manifest's run, so they cannot leak into it)."""
-    split_of = manifest_split_of(manifest)
+def apply_manifests(pieces: Sequence[Piece], manifests: Sequence[tuple[str, dict]]
+                    ) -> list[Piece]:
+    """Pieces whose group a manifest lists take its split (the first manifest that lists it:
+    nearest first); other groups keep the catalogue rule's (they were never in those runs,
+    so they cannot leak into them). `manifests`: (name, manifest) pairs."""
+    split_of: dict[str, str] = {}
+    for _, manifest in reversed(manifests):
+        split_of.update(manifest_split_of(manifest))
     out = [replace(p, split=split_of.get(p.group, p.split)) for p in pieces]
     new = {p.group for p in pieces if p.group not in split_of}
     if new:
-        print(f"splits: {len(new)} groups not in {name} were split by the catalogue rule",
-              file=sys.stderr)
+        also = " nor in its ancestors' manifests" if len(manifests) > 1 else ""
+        print(f"splits: {len(new)} groups not in {manifests[0][0]}{also} were split by the "
+              "catalogue rule", file=sys.stderr)
     return out
 
 
@@ -229,62 +249,176 @@ def resume_pieces(pieces: Sequence[Piece], manifest: dict, hash_of=None) -> list
     return out
 
 
+def _in_checkpoint(ckpt: Path, name: str, run_dirs: bool = True) -> Path | None:
+    """A file a checkpoint carries: beside its weights, else in its run directory."""
+    cands = [ckpt / name]
+    if run_dirs:
+        cands += [ckpt.parent.parent / name, ckpt.parent / name]
+    return next((c for c in cands if c.is_file()), None)
+
+
 def find_manifest(ckpt: Path) -> Path | None:
     """The manifest a checkpoint was trained with: beside it, or in its run directory."""
-    for cand in (ckpt / MANIFEST, ckpt.parent.parent / MANIFEST, ckpt.parent / MANIFEST):
-        if cand.is_file():
-            return cand
-    return None
+    return _in_checkpoint(ckpt, MANIFEST)
 
 
-def check_leaks(pieces: Sequence[Piece], base: dict, base_name: str, force: bool = False,
-                hash_of=None) -> None:
-    """Refuse pieces in val/test whose group, or whose file content, the base trained on.
+# --- lineage ----------------------------------------------------------------------------------
+def _relation(depth: int) -> str:
+    return "the base" + "'s base" * depth
 
-    `hash_of(piece) -> str` hashes a file; the base manifest's pieces carry theirs, so a
-    file renamed or regrouped since is still caught."""
-    trained = set(base["train"]["groups"])
+
+def _ancestor(ckpt: Path) -> dict:
+    """One entry of a lineage: a checkpoint (or weights file) and its manifest (None: its
+    training data is unknown)."""
+    path = find_manifest(ckpt) if ckpt.is_dir() else None
+    return {"checkpoint": str(ckpt.absolute()),
+            "manifest_file": str(path.absolute()) if path else None,
+            "manifest": read_manifest(path) if path else None}
+
+
+def ancestry(base: Path) -> list[dict]:
+    """The lineage of a run built on `base` (a checkpoint directory, or a weights file such
+    as a released `.pt`): `base` with its manifest, then `base`'s own ancestors."""
+    return [_ancestor(base), *lineage_of(base)]
+
+
+def _json_or_empty(path: Path) -> dict:
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def lineage_of(ckpt: Path, _depth: int = 0) -> list[dict]:
+    """The ancestors of a checkpoint, nearest first: its `lineage.json`, or, for a checkpoint
+    written before lineage files, the chain its pointers still name (an adapter's
+    `base.json`, a merged checkpoint's `merged_from`, a diffusion stage's `autoencoder`).
+    A pointer to something gone is an ancestor whose data is unknown."""
+    if not ckpt.is_dir():
+        return []
+    # In a run directory only: a merged checkpoint's parent folder is nobody's run.
+    found = _in_checkpoint(ckpt, LINEAGE, run_dirs=ckpt.parent.name == "checkpoints")
+    if found is not None:
+        return read_lineage(found)
+    if _depth > 32:
+        raise UserError(f"{ckpt}: its checkpoints point to each other in a loop; restore the "
+                        "checkpoints' base.json / meta.json")
+    meta = _json_or_empty(ckpt / "meta.json")
+    if meta.get("merged_from"):  # the adapter's manifest is this checkpoint's own
+        source = Path(meta["merged_from"])
+        if not source.is_dir():
+            return [{"checkpoint": str(source), "manifest_file": None, "manifest": None}]
+        return lineage_of(source, _depth + 1)
+    parent = _json_or_empty(ckpt / "base.json").get("path") or meta.get("autoencoder")
+    if not parent:
+        return []
+    return [_ancestor(Path(parent)), *lineage_of(Path(parent), _depth + 1)]
+
+
+def read_lineage(path: Path) -> list[dict]:
+    data = _json_or_empty(path)
+    ancestors = data.get("ancestors")
+    if not isinstance(ancestors, list) or not all(
+            isinstance(a, dict) and isinstance(a.get("checkpoint"), str)
+            and (a.get("manifest") is None or _is_manifest(a["manifest"])) for a in ancestors):
+        raise UserError(f"{path} is not a lineage file (ancestors with their manifests); "
+                        "restore it from the run directory that wrote it")
+    return ancestors
+
+
+def write_lineage(ancestors: Sequence[dict], path: Path) -> None:
+    with atomic_file(path) as f:
+        json.dump({"version": LINEAGE_VERSION, "ancestors": list(ancestors)}, f, indent=1)
+
+
+def lineage_manifests(ckpt: Path) -> list[tuple[str, dict | None]]:
+    """(name, manifest) for a checkpoint and everything its weights learned from: its own
+    manifest first (an adapter's or a merged checkpoint's is the adapter run's), then each
+    ancestor's, nearest first. None: not known (no manifest; released weights)."""
+    own = find_manifest(ckpt)
+    return [(str(ckpt), read_manifest(own) if own else None),
+            *((a["checkpoint"], a["manifest"]) for a in lineage_of(ckpt))]
+
+
+def training_pieces(ckpt: Path) -> list[tuple[str, dict]]:
+    """Every training piece of a checkpoint and of its ancestors, as (the checkpoint that
+    trained on it, its manifest entry: id, group, absolute path, sha when known), nearest
+    first, each file once. Ancestors without a manifest add nothing."""
+    seen: set[str] = set()
+    out = []
+    for name, manifest in lineage_manifests(ckpt):
+        for entry in (manifest or {}).get("train", {}).get("pieces", []):
+            if entry["path"] not in seen:
+                seen.add(entry["path"])
+                out.append((name, entry))
+    return out
+
+
+def check_leaks(pieces: Sequence[Piece], ancestors: Sequence[tuple[str, dict]],
+                force: bool = False, hash_of=None) -> None:
+    """Refuse pieces in val/test whose group, or whose file content, any ancestor trained on.
+
+    `ancestors`: (name, manifest) pairs, nearest first; the message names the nearest that
+    leaks. `hash_of(path) -> str` hashes a file; the manifests' pieces carry theirs, so a file
+    renamed or regrouped since is still caught."""
     held = [p for p in pieces if p.split in ("val", "test")]
-    bad = [p for p in held if p.group in trained]
-    if not bad and hash_of is not None:
-        trained_sha = {e["sha"] for e in base["train"].get("pieces", []) if "sha" in e}
-        if trained_sha:
-            bad = [p for p in held if p.path.is_file() and hash_of(p.path) in trained_sha]
-    if not bad:
+    sha: dict[str, str | None] = {}
+
+    def sha_of(p: Piece) -> str | None:
+        if p.id not in sha:
+            sha[p.id] = hash_of(p.path) if hash_of is not None and p.path.is_file() else None
+        return sha[p.id]
+
+    def leaked(manifest: dict) -> list[Piece]:
+        trained = set(manifest["train"]["groups"])
+        trained_sha = {e["sha"] for e in manifest["train"].get("pieces", []) if "sha" in e}
+        return [p for p in held if p.group in trained
+                or (trained_sha and sha_of(p) in trained_sha)]
+
+    found = next(((name, bad) for name, manifest in ancestors if (bad := leaked(manifest))),
+                 None)
+    if found is None:
         return
-    msg = (f"{len(bad)} val/test pieces were in the training data of {base_name} "
+    name, bad = found
+    msg = (f"{len(bad)} val/test pieces were in the training data of {name} "
            f"(e.g. {bad[0].id}, group '{bad[0].group}')")
     if force:
         print(f"warning: {msg}; force=true: every base-vs-adapted figure on them is measured "
               "on training data", file=sys.stderr)
         return
-    raise UserError(f"{msg}; use the base's manifest (drop split.manifest) or its grouping, "
+    raise UserError(f"{msg}; use the base's manifests (drop split.manifest) or its grouping, "
                     "or add force=true")
 
 
 def splits_for_run(pieces: Sequence[Piece], manifest: str | Path | None = None,
-                   base_ckpt: Path | None = None, force: bool = False, hash_of=None
+                   ancestors: Sequence[dict] = (), force: bool = False, hash_of=None
                    ) -> tuple[list[Piece], dict]:
     """The run's pieces with their final splits, and the rule to record in its manifest.
 
-    `manifest` (`split.manifest=FILE`) freezes splits from any earlier run. Adapting
-    (`base_ckpt`, a checkpoint directory) uses the base's manifest when none is given, and
-    in every case refuses val/test pieces the base trained on (`force` warns instead)."""
+    `manifest` (`split.manifest=FILE`) freezes splits from any earlier run. `ancestors`: the
+    lineage of a run built on a checkpoint (`ancestry(base)`, the base first). Without
+    `manifest` the ancestors' manifests freeze the groups they list (the nearest that lists
+    a group decides); in every case val/test pieces any ancestor trained on are refused
+    (`force` warns instead)."""
     pieces = list(pieces)
     rule: dict = dict(RULE)
-    base_path = find_manifest(base_ckpt) if base_ckpt is not None and base_ckpt.is_dir() else None
+    named = [(f"{a['checkpoint']} ({_relation(i)})", a) for i, a in enumerate(ancestors)]
+    known = [(name, a["manifest"]) for name, a in named if a["manifest"] is not None]
     if manifest is not None:
-        frozen = read_manifest(manifest)
-        pieces = apply_manifest(pieces, frozen, str(manifest))
+        pieces = apply_manifests(pieces, [(str(manifest), read_manifest(manifest))])
         rule["manifest"] = str(Path(manifest).expanduser())
-    elif base_path is not None:
-        pieces = apply_manifest(pieces, read_manifest(base_path), f"the base's {MANIFEST}")
-        rule["manifest"] = str(base_path)
-    if base_ckpt is not None:
-        if base_path is None:
-            print(f"warning: {base_ckpt} has no {MANIFEST}; cannot check that the base never "
-                  "trained on this run's val/test pieces", file=sys.stderr)
-        else:
-            check_leaks(pieces, read_manifest(base_path), str(base_ckpt), force, hash_of)
-            rule["base_manifest"] = str(base_path)
+    elif known:
+        pieces = apply_manifests(pieces, known)
+        rule["manifest"] = named[0][1]["manifest_file"] or named[0][1]["checkpoint"]
+    unknown = [name for name, a in named if a["manifest"] is None]
+    if unknown:
+        more = f" (and {len(unknown) - 1} more ancestors)" if len(unknown) > 1 else ""
+        print(f"warning: {unknown[0]}{more} has no {MANIFEST}; cannot check that it never "
+              "trained on this run's val/test pieces", file=sys.stderr)
+    if known:
+        check_leaks(pieces, known, force, hash_of)
+    if ancestors:
+        rule["base_manifest"] = ancestors[0].get("manifest_file")
+        rule["ancestors"] = [a["checkpoint"] for a in ancestors]
     return pieces, rule
