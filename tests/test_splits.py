@@ -379,6 +379,24 @@ def test_lineage_of_a_merged_chain(tmp_path: Path) -> None:
     assert lineage_manifests(m)[1] == (str(a), None)
 
 
+def test_weights_without_a_manifest_are_said_once(tmp_path: Path, capsys) -> None:
+    # a released .pt adapted, merged, and the merged checkpoint adapted again
+    pt = tmp_path / "released.pt"
+    pt.write_bytes(b"weights")
+    a_man = manifest_of(tmp_path, "a", ["mehldau 1"], ["mehldau 2"])
+    a = fake_checkpoint(tmp_path / "a" / "checkpoints" / "step_1", a_man, stage="adapt",
+                        base=pt)
+    write_lineage(ancestry(pt), a / LINEAGE)
+    m = fake_checkpoint(tmp_path / "m", a_man, stage="pretrain", merged_from=str(a))
+    write_lineage(ancestry(pt), m / LINEAGE)
+    pieces = [Piece("e1", tmp_path / "e1.mid", "evans 1", "Evans", "test")]
+    for lineage, relation in ((ancestry(pt), "the base"), (ancestry(m), "the base's base")):
+        splits_for_run(pieces, None, lineage)
+        said = [ln for ln in capsys.readouterr().err.splitlines() if "cannot check" in ln]
+        assert said == [f"warning: {pt} ({relation}) has no splits.json; cannot check that it "
+                        "never trained on this run's val/test pieces"]
+
+
 def test_unreadable_lineage_is_one_line(tmp_path: Path) -> None:
     ck = fake_checkpoint(tmp_path / "ck", manifest_of(tmp_path, "x", ["g"], []))
     (ck / LINEAGE).write_text(json.dumps({"ancestors": [{"checkpoint": 3}]}))
