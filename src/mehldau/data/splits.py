@@ -410,7 +410,8 @@ def splits_for_run(pieces: Sequence[Piece], manifest: str | Path | None = None,
         rule["manifest"] = str(Path(manifest).expanduser())
     elif known:
         pieces = apply_manifests(pieces, known)
-        rule["manifest"] = named[0][1]["manifest_file"] or named[0][1]["checkpoint"]
+        nearest = next(a for a in ancestors if a["manifest"] is not None)
+        rule["manifest"] = nearest.get("manifest_file") or nearest["checkpoint"]
     unknown = [name for name, a in named if a["manifest"] is None]
     if unknown:
         more = f" (and {len(unknown) - 1} more ancestors)" if len(unknown) > 1 else ""
