@@ -64,11 +64,31 @@ MICRO = ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.d_ff=
          "logger=none"]
 
 
+def album_names(root: Path, n: int, seed: int = 0) -> list[str]:
+    """`n` album folder names for `root` ("set K", K rising) that the default split with
+    `split.seed=seed` deals as one test, one val and the rest train. A folder is its own
+    stratum, so its split is a hash of its name alone: a few folders named at random often
+    deal none to val or test."""
+    from mehldau.data.sources import Piece
+    from mehldau.data.splits import assign_splits
+
+    wanted, names, k = ["test", "val"] + ["train"] * (n - 2), [], 0
+    while wanted:
+        name = f"set {k}"
+        alone = assign_splits([Piece(name, root / name, f"{root.name}/{name}", name)],
+                              seed=seed)[0].split
+        if alone in wanted:
+            wanted.remove(alone)
+            names.append(name)
+        k += 1
+    return names
+
+
 def make_folder(root: Path) -> Path:
-    """Eight small pieces in four album folders."""
-    for a in range(4):
+    """Eight small pieces in four album folders: two train, one val, one test."""
+    for a, name in enumerate(album_names(root, 4)):
         for k in range(2):
-            write_midi(root / f"set {a}" / f"piece {k}.mid",
+            write_midi(root / name / f"piece {k}.mid",
                        scale_notes(64, base=52 + 2 * a + k, seed=10 * a + k))
     return root
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MICRO, scale_notes, write_midi
+from conftest import MICRO, album_names, scale_notes, write_midi
 from omegaconf import OmegaConf
 
 from mehldau.cli.compare import main as compare
@@ -36,9 +36,9 @@ FAST = ["max_prompts=2", "samples_per_prompt=2", "prompt_seconds=2", "seconds=4"
 def runs(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("compare")
     data = base / "data"
-    for a in range(6):  # six albums: a test split of at least one, with 8 s pieces
+    for a, name in enumerate(album_names(data, 6)):  # six albums, one in test; 8 s pieces
         for k in range(2):
-            write_midi(data / f"set {a}" / f"piece {k}.mid",
+            write_midi(data / name / f"piece {k}.mid",
                        scale_notes(48, base=50 + 2 * a + k, step=0.2, seed=10 * a + k))
     prod, perc = base / "prod", base / "perc"
     assert train([f"run_dir={prod}", "data=folder", f"data.root={data}", "train.max_steps=4",

@@ -277,8 +277,8 @@ def test_a_piece_split_at_a_long_silence_is_reported(tmp_path, capsys) -> None:
     notes = [(60 + i, 0.5 * i, 0.4, 80) for i in range(6)]
     write_midi(tmp_path / "data" / "gap.mid", notes + [(64, 20.0 + i, 0.5, 80) for i in range(3)])
     write_midi(tmp_path / "data" / "plain.mid", notes)
-    corpus = build_corpus(folder_source(tmp_path / "data", group_by="file"), tok,
-                          tmp_path / "run", None, (1.0, 0.0, 0.0))
+    corpus = build_corpus(folder_source(tmp_path / "data", group_by="file",
+                                        ratios=(1.0, 0.0, 0.0)), tok, tmp_path / "run", None)
     err = capsys.readouterr().err
     assert "skipped 0; 1 kept but changed, e.g. split at 1 silence(s) longer than 10.23 s into 2" \
         in err

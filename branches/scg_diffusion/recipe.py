@@ -149,8 +149,9 @@ def train(cfg: DictConfig) -> Path:
         count = count_latent_rows
     tcfg = plan_memory(tcfg, accelerator, model, items)
 
-    # The diffusion stage keeps its autoencoder's splits unless told otherwise: a latent
-    # model must not be validated on pieces its autoencoder learned to reconstruct.
+    # The diffusion stage keeps its autoencoder's splits unless told otherwise, and records
+    # the autoencoder as its ancestor (lineage.json): a latent model must not be validated
+    # on pieces its autoencoder learned to reconstruct.
     corpus = run_corpus(cfg, run_pieces(cfg), tokenizer, run_dir, base, tcfg.resume,
                         accelerator)
     rolls = {s: corpus.sequences(s) for s in corpus.splits}
@@ -162,7 +163,8 @@ def train(cfg: DictConfig) -> Path:
     if val_windows is not None and len(val_windows) == 0:
         val_windows = None
     if val_windows is None:
-        print("train: no validation split (fewer than 3 groups); no val loss", file=sys.stderr)
+        print("train: no val piece as long as a window (see split.seed, split.ratios); no "
+              "val loss", file=sys.stderr)
     if stage == "autoencoder":
         try:
             train_ds = RollCropDataset(rolls["train"], frames, tokenizer, cfg.seed, augment)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import sys
@@ -9,10 +10,12 @@ from pathlib import Path
 
 import pytest
 from conftest import MICRO, make_folder, scale_notes, write_midi
+from test_data import PIJAMA_HEADER
 
 from mehldau.cli.generate import main as generate
 from mehldau.cli.merge import main as merge
 from mehldau.cli.train import main as train
+from mehldau.data.splits import lineage_manifests, read_manifest
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +204,70 @@ def test_adapt_refuses_val_test_pieces_the_base_trained_on(runs, capsys) -> None
     a = json.loads((runs["pre"] / "splits.json").read_text())
     b = json.loads((same / "splits.json").read_text())
     assert all(a[s]["groups"] == b[s]["groups"] for s in ("train", "val", "test"))
+
+
+def pijama_tree(root: Path) -> Path:
+    """A PiJAMA-shaped catalogue, pijama.csv and its MIDI: Mehldau and Evans with three
+    albums each (so each has one in train, val and test), two pianists with one."""
+    rows = []
+    for artist, albums in (("Brad Mehldau", 3), ("Bill Evans", 3), ("Kirk Lightsey", 1),
+                           ("Dick Hyman", 1)):
+        for a in range(albums):
+            for t in range(2):
+                rel = f"data/midi/studio/{artist}/{artist.split()[1]} {a}/tune {t}.midi"
+                write_midi(root / rel, scale_notes(64, base=50 + 3 * a + t, step=0.2,
+                                                   seed=len(rows)))
+                rows.append({"id": str(len(rows)), "artist": artist,
+                             "album": f"{artist.split()[1]} {a}", "title": f"Tune {t}",
+                             "midi_filepath": rel})
+    with open(root / "pijama.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=PIJAMA_HEADER, restval="")
+        w.writeheader()
+        w.writerows(rows)
+    return root
+
+
+def test_a_merged_chain_is_checked_against_every_ancestor(tmp_path: Path, capsys) -> None:
+    # pretrain(all) -> adapt(Mehldau) -> merge -> adapt(Evans): the last stage's val/test
+    # must not hold what the first stage trained on, though the merged checkpoint's own
+    # manifest (the Mehldau adapter's) never lists an Evans album
+    root = pijama_tree(tmp_path / "pijama")
+    pijama = ["data=pijama", f"data.root={root}", "train.max_steps=1", "report_base_loss=false",
+              *MICRO]
+    pre, ada, merged = tmp_path / "pre", tmp_path / "ada", tmp_path / "merged"
+    assert train([f"run_dir={pre}", "data.pianist=null", *pijama]) == 0
+    assert train([f"run_dir={ada}", "stage=adapt", f"init={pre}", *pijama]) == 0
+    assert merge([f"ckpt={ada}", f"out={merged}"]) == 0
+    shutil.rmtree(ada)  # the merged checkpoint carries the lineage itself
+    pre_ckpt = pre / "checkpoints" / "step_0000001"
+    assert lineage_manifests(merged)[1] == (str(pre_ckpt), read_manifest(pre / "splits.json"))
+    capsys.readouterr()
+    # 1. by group: a manifest that puts the first stage's training albums in test
+    leaky = json.loads((pre / "splits.json").read_text())
+    leaky["train"], leaky["test"] = leaky["test"], leaky["train"]
+    (tmp_path / "leaky.json").write_text(json.dumps(leaky))
+    evans = ["stage=adapt", f"init={merged}", "data.pianist=Bill Evans",
+             f"split.manifest={tmp_path / 'leaky.json'}", *pijama]
+    assert train([f"run_dir={tmp_path / 'e'}", *evans]) == 2
+    line = one_line(capsys)
+    assert f"in the training data of {pre_ckpt} (the base's base)" in line
+    assert "Bill Evans / Evans" in line and not (tmp_path / "e").exists()
+    assert train([f"run_dir={tmp_path / 'e'}", "force=true", *evans]) == 0
+    assert "(the base's base)" in capsys.readouterr().err
+    lineage = json.loads((tmp_path / "e" / "checkpoints" / "step_0000001" / "lineage.json")
+                         .read_text())["ancestors"]
+    assert [a["checkpoint"] for a in lineage] == [str(merged), str(pre_ckpt)]
+    # 2. by content: byte copies, under new names, of files the first stage trained on and
+    # the Mehldau adapter did not; twice each, so the folder is one stratum of 3 files or
+    # more, which deals some to val and test
+    trained = [e for e in read_manifest(pre / "splits.json")["train"]["pieces"]
+               if not e["group"].startswith("Brad Mehldau")]
+    copies = tmp_path / "copies" / "found"
+    copies.mkdir(parents=True)
+    for i, entry in enumerate(trained * 2):
+        shutil.copyfile(entry["path"], copies / f"take {i}.mid")
+    assert len(trained) >= 2
+    assert train([f"run_dir={tmp_path / 'c'}", "stage=adapt", f"init={merged}", "data=folder",
+                  f"data.root={copies.parent}", "data.group_by=file", "train.max_steps=1",
+                  *MICRO]) == 2
+    assert f"in the training data of {pre_ckpt} (the base's base)" in one_line(capsys)

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from mehldau.cli.generate import main as generate
 from mehldau.cli.train import main as train
+from mehldau.data.splits import lineage_manifests, read_manifest
 from mehldau.guidance.rules import targets_from_midi, targets_to_json
 from mehldau.recipes.run import train_config
 from mehldau.tokenize.pianoroll import PianoRollTokenizer
@@ -56,6 +57,10 @@ def test_both_stages_train_and_report(runs) -> None:
     vals = [r["loss"] for r in map(json.loads, (runs["dit"] / "metrics.jsonl").read_text()
                                    .splitlines()) if r["split"] == "val" and "loss" in r]
     assert vals and all(v > 0 for v in vals)
+    # what the autoencoder learned to reconstruct is in the diffusion checkpoint's lineage
+    assert lineage_manifests(ck) == [
+        (str(ck), read_manifest(runs["dit"] / "splits.json")),
+        (str(runs["ae"] / "checkpoints" / "step_0000004"), read_manifest(runs["ae"]))]
 
 
 def test_guided_generation_writes_midi_and_losses(runs, tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ from mehldau.adapters import AdapterConfig, load_adapter, merge, qlora, read_bas
 from mehldau.data.corpus import BadMidi, read_score, unigram_entropy
 from mehldau.data.dataset import Augmentation, add_bos_eos
 from mehldau.data.sources import Piece
-from mehldau.data.splits import MANIFEST
+from mehldau.data.splits import LINEAGE, MANIFEST, lineage_of, write_lineage
 from mehldau.errors import UserError
 from mehldau.generation import cap_durations, generate_seconds, write_scores
 from mehldau.io import atomic_dir
@@ -190,7 +190,8 @@ def fit_run(cfg: DictConfig, run: Run, model: torch.nn.Module, train_ds: Dataset
     say(f"model: {run.branch}, {n_params / 1e6:.2f}M parameters"
         + (f", adapting {run.base}" if run.base is not None else ""), file=sys.stderr)
     if val_ds is None:
-        say("train: no validation split (fewer than 3 groups); no val loss", file=sys.stderr)
+        say("train: no piece was dealt to val (see split.seed, split.ratios); no val loss",
+            file=sys.stderr)
     meta = {"branch": run.branch, "recipe": f"mehldau.branches.{run.branch}.recipe",
             "model": type(model).__name__, "stage": cfg.stage}
     unit = f"nats/{run.tokenizer.step_name}"
@@ -251,7 +252,10 @@ def load_checkpoint(ckpt: Path, model_class: type[torch.nn.Module], config_class
 def merge_checkpoint(cfg: DictConfig, ckpt: Path,
                      load_model: Callable[..., tuple[torch.nn.Module, Tokenizer]]) -> Path:
     """Base + adapter folded into one plain checkpoint at `cfg.out` that loads without peft.
-    `load_model(ckpt, device, force)`: the branch's loader."""
+    It keeps the adapter run's config and manifest, and its lineage: the base it adapted and
+    that base's ancestors, whose data is in the merged weights too (an adapter checkpoint
+    from before lineage files gets one from its `base.json`). `load_model(ckpt, device,
+    force)`: the branch's loader."""
     if read_meta(ckpt).get("stage") != "adapt":
         raise UserError(f"{ckpt} is not an adapter checkpoint; nothing to merge")
     out = Path(cfg.out).expanduser()
@@ -269,6 +273,7 @@ def merge_checkpoint(cfg: DictConfig, ckpt: Path,
         for name in ("config.yaml", MANIFEST):
             if (ckpt / name).is_file():
                 (tmp / name).write_text((ckpt / name).read_text())
+        write_lineage(lineage_of(ckpt), tmp / LINEAGE)
     return out
 
 

@@ -25,7 +25,17 @@ from torch.utils.data import Dataset
 from mehldau.data.corpus import Corpus, build_corpus, file_hash
 from mehldau.data.dataset import Augmentation
 from mehldau.data.sources import Piece, pieces_from_config
-from mehldau.data.splits import MANIFEST, check_ratios, read_manifest, resume_pieces, splits_for_run
+from mehldau.data.splits import (
+    LINEAGE,
+    MANIFEST,
+    ancestry,
+    check_ratios,
+    read_lineage,
+    read_manifest,
+    resume_pieces,
+    splits_for_run,
+    write_lineage,
+)
 from mehldau.errors import UserError
 from mehldau.settings import checked
 from mehldau.tokenize.base import Tokenizer
@@ -85,7 +95,7 @@ class _Split:
 
 
 # Files a training run writes into its directory before its first checkpoint.
-RUN_FILES = ("metrics.jsonl", MANIFEST, "skipped.tsv")
+RUN_FILES = ("metrics.jsonl", MANIFEST, LINEAGE, "skipped.tsv")
 # What a run is: a resume must agree on these with the checkpoint it continues (force=true
 # overrides). train.* may change (max_steps: see `trainer.lr_factor`) except the batch,
 # which fixes where in the data the run is.
@@ -173,11 +183,12 @@ def run_pieces(cfg: DictConfig) -> list[Piece]:
 
 def run_corpus(cfg: DictConfig, pieces: list[Piece], tokenizer: Tokenizer, run_dir: Path,
                base: Path | None = None, resume: bool = False, accelerator=None) -> Corpus:
-    """Final splits (`split.manifest`, or the base's; leaks into val/test refused; on resume
-    the run's own pieces and splits, `resume_pieces`), then the validated, tokenized corpus;
-    creates the run directory and writes skipped.tsv and splits.json into it. With several
-    processes (`accelerator`), the main one builds and writes; the others then read the
-    token cache it filled, and write nothing."""
+    """Final splits (`split.manifest`, or those of the base and its ancestors; leaks into
+    val/test from any of them refused; on resume the run's own pieces and splits,
+    `resume_pieces`), then the validated, tokenized corpus; creates the run directory and
+    writes skipped.tsv, splits.json and lineage.json (the base's manifest and its ancestors',
+    empty without a base) into it. With several processes (`accelerator`), the main one
+    builds and writes; the others then read the token cache it filled, and write nothing."""
     main = accelerator is None or accelerator.is_main_process
     own = run_dir / MANIFEST
     manifest = cfg.split.get("manifest")
@@ -185,12 +196,16 @@ def run_corpus(cfg: DictConfig, pieces: list[Piece], tokenizer: Tokenizer, run_d
     if resume and own.is_file():
         saved = read_manifest(own)
         pieces, manifest, saved_rule = resume_pieces(pieces, saved, file_hash), own, saved["rule"]
-    pieces, rule = splits_for_run(pieces, manifest, base, bool(cfg.force), file_hash)
+    # A resume keeps the lineage it started with, even if an ancestor's run dir is gone since.
+    lineage = (read_lineage(run_dir / LINEAGE) if resume and (run_dir / LINEAGE).is_file()
+               else ancestry(base) if base is not None else [])
+    pieces, rule = splits_for_run(pieces, manifest, lineage, bool(cfg.force), file_hash)
     rule = saved_rule or {**rule, **OmegaConf.to_container(cfg.split, resolve=True)}
     corpus = None
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         corpus = build_corpus(pieces, tokenizer, run_dir, cfg.cache_dir, rule)
+        write_lineage(lineage, run_dir / LINEAGE)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return corpus or build_corpus(pieces, tokenizer, None, cfg.cache_dir, rule, quiet=True)
@@ -212,14 +227,16 @@ def metrics_file(run_dir: Path, resume: bool, header: dict[str, Any], main: bool
 
 def checkpoint_extras(cfg: DictConfig, tokenizer: Tokenizer, model_config: dict, run_dir: Path):
     """What every checkpoint carries beside its weights, so it can be used alone: the resolved
-    config, the tokenizer, the model config and the split manifest."""
+    config, the tokenizer, the model config, the split manifest and the lineage (what the
+    checkpoints it was built on trained on)."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
 
     def write(d: Path) -> None:
         OmegaConf.save(OmegaConf.create(resolved), d / "config.yaml")
         tokenizer.save(d / "tokenizer.json")
         (d / "model_config.json").write_text(json.dumps(model_config, indent=2))
-        (d / MANIFEST).write_text((run_dir / MANIFEST).read_text())
+        for name in (MANIFEST, LINEAGE):
+            (d / name).write_text((run_dir / name).read_text())
 
     return write
 
