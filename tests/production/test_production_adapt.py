@@ -60,6 +60,19 @@ def test_adapt_saves_only_the_adapter_and_reports_base_loss(runs) -> None:
     assert adapted[-1]["loss"] < base[0]["loss"]
 
 
+def test_the_copy_check_of_an_adapted_run_indexes_its_bases_training_pieces(runs) -> None:
+    """Copying would come from the base's pretraining data as much as from the adapter's."""
+    from mehldau.evaluation.compare import load_runs, training_files
+
+    files, coverage = training_files(load_runs([str(runs["lora"])]))
+    own = read_manifest(runs["lora"] / "splits.json")["train"]["pieces"]
+    base = read_manifest(runs["pre"] / "splits.json")["train"]["pieces"]
+    assert {Path(e["path"]) for e in own} <= set(files)
+    assert {Path(e["path"]) for e in base} <= set(files)
+    assert coverage["listed"] == len(files) == len({e["path"] for e in [*own, *base]})
+    assert coverage["missing"] == [] and coverage["unknown_training_data"] == []
+
+
 def test_generate_from_adapter_equals_generate_from_merged(runs, capsys) -> None:
     tmp = runs["tmp"]
     assert generate([f"ckpt={runs['lora']}", f"out={tmp / 'a.mid'}", "seconds=5",

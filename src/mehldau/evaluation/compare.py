@@ -37,7 +37,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from mehldau.data.corpus import BadMidi, read_score
-from mehldau.data.splits import SPLITS, find_manifest, read_manifest
+from mehldau.data.splits import SPLITS, find_manifest, lineage_manifests, read_manifest
 from mehldau.errors import UserError
 from mehldau.evaluation import distribution as dist
 from mehldau.evaluation import features as feat
@@ -159,35 +159,39 @@ def reference_files(cfg: DictConfig, runs: list[Run]) -> list[tuple[str, Path]]:
 
 
 def training_files(runs: list[Run]) -> tuple[list[Path], dict]:
-    """The copy check's training set: every piece the runs' manifests list as trained on,
-    once (by content hash where the manifest records it, else by path), and what it covers:
-    how many were listed, the files that are missing or unreadable (named), and the runs
-    whose training data is unknown."""
+    """The copy check's training set: every piece the runs, and every checkpoint their
+    weights learned from (an adapter's base, its base, an autoencoder), trained on, once (by
+    content hash where the manifest records it, else by path), and what it covers: how many
+    were listed, the files that are missing or unreadable (named), and the runs or ancestors
+    whose training data is unknown (no manifest: released weights, say)."""
     seen: set[str] = set()
     files: list[Path] = []
-    listed = 0
-    unknown = [r.name for r in runs if r.manifest is None]
+    unknown: list[str] = []
     for run in runs:
-        for manifest in [run.manifest] if run.manifest is not None else []:
+        for name, manifest in lineage_manifests(run.ckpt):
+            if manifest is None:
+                unknown.append(name if name != str(run.ckpt) else run.name)
+                continue
             for e in manifest["train"].get("pieces", []):
                 key = e.get("sha") or str(Path(e["path"]).absolute())
-                if key in seen:
-                    continue
-                seen.add(key)
-                listed += 1
-                files.append(Path(e["path"]))
+                if key not in seen:
+                    seen.add(key)
+                    files.append(Path(e["path"]))
+    unknown = list(dict.fromkeys(unknown))
     missing = [str(p) for p in files if not p.is_file()]
     unreadable = [str(p) for p in files if p.is_file() and not _usable(p, "training")]
     bad = {*missing, *unreadable}
-    coverage = {"listed": listed, "missing": missing, "unreadable": unreadable,
-                "runs_without_manifest": unknown}
+    coverage = {"listed": len(files), "missing": missing, "unreadable": unreadable,
+                "unknown_training_data": unknown}
     for what, paths in (("are missing", missing), ("cannot be read", unreadable)):
         if paths:
-            print(f"compare: copy check: {len(paths)} of {listed} training files {what} and "
-                  f"are left out (e.g. {paths[0]}); report.json names them", file=sys.stderr)
+            print(f"compare: copy check: {len(paths)} of {len(files)} training files {what} "
+                  f"and are left out (e.g. {paths[0]}); report.json names them",
+                  file=sys.stderr)
     if unknown:
-        print(f"compare: copy check: run {unknown[0]} has no splits.json; what it trained on "
-              "is not indexed", file=sys.stderr)
+        print(f"compare: copy check: what {unknown[0]} trained on is not known (no "
+              f"splits.json){f' nor {len(unknown) - 1} more' if len(unknown) > 1 else ''}; "
+              "not indexed", file=sys.stderr)
     return [p for p in files if str(p) not in bad], coverage
 
 

@@ -152,13 +152,13 @@ def coverage_line(coverage: dict, cfg: DictConfig) -> str:
         return "Copy check: no training pieces known (no run has a splits.json)."
     line = (f"Copy check: indexed {coverage['indexed_pieces']} training pieces "
             f"({coverage['indexed_notes']:,} notes) of the {coverage['listed']} that the runs' "
-            "manifests list as trained on")
+            "manifests and their bases' list as trained on")
     gaps = [f"{len(coverage[k])} {what}" for k, what in (
         ("missing", "missing"), ("unreadable", "unreadable")) if coverage.get(k)]
     if gaps:
         line += f"; left out: {', '.join(gaps)} (named in report.json)"
-    if coverage.get("runs_without_manifest"):
-        line += (f"; not covered: what {', '.join(coverage['runs_without_manifest'])} trained "
+    if coverage.get("unknown_training_data"):
+        line += (f"; not covered: what {', '.join(coverage['unknown_training_data'])} trained "
                  "on (no splits.json)")
     return line + "."
 
