@@ -115,6 +115,20 @@ def test_scratch_train_generate_then_lora_from_a_released_file(tmp_path: Path, c
     assert "no style conditioning" in capsys.readouterr().err
 
 
+def test_a_typo_in_the_adapter_targets_is_refused_before_anything_is_written(
+        tmp_path: Path, capsys) -> None:
+    data = make_folder(tmp_path / "data")
+    pt = tmp_path / "moonbeam_micro.pt"
+    write_released(pt)
+    run = tmp_path / "typo"
+    assert train([f"run_dir={run}", f"init={pt}", "data=folder", f"data.root={data}",
+                  "adapter.targets=[q_proj,summary_projecton]", *MICRO]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "'summary_projecton' is not a module of MoonbeamForCausalLM" in err[-1]
+    assert "summary_projection" in err[-1] and "Traceback" not in "\n".join(err)
+    assert not run.exists()
+
+
 def test_pedal_handling_follows_the_weights(tmp_path: Path, capsys) -> None:
     pt = tmp_path / "moonbeam.pt"
     pt.write_bytes(b"released weights")

@@ -438,6 +438,17 @@ class OutputGRU(nn.Module):
 
 
 class MoonbeamForCausalLM(nn.Module):
+    # What `adapter.ffn` / `adapter.embeddings` add to LoRA's targets (mehldau.adapters.lora):
+    # the SwiGLU projections, and the compound input embedding of §3.2 (each FME's
+    # `linear_fme`, the instrument and SOS/EOS tables, the embedding MLP) with the output
+    # side (`decoder_embedding`, `lm_head`, in the reference's default targets already).
+    adapter_groups = {
+        "ffn": ("gate_proj", "up_proj", "down_proj"),
+        "embeddings": ("linear_fme", "instrument_embedding.embedding", "supplementary_embedding",
+                       "supplementary_MLP.0", "supplementary_MLP.2", "decoder_embedding",
+                       "lm_head"),
+    }
+
     def __init__(self, config: MoonbeamConfig) -> None:
         super().__init__()
         self.config = config
