@@ -129,6 +129,20 @@ def test_a_typo_in_the_adapter_targets_is_refused_before_anything_is_written(
     assert not run.exists()
 
 
+def test_released_presets_take_the_reference_numerics() -> None:
+    presets = Path(__file__).parents[2] / "configs/model"
+    for preset, want in (("moonbeam_309m", True), ("moonbeam_839m", True),
+                         ("moonbeam_tiny", False)):
+        m = OmegaConf.load(presets / f"{preset}.yaml")
+        assert model_config(OmegaConf.create({"model": m})).reference_numerics is want, preset
+    m = OmegaConf.load(presets / "moonbeam_309m.yaml")
+    m.reference_numerics = False  # a numerics setting: given for a released config too
+    assert model_config(OmegaConf.create({"model": m})).reference_numerics is False
+    m.reference_numerics = "yes"
+    with pytest.raises(UserError, match="reference_numerics must be true or false"):
+        model_config(OmegaConf.create({"model": m}))
+
+
 def test_pedal_handling_follows_the_weights(tmp_path: Path, capsys) -> None:
     pt = tmp_path / "moonbeam.pt"
     pt.write_bytes(b"released weights")
