@@ -300,7 +300,8 @@ def test_fme_interleaves_sin_and_cos() -> None:
 
 def test_fme_is_fp32_under_bf16_weights() -> None:
     fme = FundamentalMusicEmbedding(64, 199999.0).to(torch.bfloat16)
-    # The reference casts 1001 to bf16 (= 1000); here the two onsets stay distinct.
+    # The reference casts 1001 to bf16 (= 1000); without reference_numerics the two stay
+    # distinct.
     assert not torch.equal(fme_encoding(torch.tensor(1001), 64, 199999.0),
                            fme_encoding(torch.tensor(1000), 64, 199999.0))
     assert fme(torch.tensor([[1001]])).dtype == torch.bfloat16
