@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import copy
 import sys
 from pathlib import Path
 
@@ -24,7 +25,9 @@ from mehldau.adapters.lora import (
     trainable_parameters,
 )
 from mehldau.errors import UserError
+from mehldau.nn.moonbeam import MoonbeamConfig, MoonbeamForCausalLM
 from mehldau.nn.music_transformer import MusicTransformer, MusicTransformerConfig
+from mehldau.train.memory import lora_parameters
 
 WEIGHTS = "model.safetensors"
 
@@ -114,9 +117,10 @@ def test_trainable_share_of_the_base_preset(capsys) -> None:
 
 def test_ffn_and_embedding_targets_are_wrapped() -> None:
     cfg = AdapterConfig(ffn=True, embeddings=True, dropout=0.0)
-    names = cfg.target_modules()
+    names = cfg.target_modules(tiny_model())
     assert names[:4] == ["q_proj", "k_proj", "v_proj", "o_proj"]
-    assert set(FFN) | set(EMBEDDINGS) <= set(names) and len(names) == len(set(names))
+    # the Llama names this model has (gate_proj only comes with SwiGLU), each once
+    assert names[4:] == [*FFN[1:], *EMBEDDINGS]
     model = apply_lora(tiny_model(), cfg)
     # gate_proj does not exist with GELU (only SwiGLU); every present target must be wrapped
     wrapped = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")}
@@ -132,6 +136,69 @@ def test_ffn_and_embedding_targets_are_wrapped() -> None:
     swiglu = apply_lora(swiglu, cfg)
     assert any(n.endswith("gate_proj") and hasattr(m, "lora_A")
                for n, m in swiglu.named_modules())
+
+
+def wrapped(model: torch.nn.Module) -> set[str]:
+    """Dotted names (peft's prefix removed) of the modules peft gave a LoRA update."""
+    return {n.removeprefix("base_model.model.") for n, m in model.named_modules()
+            if hasattr(m, "lora_A") and (m.lora_A or m.lora_embedding_A)}
+
+
+@pytest.mark.parametrize("family", ["production", "moonbeam"])
+def test_a_target_that_is_no_module_is_refused_naming_the_valid_ones(family: str) -> None:
+    model = tiny_model() if family == "production" else MoonbeamForCausalLM(
+        MoonbeamConfig.tiny())
+    for typo in ("q_prj", "mlp", "norm", "0"):  # a typo, a block, a norm, a bare index
+        with pytest.raises(UserError) as e:
+            apply_lora(model, AdapterConfig(targets=["q_proj", typo]))
+        msg = str(e.value)
+        assert "\n" not in msg and f"'{typo}' is not a module of {type(model).__name__}" in msg
+        valid = msg.split("choose from ")[1].split(", ")
+        assert valid == sorted(valid) and {"q_proj", "lm_head"} <= set(valid)
+        assert "norm" not in valid and "0" not in valid
+    if family == "moonbeam":  # a Sequential's layers by their parent, as peft can match them
+        assert {"supplementary_MLP.0", "supplementary_MLP.2", "linear_fme"} <= set(valid)
+        apply_lora(model, AdapterConfig(targets=["supplementary_MLP.0"]))
+
+
+def test_embeddings_on_moonbeam_adapt_its_compound_embedding() -> None:
+    # Moonbeam has no `embed_tokens`: its input is the FMEs, the instrument and SOS/EOS tables
+    # and the embedding MLP (docs/moonbeam.md §3.2); its output side is adapted by default.
+    default = adapter_defaults()
+    config = MoonbeamConfig.tiny()
+    plain = apply_lora(MoonbeamForCausalLM(config), AdapterConfig(**default))
+    acfg = AdapterConfig(**default, embeddings=True, ffn=True)
+    more = apply_lora(MoonbeamForCausalLM(config), acfg)
+    assert trainable_parameters(more)[0] > trainable_parameters(plain)[0]
+    # the memory plan counts what peft adds, dotted targets (supplementary_MLP.0) included
+    model = MoonbeamForCausalLM(config)
+    assert lora_parameters(model, acfg.target_modules(model), acfg.r) == \
+        trainable_parameters(more)[0]
+    layers = [f"model.layers.{i}." for i in range(config.num_hidden_layers)]
+    head = {"decoder_embedding", "summary_projection", "lm_head", "decoder.fc_out"}
+    assert wrapped(plain) == head | {f"{p}self_attn.{n}" for p in layers
+                                     for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    assert wrapped(more) - wrapped(plain) == {
+        *(f"model.{a}_embedding.linear_fme" for a in ("onset", "dur", "octave", "pitch",
+                                                      "velocity")),
+        "model.instrument_embedding.embedding", "model.supplementary_embedding",
+        "model.supplementary_MLP.0", "model.supplementary_MLP.2",
+        *(f"{p}mlp.{n}" for p in layers for n in ("gate_proj", "up_proj", "down_proj"))}
+    # The LoRA updates start at zero: the adapted model computes what the base does.
+    torch.manual_seed(0)
+    base = MoonbeamForCausalLM(config).eval()
+    x = torch.randint(0, 30, (1, 6, 6))
+    adapted = apply_lora(copy.deepcopy(base), AdapterConfig(**default, embeddings=True)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(x).summary, base(x).summary, rtol=0, atol=0)
+
+
+def adapter_defaults() -> dict:
+    """The moonbeam_lora branch's adapter defaults (configs/branch/moonbeam_lora.yaml)."""
+    from omegaconf import OmegaConf
+
+    branch = OmegaConf.load(Path(__file__).parents[1] / "configs/branch/moonbeam_lora.yaml")
+    return OmegaConf.to_container(branch.adapter)
 
 
 def test_merge_gives_a_plain_model_with_the_adapted_logits() -> None:

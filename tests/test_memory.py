@@ -67,7 +67,7 @@ def test_lora_parameter_count_matches_peft() -> None:
                                  max_seq_len=16, max_relative_position=8)
     model = MusicTransformer(cfg)
     acfg = AdapterConfig(r=4)
-    planned = memory.lora_parameters(model, acfg.target_modules(), acfg.r)
+    planned = memory.lora_parameters(model, acfg.target_modules(model), acfg.r)
     trainable, _ = trainable_parameters(apply_lora(model, acfg))
     assert planned == trainable > 0
 

@@ -7,12 +7,14 @@ the model, so a renamed or reshaped parameter fails here before it fails on a re
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mehldau.errors import UserError
 from mehldau.nn.moonbeam import (
@@ -298,7 +300,8 @@ def test_fme_interleaves_sin_and_cos() -> None:
 
 def test_fme_is_fp32_under_bf16_weights() -> None:
     fme = FundamentalMusicEmbedding(64, 199999.0).to(torch.bfloat16)
-    # The reference casts 1001 to bf16 (= 1000); here the two onsets stay distinct.
+    # The reference casts 1001 to bf16 (= 1000); without reference_numerics the two stay
+    # distinct.
     assert not torch.equal(fme_encoding(torch.tensor(1001), 64, 199999.0),
                            fme_encoding(torch.tensor(1000), 64, 199999.0))
     assert fme(torch.tensor([[1001]])).dtype == torch.bfloat16
@@ -461,3 +464,180 @@ def test_packed_attention_keeps_no_score_matrix() -> None:
     assert (2, c.num_attention_heads, 256, 256) not in packed
     extra = [s for s in packed if s not in causal]
     assert extra == [(2, 1, 256, 256)] * c.num_hidden_layers, extra
+
+
+# --- numerics of the reference (docs/moonbeam.md §3.7) ----------------------------------------
+BF16 = torch.bfloat16
+
+
+def long_onsets(c: MoonbeamConfig, B: int = 2, L: int = 12, seed: int = 0) -> torch.Tensor:
+    """Event rows with absolute onsets past 256 (where bf16 drops an integer's last bits)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([
+        3000 + torch.randint(0, 60, (B, L), generator=g).cumsum(1),
+        torch.randint(1, c.dur_vocab_size - 2, (B, L), generator=g),
+        torch.randint(0, 11, (B, L), generator=g),
+        torch.randint(0, 12, (B, L), generator=g),
+        torch.randint(0, 129, (B, L), generator=g),
+        torch.randint(1, 128, (B, L), generator=g),
+    ], dim=-1)
+
+
+def written_out_fme(fme: FundamentalMusicEmbedding, x: torch.Tensor) -> torch.Tensor:
+    """The reference's FME of a bf16 model, one step a line: (B, L) ints -> (B, L, d)."""
+    d = fme.d
+    rate = 1 / torch.pow(fme.base, (2 * (torch.arange(d) // 2)) / d)  # its fp32 table
+    rate = rate.to(BF16)  # `angles.to(dtype=linear_fme.weight.dtype)`
+    angle = x.to(BF16)[..., None] * rate  # the integer is cast to bf16 first: 1001 -> 1000
+    assert angle.dtype == BF16
+    pe = angle.clone()
+    pe[..., 0::2] = torch.sin(angle[..., 0::2])  # bf16 in, bf16 out
+    pe[..., 1::2] = torch.cos(angle[..., 1::2])
+    pe = pe + fme.translation_bias.to(BF16)
+    return F.linear(pe, fme.linear_fme.weight.to(BF16), fme.linear_fme.bias.to(BF16))
+
+
+def written_out_attention(attn, h: torch.Tensor, positions: torch.Tensor, bases: tuple,
+                          reference: bool) -> torch.Tensor:
+    """One MRA attention on bf16 activations h (B, L, H) at positions (B, L, 6), causal:
+    with the reference's bf16 rotary (bf16 `inv_freq`, fp32 product, bf16 cos/sin and
+    rotation), or with fp32 tables and an fp32 rotation (reference=False)."""
+    B, L, _ = h.shape
+    hd = attn.head_dim
+    q = F.linear(h, attn.q_proj.weight).view(B, L, 12, hd).transpose(1, 2)
+    k = F.linear(h, attn.k_proj.weight).view(B, L, 6, hd).transpose(1, 2)
+    v = F.linear(h, attn.v_proj.weight).view(B, L, 6, hd).transpose(1, 2)
+
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        turned = torch.cat((-x[..., hd // 2:], x[..., :hd // 2]), dim=-1)
+        return x * cos + turned * sin
+
+    qs, ks = [], []
+    for g, col in enumerate((0, 1, 2, 3, 0, 5)):
+        if reference:  # the buffer is built in fp32, then `model.to(bfloat16)` rounds it
+            inv_freq = 1.0 / (bases[g] ** (torch.arange(0, hd, 2, dtype=torch.int64).float()
+                                           / hd))
+            inv_freq = inv_freq.to(BF16).float()
+        else:
+            inv_freq = torch.tensor(bases[g], dtype=torch.float64).pow(
+                -torch.arange(0, hd, 2, dtype=torch.float64) / hd).float()
+        freqs = positions[..., col].float()[..., None] * inv_freq  # (B, L, hd/2), fp32
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, L, hd)
+        if reference:  # cos/sin cast to the activations' bf16, the rotation in bf16
+            cos, sin = emb.cos().to(BF16), emb.sin().to(BF16)
+            qs.append(rotate(q[:, 2 * g:2 * g + 2], cos, sin))
+            ks.append(rotate(k[:, g:g + 1], cos, sin))
+        else:
+            cos, sin = emb.cos(), emb.sin()
+            qs.append(rotate(q[:, 2 * g:2 * g + 2].float(), cos, sin).to(BF16))
+            ks.append(rotate(k[:, g:g + 1].float(), cos, sin).to(BF16))
+    q, k = torch.cat(qs, dim=1), torch.cat(ks, dim=1)
+    y = F.scaled_dot_product_attention(q, k.repeat_interleave(2, dim=1),
+                                       v.repeat_interleave(2, dim=1), is_causal=True)
+    return F.linear(y.transpose(1, 2).reshape(B, L, -1), attn.o_proj.weight)
+
+
+def test_reference_fme_is_the_written_out_reference_in_bf16() -> None:
+    torch.manual_seed(0)
+    x = torch.cat([torch.arange(0, 300), torch.randint(257, 5000, (200,)),
+                   torch.tensor([1000, 1001])])[None]  # (1, 502)
+    for base in (199999.0, 1031.0, 131.0):
+        fme = FundamentalMusicEmbedding(16, base)
+        with torch.no_grad():
+            fme.translation_bias.normal_()
+        want = written_out_fme(fme, x)
+        bf16 = copy.deepcopy(fme).to(BF16)
+        assert torch.equal(bf16(x, BF16), want)
+        # Autocast to bf16 over fp32 weights (the trainer's bf16 on CUDA) computes the same.
+        with torch.autocast("cpu", BF16):
+            assert torch.equal(fme(x, BF16), want)
+        # 1001 and 1000 are one bf16 number to the reference: both rows are the same.
+        assert torch.equal(want[0, -1], want[0, -2])
+
+        # The accurate path: the fp32 angles whatever the weights, rounded once at the end
+        # (what a bf16 linear layer takes), and not what the reference computes.
+        taken = linear_input(bf16, x)
+        with torch.no_grad():
+            exact = fme_encoding(x, 16, base) + bf16.translation_bias.float()
+        assert taken.dtype == BF16 and torch.equal(taken, exact.to(BF16))
+        assert not torch.equal(bf16(x)[0, 300:], want[0, 300:])  # onsets past 256
+
+
+def linear_input(fme: FundamentalMusicEmbedding, x: torch.Tensor) -> torch.Tensor:
+    """What the FME hands its `linear_fme` (the sinusoid plus the translation bias)."""
+    seen = []
+    hook = fme.linear_fme.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    with torch.no_grad():
+        fme(x)
+    hook.remove()
+    return seen[0]
+
+
+def test_reference_dtype_is_the_dtype_the_model_runs_in() -> None:
+    config = replace(MoonbeamConfig.tiny(), reference_numerics=True)
+    model = MoonbeamForCausalLM(config).model
+    assert model.reference_dtype() is None  # fp32: no 16-bit rounding to reproduce
+    with torch.autocast("cpu", BF16):
+        assert model.reference_dtype() == BF16
+    assert copy.deepcopy(model).to(BF16).reference_dtype() == BF16
+    plain = MoonbeamForCausalLM(MoonbeamConfig.tiny()).model.to(BF16)
+    assert plain.reference_dtype() is None  # the flag off: the accurate angles in bf16 too
+
+
+@pytest.mark.parametrize("reference", [True, False])
+def test_bf16_attention_is_the_written_out_formulation(reference: bool) -> None:
+    model = tiny_model()
+    model.config.reference_numerics = reference
+    model = model.to(BF16)
+    c = model.config
+    ids = long_onsets(c)
+    attn = model.model.layers[0].self_attn
+    seen = {}
+    hooks = [attn.register_forward_pre_hook(lambda _, args: seen.__setitem__("h", args[0])),
+             attn.register_forward_hook(lambda _, a, out: seen.__setitem__("y", out[0]))]
+    with torch.no_grad():
+        model.model(ids)
+    for h in hooks:
+        h.remove()
+    want = written_out_attention(attn, seen["h"], ids, c.rope_bases, reference)
+    assert seen["y"].dtype == BF16 and torch.equal(seen["y"], want)
+
+
+def test_reference_numerics_change_bf16_and_nothing_in_fp32() -> None:
+    ids, labels = random_batch(MoonbeamConfig.tiny(), L=12)
+    ids[:, 1:-1, 0] += 2000  # onsets past 256
+    out = {}
+    for dtype in (torch.float32, BF16):
+        for reference in (False, True):
+            model = tiny_model()
+            model.config.reference_numerics = reference
+            with torch.no_grad():
+                out[dtype, reference] = model.to(dtype)(ids, labels=labels)
+    same = out[torch.float32, False], out[torch.float32, True]
+    assert torch.equal(same[0].logits, same[1].logits) and torch.equal(same[0].loss, same[1].loss)
+    assert not torch.equal(out[BF16, False].summary, out[BF16, True].summary)
+
+
+def test_reference_numerics_is_saved_with_the_config() -> None:
+    config = replace(MoonbeamConfig.tiny(), reference_numerics=True)
+    assert MoonbeamConfig(**json.loads(json.dumps(config.to_dict()))).reference_numerics
+    assert not MoonbeamConfig(**{k: v for k, v in config.to_dict().items()
+                                 if k != "reference_numerics"}).reference_numerics
+    with pytest.raises(ValueError, match="reference_numerics must be true or false"):
+        replace(config, reference_numerics="yes")
+
+
+def test_a_4bit_base_embeds_what_its_dequantized_weights_embed() -> None:
+    # A 4-bit `linear_fme` holds uint8: its input must go in its compute dtype, not the
+    # weight's (which turned the FME into integers under QLoRA).
+    pytest.importorskip("bitsandbytes")
+    from mehldau.adapters import qlora
+
+    model = tiny_model()
+    ref = qlora.nf4_round_trip(copy.deepcopy(model))
+    qlora.quantize_4bit(model, torch.float32, "cpu")
+    ids = long_onsets(model.config)
+    with torch.no_grad():
+        got, want = model.model.embed_tokens(ids), ref.model.embed_tokens(ids)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

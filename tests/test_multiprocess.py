@@ -3,8 +3,10 @@ the batch each train as one process with the whole batch (the same samples, spli
 overlap), and only the main process writes the run's files.
 
 `torchrun --standalone` starts the processes, with ACCELERATE_USE_CPU=true so accelerate
-takes the CPU (gloo) path; on GPUs, `accelerate launch --multi_gpu --num_processes N` does
-the same through the same torchrun machinery.
+takes the CPU (gloo) path, and once without it: the trainer takes that path itself when no
+accelerator is there (before, each process trained alone into the same run directory). On
+GPUs, `accelerate launch --multi_gpu --num_processes N` does the same through the same
+torchrun machinery.
 """
 
 from __future__ import annotations
@@ -50,14 +52,18 @@ def lines(run: Path) -> list[dict]:
     return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("branch", sorted(BRANCHES))
-def test_two_processes_train_as_one_with_the_same_global_batch(branch: str,
+@pytest.mark.parametrize("branch, cpu_variable", [*((b, True) for b in sorted(BRANCHES)),
+                                                   ("production", False)])
+def test_two_processes_train_as_one_with_the_same_global_batch(branch: str, cpu_variable: bool,
                                                                tmp_path: Path) -> None:
     args, batch, atol, rtol = BRANCHES[branch]
     data = make_folder(tmp_path / "data")
     one, two = tmp_path / "one", tmp_path / "two"
     assert train([f"run_dir={one}", f"data.root={data}", f"{batch}=4", *COMMON, *args]) == 0
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("ACCELERATE_USE_CPU", None)
+    if cpu_variable:
+        env["ACCELERATE_USE_CPU"] = "true"
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "mehldau.cli.train", f"run_dir={two}", f"data.root={data}", f"{batch}=2",
@@ -77,6 +83,23 @@ def test_two_processes_train_as_one_with_the_same_global_batch(branch: str,
     assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step_0000002",
                                                                       "step_0000004"]
     assert done.stderr.count("data: 8 pieces") == 1
+
+
+@pytest.mark.parametrize("branch", ["production", "scg_diffusion"])
+def test_a_world_size_accelerate_did_not_set_up_is_refused(branch: str, tmp_path: Path,
+                                                           monkeypatch, capsys) -> None:
+    # WORLD_SIZE says two processes, but no launcher started this one (no LOCAL_RANK):
+    # accelerate sets up one, which would train alone.
+    args = BRANCHES[branch][0]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    run = tmp_path / "run"
+    assert train([f"run_dir={run}", f"data.root={make_folder(tmp_path / 'data')}", *COMMON,
+                  *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "WORLD_SIZE=2 says 2 processes, but accelerate set up 1" in err[0]
+    assert "ACCELERATE_USE_CPU=true torchrun" in err[0] and "accelerate launch" in err[0]
+    assert not run.exists()
 
 
 @pytest.mark.parametrize("world, batch", [(2, 3), (4, 2), (3, 5)])

@@ -144,14 +144,50 @@ def test_crops_and_windows_leave_no_note_open(tok):
         assert (got[:, :3] == expect[:, :3]).all()
         crossing += int((expect[:, 0] + expect[:, 1] > clock[b]).sum())
     assert crossing > 20  # many notes ring past the end of their window, durations intact
-    # Training crops decode the same way: every note has a duration of the grid.
-    ds = RandomCropDataset([add_bos_eos(seq, tok)], 48, tok, seed=3,
+    # Training crops decode the same way: every note has a duration of the grid. A short
+    # piece beside the long one makes some crops padded.
+    short = tok.encode(score_of(notes[:6]))
+    ds = RandomCropDataset([add_bos_eos(seq, tok), add_bos_eos(short, tok)], 48, tok, seed=3,
                            augment=Augmentation(2, (0.95, 1.05)))
-    for i in range(20):
+    padded = 0
+    for i in range(40):
         ids = ds[i]["input_ids"].numpy()
         assert np.isin(decoded(tok, ids)[:, 1], tok.durations).all()
-        assert tok.next_token_mask()[ids[:-1], ids[1:]].all() or ids[-1] == 0
+        padded += check_crop_grammar(tok, ids) < len(ids)
+    assert 0 < padded < 40
     assert len(WindowDataset([add_bos_eos(seq, tok)], 48, 0)) > 1
+
+
+def check_crop_grammar(tok: DurationTokenizer, ids: np.ndarray) -> int:
+    """A training crop is real tokens, then PAD only: PAD never inside, and the grammar holds
+    between every two real tokens (padded crops included). Returns the real length."""
+    pad = tok.special_tokens["pad"]
+    is_pad = ids == pad
+    n = int(np.argmax(is_pad)) if is_pad.any() else len(ids)
+    assert is_pad[n:].all(), f"PAD inside the crop at {n}, followed by real tokens"
+    real = ids[:n]
+    bad = np.flatnonzero(~tok.next_token_mask()[real[:-1], real[1:]])
+    assert not len(bad), f"grammar broken after position {bad[0]}: {real[bad[0]:bad[0] + 2]}"
+    return n
+
+
+def test_the_crop_grammar_check_catches_broken_crops(tok):
+    seq = add_bos_eos(tok.encode(score_of([(0.1 * k, 0.1 * k + 0.5, 60 + k, 80)
+                                           for k in range(8)])), tok)
+    pad = tok.special_tokens["pad"]
+    crop = np.concatenate([seq[:17], np.full(7, pad)])
+    assert check_crop_grammar(tok, crop) == 17
+    note = int(np.flatnonzero(np.isin(crop, tok.note_range))[2])
+    broken = {
+        "a NOTE dropped mid-triple": np.concatenate([np.delete(crop, note), [pad]]),
+        "PAD in the middle": np.where(np.arange(len(crop)) == 9, pad, crop),
+        "a DURATION twice": np.concatenate([crop[: note + 2], crop[note + 1 :]])[: len(crop)],
+    }
+    for what, ids in broken.items():
+        with pytest.raises(AssertionError):
+            check_crop_grammar(tok, ids)
+        # The check this replaces let every padded crop through:
+        assert ids[-1] == pad, what
 
 
 def test_windows_not_cut_by_whole_triples_drop_only_the_cut_note(tok):

@@ -7,13 +7,14 @@ sampler (`mehldau.sampling_compound`) and the token branches' recipe components
 (`mehldau.recipes.autoregressive`). What is specific here: the model preset fixes the
 tokenizer's vocabulary, `init=FILE.pt` means "adapt this released checkpoint" (no
 `stage=adapt` needed), and generation samples events rather than ids. `context_len` of the
-preset is stored as the config's `max_len`.
+preset is stored as the config's `max_len`, and `model.reference_numerics` (the released
+presets: true) in every checkpoint's model config.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,8 @@ def model_config(cfg: DictConfig) -> MoonbeamConfig:
         mcfg.max_len = int(m.get("context_len", mcfg.max_len))
         if mcfg.max_len < 4:
             raise ValueError(f"context_len must be >= 4, got {mcfg.max_len}")
+        # numerics, not architecture: a released or JSON config takes the preset's too
+        mcfg = replace(mcfg, reference_numerics=m.get("reference_numerics", False))
     except ValueError as e:
         raise UserError(f"bad model config: {e}") from e
     return mcfg

@@ -115,6 +115,34 @@ def test_scratch_train_generate_then_lora_from_a_released_file(tmp_path: Path, c
     assert "no style conditioning" in capsys.readouterr().err
 
 
+def test_a_typo_in_the_adapter_targets_is_refused_before_anything_is_written(
+        tmp_path: Path, capsys) -> None:
+    data = make_folder(tmp_path / "data")
+    pt = tmp_path / "moonbeam_micro.pt"
+    write_released(pt)
+    run = tmp_path / "typo"
+    assert train([f"run_dir={run}", f"init={pt}", "data=folder", f"data.root={data}",
+                  "adapter.targets=[q_proj,summary_projecton]", *MICRO]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "'summary_projecton' is not a module of MoonbeamForCausalLM" in err[-1]
+    assert "summary_projection" in err[-1] and "Traceback" not in "\n".join(err)
+    assert not run.exists()
+
+
+def test_released_presets_take_the_reference_numerics() -> None:
+    presets = Path(__file__).parents[2] / "configs/model"
+    for preset, want in (("moonbeam_309m", True), ("moonbeam_839m", True),
+                         ("moonbeam_tiny", False)):
+        m = OmegaConf.load(presets / f"{preset}.yaml")
+        assert model_config(OmegaConf.create({"model": m})).reference_numerics is want, preset
+    m = OmegaConf.load(presets / "moonbeam_309m.yaml")
+    m.reference_numerics = False  # a numerics setting: given for a released config too
+    assert model_config(OmegaConf.create({"model": m})).reference_numerics is False
+    m.reference_numerics = "yes"
+    with pytest.raises(UserError, match="reference_numerics must be true or false"):
+        model_config(OmegaConf.create({"model": m}))
+
+
 def test_pedal_handling_follows_the_weights(tmp_path: Path, capsys) -> None:
     pt = tmp_path / "moonbeam.pt"
     pt.write_bytes(b"released weights")

@@ -158,6 +158,9 @@ def test_adapt_bad_input(runs, tmp_path: Path, capsys) -> None:
     assert "differs from the tokenizer of init" in one_line(capsys)
     assert train([f"run_dir={out}", f"init={runs['pre']}", "adapter.r=0", *common]) == 2
     assert "r > 0" in one_line(capsys)
+    assert train([f"run_dir={out}", f"init={runs['pre']}", "adapter.targets=[q_proj,v_prj]",
+                  *common]) == 2
+    assert "'v_prj' is not a module of MusicTransformer" in one_line(capsys)
     assert train([f"run_dir={out}", *common, "stage=finetune"]) == 2
     assert "unknown stage" in one_line(capsys)
     assert not out.exists()

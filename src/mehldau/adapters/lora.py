@@ -1,8 +1,15 @@
 """LoRA (Hu et al. 2021, arXiv 2106.09685) on the project's own modules, through peft.
 
-Model-agnostic: any branch whose layers use the Llama names (`q_proj` ... `o_proj`,
-`gate_proj`/`up_proj`/`down_proj`, `embed_tokens`, `lm_head`) is adapted the same way. An
-adapter checkpoint holds peft's files (`adapter_config.json`, `adapter_model.safetensors`)
+Model-agnostic: `adapter.targets` are module names of the model (peft's rule: a module is
+adapted when its dotted name is the target or ends in `.target`), and `adapter.ffn` /
+`adapter.embeddings` add the model's own feed-forward and embedding/output modules, which a
+model class names in its `adapter_groups` (Moonbeam: its compound input embedding); a class
+that names none uses the Llama names (`gate_proj`/`up_proj`/`down_proj`, `embed_tokens`,
+`lm_head`). A target that names anything but Linear or Embedding modules of the model is
+refused in one line listing those it has: peft would otherwise fail in a traceback, or (as
+a filter here once did) adapt less than asked without a word.
+
+An adapter checkpoint holds peft's files (`adapter_config.json`, `adapter_model.safetensors`)
 plus `base.json`: the base checkpoint's path and the sha256 of its weights, so loading can
 refuse an adapter whose base changed on disk.
 """
@@ -24,6 +31,8 @@ from mehldau.errors import UserError
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 FFN = ("gate_proj", "up_proj", "down_proj")
 EMBEDDINGS = ("embed_tokens", "lm_head")
+# What adapter.ffn / adapter.embeddings add on a model class without its own `adapter_groups`.
+LLAMA_GROUPS = {"ffn": FFN, "embeddings": EMBEDDINGS}
 ADAPTER_DIR = "adapter"
 BASE_POINTER = "base.json"
 
@@ -45,26 +54,61 @@ class AdapterConfig:
             raise UserError(f"adapter needs r > 0, alpha > 0, 0 <= dropout < 1; got r={self.r}, "
                             f"alpha={self.alpha}, dropout={self.dropout}")
 
-    def target_modules(self) -> list[str]:
+    def target_modules(self, model: nn.Module) -> list[str]:
+        """The peft targets for `model`: `targets`, each checked to name modules LoRA can
+        adapt (else a one-line `UserError` listing them), then the model's `ffn` and
+        `embeddings` groups when asked (the names of a group the model has)."""
+        adaptable = adaptable_modules(model)
+        names_of = [n for n, _ in model.named_modules() if n]
+        for t in self.targets:
+            # every module it names adaptable: "0" would name Moonbeam's layers.0 too
+            matched = [n for n in names_of if is_target(n, [t])]
+            if not matched or any(n not in adaptable for n in matched):
+                raise UserError(
+                    f"adapter.targets: '{t}' is not a module of {type(model).__name__} that "
+                    f"LoRA can adapt; choose from {', '.join(adaptable_names(model))}")
         names = list(self.targets)
-        if self.ffn:
-            names += [n for n in FFN if n not in names]
-        if self.embeddings:
-            names += [n for n in EMBEDDINGS if n not in names]
+        groups = getattr(model, "adapter_groups", LLAMA_GROUPS)
+        for flag in ("ffn", "embeddings"):
+            if getattr(self, flag):
+                # A group lists the modules of its kind a model may have: a Music Transformer
+                # has gate_proj only with SwiGLU.
+                names += [n for n in groups[flag] if n not in names
+                          and any(is_target(name, [n]) for name in adaptable)]
+        if not names:
+            raise UserError(f"adapter.targets is empty; name modules of {type(model).__name__} "
+                            f"to adapt, from {', '.join(adaptable_names(model))}")
         return names
+
+
+def is_target(name: str, targets: list[str]) -> bool:
+    """peft's rule for a list of target names: the module's dotted name is one of them or
+    ends in `.` + one of them."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules LoRA can adapt here, by dotted name: every Linear (bitsandbytes' 4-bit
+    layers included) and Embedding."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+
+
+def adaptable_names(model: nn.Module) -> list[str]:
+    """The shortest target names that reach each adaptable module, sorted: its own name, or
+    `parent.index` inside a Sequential (a bare index would also name whole layers)."""
+    out = set()
+    for name in adaptable_modules(model):
+        parts = name.split(".")
+        out.add(".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1])
+    return sorted(out)
 
 
 def apply_lora(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
     """Freeze `model` and wrap the target modules with LoRA; returns peft's `PeftModel`."""
     from peft import LoraConfig, get_peft_model
 
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    targets = [t for t in cfg.target_modules() if t in present]
-    if not targets:
-        raise UserError(f"none of the adapter targets {cfg.target_modules()} exist in "
-                        f"{type(model).__name__}")
     lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                      target_modules=targets, bias="none")
+                      target_modules=cfg.target_modules(model), bias="none")
     return get_peft_model(model, lora)
 
 

@@ -15,10 +15,18 @@ Hand-written rather than imported because the public code runs only through a ve
 of transformers 4.42; parameter names and shapes are kept exactly those of the released
 state_dict so `load_released` can load it with `strict=True`.
 
-Deviation from the reference numerics (§3.7): the FME angles and the rotary tables are always
-computed in fp32 from the exact integer values, and the rotation itself is done in fp32, even
-when the weights are bf16. The reference casts the FME input and `inv_freq` to bf16 (onsets
-above 256 get quantised), so outputs are more accurate but not bit-identical to it.
+Numerics of the angles (§3.7), `MoonbeamConfig.reference_numerics`. The reference runs in
+bf16 after `model.to(bfloat16)`: its FME casts the integer input to bf16 (onsets above 256
+lose their last bits, 1001 becomes 1000) and takes sin/cos of bf16 angles, and its rotary
+`inv_freq`, a buffer, is rounded to bf16 before the fp32 position product, then cos/sin and
+the rotation are in bf16. The released weights were trained under those numerics. With
+`reference_numerics` true, a model that runs in a 16-bit dtype (its weights, or autocast
+when it is on) computes exactly those steps (`reference_fme_encoding`, `mra_rotary(...,
+dtype)`, `apply_rotary`); with it false, the FME angles and the rotary tables are computed
+in fp32 from the exact integers and the rotation in fp32, whatever the weights: more
+accurate, not the reference's bf16 output. In fp32 the two settings compute the same (the
+accurate path). The released presets (model=moonbeam_309m/839m) default to true, the tiny
+preset, trained from scratch, to false (docs/moonbeam.md §3.7 says why).
 """
 
 from __future__ import annotations
@@ -74,6 +82,9 @@ class MoonbeamConfig:
     fme_base_pitch: float = 20.0
     fme_base_velocity: float = 131.0
     max_len: int = 1024  # generation length cap of the reference sampler
+    # In bf16/fp16, the FME and rotary angles as the reference computes them (module
+    # docstring); no effect in fp32.
+    reference_numerics: bool = False
 
     def __post_init__(self) -> None:
         H, nh, nkv = self.hidden_size, self.num_attention_heads, self.num_key_value_heads
@@ -105,6 +116,9 @@ class MoonbeamConfig:
                   "decoder_num_hidden_layers"):
             if getattr(self, f) <= 0:
                 raise ValueError(f"{f} must be positive, got {getattr(self, f)}")
+        if not isinstance(self.reference_numerics, bool):
+            raise ValueError(f"reference_numerics must be true or false, got "
+                             f"{self.reference_numerics!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -229,6 +243,29 @@ def fme_encoding(x: torch.Tensor, d: int, base: float) -> torch.Tensor:
     return torch.where(j % 2 == 0, torch.sin(angle), torch.cos(angle))
 
 
+def reference_fme_encoding(x: torch.Tensor, d: int, base: float,
+                           dtype: torch.dtype) -> torch.Tensor:
+    """The FME's sinusoid as the reference computes it in `dtype` (§3.7): its fp32 rate
+    table rounded to `dtype`, the integers cast to `dtype` before the product, sin/cos of
+    those angles in `dtype`. (...,) -> (..., d)."""
+    j = torch.arange(d)  # the reference's table: its expression, in fp32, on the CPU
+    rate = (1 / torch.pow(base, (2 * (j // 2)) / d)).to(x.device, dtype)  # (d,)
+    angle = x.to(dtype)[..., None] * rate  # in bf16, 1001 * rate is 1000 * rate
+    return torch.where(j.to(x.device) % 2 == 0, torch.sin(angle), torch.cos(angle))
+
+
+def compute_dtype(linear: nn.Module) -> torch.dtype:
+    """The dtype a Linear layer computes in: autocast's when it is on for the layer's device,
+    else its weight's, or a 4-bit layer's compute dtype (its packed weight is uint8)."""
+    base = linear.get_base_layer() if hasattr(linear, "get_base_layer") else linear  # peft
+    weight = base.weight
+    if torch.is_autocast_enabled(weight.device.type):
+        return torch.get_autocast_dtype(weight.device.type)
+    if weight.is_floating_point():
+        return weight.dtype
+    return getattr(base, "compute_dtype", None) or torch.float32
+
+
 class FundamentalMusicEmbedding(nn.Module):
     def __init__(self, d: int, base: float) -> None:
         super().__init__()
@@ -236,9 +273,14 @@ class FundamentalMusicEmbedding(nn.Module):
         self.translation_bias = nn.Parameter(torch.zeros(1, d))
         self.linear_fme = nn.Linear(d, d)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, L) int -> (B, L, d)
+    def forward(self, x: torch.Tensor, reference: torch.dtype | None = None) -> torch.Tensor:
+        """(B, L) int -> (B, L, d); `reference`: the 16-bit dtype whose reference numerics to
+        follow (`MoonbeamModel.reference_dtype`), None for the accurate fp32 angles."""
+        if reference is not None:
+            pe = reference_fme_encoding(x, self.d, self.base, reference)
+            return self.linear_fme(pe + self.translation_bias.to(reference))
         pe = fme_encoding(x, self.d, self.base) + self.translation_bias.float()
-        return self.linear_fme(pe.to(self.linear_fme.weight.dtype))
+        return self.linear_fme(pe.to(compute_dtype(self.linear_fme)))
 
 
 class InstrumentEmbedding(nn.Module):
@@ -272,17 +314,26 @@ def rotary_positions(input_ids: torch.Tensor) -> torch.Tensor:
     return torch.where(onset == EOS, torch.full_like(input_ids, EOS_POSITION), pos)
 
 
-def mra_rotary(positions: torch.Tensor, head_dim: int,
-               bases: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L, 6) positions -> cos, sin of shape (B, 6, L, hd) in fp32, group g rotated by
-    column (0, 1, 2, 3, 0, 5)[g] with base bases[g]; HF rotate-half layout."""
+def mra_rotary(positions: torch.Tensor, head_dim: int, bases: tuple[float, ...],
+               reference: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L, 6) positions -> cos, sin of shape (B, 6, L, hd), group g rotated by column
+    (0, 1, 2, 3, 0, 5)[g] with base bases[g]; HF rotate-half layout. In fp32 from exact
+    rates; with `reference` (a 16-bit dtype), as the reference computes them there: its fp32
+    `inv_freq` rounded to that dtype, the product in fp32, cos/sin cast to it."""
+    device = positions.device
     cols = positions[..., [0, 1, 2, 3, 0, 5]].float()  # (B, L, 6); exact below 2^24
-    base = torch.tensor(bases, dtype=torch.float64, device=positions.device)  # (6,)
-    exps = torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim
-    inv_freq = base[:, None].pow(-exps).float()  # (6, hd/2)
+    if reference is None:
+        base = torch.tensor(bases, dtype=torch.float64, device=device)  # (6,)
+        exps = torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim
+        inv_freq = base[:, None].pow(-exps).float()  # (6, hd/2)
+    else:  # the reference's buffer, 1 / base^(2i/hd) in fp32 on the CPU, cast with the model
+        exps = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+        inv_freq = torch.stack([1.0 / (b ** exps) for b in bases]).to(device, reference).float()
     freqs = cols.transpose(1, 2)[..., None] * inv_freq[None, :, None, :]  # (B,6,L,hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (B, 6, L, hd)
-    return emb.cos(), emb.sin()
+    if reference is None:
+        return emb.cos(), emb.sin()
+    return emb.cos().to(reference), emb.sin().to(reference)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -291,7 +342,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate in fp32 (see module docstring) and cast back; cos/sin broadcast to x."""
+    """x * cos + rotate_half(x) * sin, cos/sin broadcast to x: in fp32 and cast back for
+    fp32 tables (the accurate path), in x's dtype for the reference's 16-bit ones."""
+    if cos.dtype != torch.float32:
+        return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
     h = x.float()
     return (h * cos + rotate_half(h) * sin).to(x.dtype)
 
@@ -377,17 +431,26 @@ class MoonbeamModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(H, config.rms_norm_eps)
 
+    def reference_dtype(self) -> torch.dtype | None:
+        """The 16-bit dtype the model runs in (its weights', or autocast's) when
+        `reference_numerics` asks for the reference's angles there; None: the fp32 ones."""
+        if not self.config.reference_numerics:
+            return None
+        dtype = compute_dtype(self.onset_embedding.linear_fme)
+        return dtype if dtype.itemsize < 4 else None
+
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B,L,6) -> (B,L,H)
         onset = input_ids[..., :1]
         is_sos, is_eos = onset == SOS, onset == EOS  # (B, L, 1)
         ids = input_ids.masked_fill(is_sos | is_eos, 0)  # keep the lookups valid
+        ref = self.reference_dtype()
         parts = [
-            self.onset_embedding(ids[..., 0]),
-            self.dur_embedding(ids[..., 1]),
-            self.octave_embedding(ids[..., 2]),
-            self.pitch_embedding(ids[..., 3]),
+            self.onset_embedding(ids[..., 0], ref),
+            self.dur_embedding(ids[..., 1], ref),
+            self.octave_embedding(ids[..., 2], ref),
+            self.pitch_embedding(ids[..., 3], ref),
             self.instrument_embedding(ids[..., 4]),
-            self.velocity_embedding(ids[..., 5]),
+            self.velocity_embedding(ids[..., 5], ref),
         ]
         x = torch.cat(parts, dim=-1)  # concatenated, not summed
         sup = self.supplementary_embedding.weight.to(x.dtype)
@@ -401,7 +464,7 @@ class MoonbeamModel(nn.Module):
         B, L, _ = input_ids.shape
         x = self.embed_tokens(input_ids)
         cos, sin = mra_rotary(rotary_positions(input_ids), self.config.head_dim,
-                              self.config.rope_bases)
+                              self.config.rope_bases, self.reference_dtype())
         past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
         mask = None
         if attention_mask is not None:
@@ -438,6 +501,17 @@ class OutputGRU(nn.Module):
 
 
 class MoonbeamForCausalLM(nn.Module):
+    # What `adapter.ffn` / `adapter.embeddings` add to LoRA's targets (mehldau.adapters.lora):
+    # the SwiGLU projections, and the compound input embedding of §3.2 (each FME's
+    # `linear_fme`, the instrument and SOS/EOS tables, the embedding MLP) with the output
+    # side (`decoder_embedding`, `lm_head`, in the reference's default targets already).
+    adapter_groups = {
+        "ffn": ("gate_proj", "up_proj", "down_proj"),
+        "embeddings": ("linear_fme", "instrument_embedding.embedding", "supplementary_embedding",
+                       "supplementary_MLP.0", "supplementary_MLP.2", "decoder_embedding",
+                       "lm_head"),
+    }
+
     def __init__(self, config: MoonbeamConfig) -> None:
         super().__init__()
         self.config = config
@@ -566,5 +640,5 @@ def load_released(path: str | os.PathLike, config: MoonbeamConfig | str,
 __all__ = [
     "MoonbeamConfig", "MoonbeamForCausalLM", "MoonbeamModel", "MoonbeamOutput",
     "FundamentalMusicEmbedding", "RELEASED_CONFIGS", "fme_encoding", "load_released",
-    "mra_rotary", "rotary_positions",
+    "mra_rotary", "reference_fme_encoding", "rotary_positions",
 ]

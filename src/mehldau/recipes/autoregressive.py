@@ -167,7 +167,10 @@ def plan_memory(cfg: DictConfig, run: Run, model: torch.nn.Module,
                 frame: Callable[[np.ndarray, Tokenizer], np.ndarray] = add_bos_eos) -> None:
     """Before any data is read: the memory plan of training `model` on `crops` (the branch's
     training dataset over given sequences) of `context` tokens, from a made-up piece
-    (`recipes.run.plan_memory`). Resolves `train.micro_batch_size=auto`."""
+    (`recipes.run.plan_memory`), and the adapter's targets checked against `model`. Resolves
+    `train.micro_batch_size=auto`."""
+    if run.adapter is not None:  # adapter.targets named modules of this model, or one line
+        run.adapter.target_modules(model)
     piece = run.tokenizer.encode(setup.made_up_score(context + 8))  # >= 1 token a note
     items = crops([frame(piece, run.tokenizer)], None)
     run.train = setup.plan_memory(run.train, run.accelerator, model, items, run.adapter)

@@ -37,6 +37,7 @@ from itertools import chain
 import torch
 import torch.nn as nn
 
+from mehldau.adapters.lora import is_target
 from mehldau.errors import UserError
 from mehldau.nn.checkpointing import set_activation_checkpointing
 
@@ -157,7 +158,7 @@ def lora_parameters(model: nn.Module, targets: list[str], rank: int) -> int:
     """Parameters LoRA adds: rank x (in + out) for each targeted Linear (or Embedding)."""
     n = 0
     for name, m in model.named_modules():
-        if name.rsplit(".", 1)[-1] in targets:
+        if is_target(name, targets):
             if isinstance(m, nn.Linear):
                 n += rank * (m.in_features + m.out_features)
             elif isinstance(m, nn.Embedding):
@@ -176,7 +177,7 @@ def plan(model: nn.Module, probe: Callable[[int], dict[str, torch.Tensor]], rows
         weights = sum(p.numel() * p.element_size() for p in params)
         trainable = sum(p.numel() for p in params if p.requires_grad)
     else:
-        trainable = lora_parameters(model, adapter.target_modules(), adapter.r)
+        trainable = lora_parameters(model, adapter.target_modules(model), adapter.r)
         weights = sum(p.numel() * p.element_size() for p in params) + 4 * trainable
         if adapter.kind == "qlora":  # NF4: half a byte a weight + one fp32 scale per block
             linear = sum(m.weight.numel() for n, m in model.named_modules()

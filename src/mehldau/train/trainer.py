@@ -14,6 +14,7 @@ prepared scheduler once per process, which would bend the cosine on several GPUs
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import shutil
 import signal
@@ -92,10 +93,36 @@ class TrainConfig:
 
 
 def make_accelerator(mixed_precision: str = "auto") -> Accelerator:
+    """accelerate's `Accelerator` ("auto": bf16 autocast on CUDA, fp32 elsewhere), made one
+    run of every process the launcher started, or refused before anything is written.
+
+    torchrun on a machine without an accelerator: accelerate joins the processes only when
+    told to use the CPU (`ACCELERATE_USE_CPU=true`, `accelerate launch --cpu`); without it
+    each process trained alone and wrote the same run directory (every metrics line and
+    checkpoint twice). Launched processes (LOCAL_RANK set) with no accelerator to spread
+    over therefore take accelerate's CPU path (gloo), as the variable would; any other
+    WORLD_SIZE that differs from the processes accelerate set up is one line naming the fix.
+    """
     if mixed_precision == "auto":
         cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         mixed_precision = "bf16" if cuda_bf16 else "no"
-    return Accelerator(mixed_precision=mixed_precision)
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's and accelerate's
+    except ValueError:
+        raise UserError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number of "
+                        "processes; unset it, or start the run with torchrun or accelerate "
+                        "launch") from None
+    cpu = world > 1 and "LOCAL_RANK" in os.environ and not torch.accelerator.is_available()
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    if world > 1 and accelerator.num_processes != world:
+        raise UserError(
+            f"WORLD_SIZE={world} says {world} processes, but accelerate set up "
+            f"{accelerator.num_processes} on {accelerator.device.type}, so each would train "
+            f"alone into the same run directory; launch with `accelerate launch "
+            f"--num_processes {world} -m mehldau.cli.train ...` (--cpu without GPUs) or "
+            f"`ACCELERATE_USE_CPU=true torchrun --nproc_per_node {world} -m mehldau.cli.train "
+            f"...`, or unset WORLD_SIZE to train in one process")
+    return accelerator
 
 
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
