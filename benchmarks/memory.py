@@ -78,7 +78,7 @@ def plan_line(size: str, context: int, batch: int, variant: str, device: str) ->
     p = memory.plan(model, probe, batch, ckpt, adapter, torch.device(device), autocast)
     return {"variant": variant, "total_gib": p.total() / memory.GiB,
             "weights_gib": p.weights / memory.GiB,
-            "activations_gib": p.activations_per_row * batch / memory.GiB}
+            "activations_gib": p.activations(batch) / memory.GiB}
 
 
 def one_step(size: str, context: int, batch: int, variant: str, device: str) -> dict:
@@ -204,6 +204,7 @@ def branch_step(name: str, overrides: list[str], steps: int = 2) -> dict:
     original = setup.plan_memory
 
     def plan_and_step(tcfg, accelerator, model, items, adapter=None):
+        before_plan = _vm_rss()
         tcfg = original(tcfg, accelerator, model, items, adapter)
         p: memory.MemoryPlan = found["plan"]
         if accelerator.device.type == "cuda":
@@ -212,6 +213,10 @@ def branch_step(name: str, overrides: list[str], steps: int = 2) -> dict:
         else:
             baseline = found["baseline"]
         set_activation_checkpointing(model, tcfg.activation_checkpointing)
+        # what the process holds beside the model as training starts: the interpreter and
+        # the library code the plan's forwards have made resident
+        start = _vm_rss() - sum(t.untyped_storage().nbytes() for t in (
+            *model.parameters(), *model.buffers()) if t.device.type == "cpu")
         optimizer = trainer._optimizer(model, tcfg)
         model, optimizer = accelerator.prepare(model, optimizer)
         model.train()
@@ -231,7 +236,9 @@ def branch_step(name: str, overrides: list[str], steps: int = 2) -> dict:
             "branch": name, "rows": p.rows, "batch": tcfg.batch_size,
             "params_mb": sum(q.numel() for q in model.parameters()) / 1e6,
             "plan": p.total(), "runtime": p.runtime, "static": p.static,
-            "activations": p.total() - p.runtime, "peak": peak, "baseline": baseline,
+            "activations": p.activations(), "transient": p.step_transient, "peak": peak,
+            "baseline": baseline,
+            "before_plan": before_plan, "start": 0 if baseline == 0 else start,
             "loss": float(loss.detach())})
 
     setup.plan_memory = plan_and_step
@@ -248,7 +255,8 @@ def branch_rows(names: list[str], settings: list[str], device: str) -> list[dict
     """One child process per branch and setting (each peak its own); prints the table."""
     rows = []
     print(f"{'branch':<16} {'setting':<6} {'params':>7} {'rows':>4} {'plan MB':>8} "
-          f"{'peak MB':>8} {'ratio':>6} {'model plan':>10} {'model peak':>10} {'ratio':>6}")
+          f"{'peak MB':>8} {'ratio':>6} {'model plan':>10} {'model peak':>10} {'ratio':>6} "
+          f"{'from start':>10} {'ratio':>6}")
     for name in names:
         for setting in settings:
             out = subprocess.run([sys.executable, __file__, "--branch-child", name,
@@ -264,12 +272,15 @@ def branch_rows(names: list[str], settings: list[str], device: str) -> list[dict
             r["model_peak"] = r["peak"] - r["baseline"]
             r["ratio"] = r["peak"] / r["plan"]
             r["model_ratio"] = r["model_peak"] / r["model_plan"]
+            r["start_peak"] = r["peak"] - r["start"]
+            r["start_ratio"] = r["start_peak"] / r["model_plan"]
             rows.append(r)
             mb = 2**20
             print(f"{name:<16} {setting:<6} {r['params_mb']:>6.1f}M {r['rows']:>4} "
                   f"{r['plan'] / mb:>8.0f} {r['peak'] / mb:>8.0f} {r['ratio']:>6.2f} "
                   f"{r['model_plan'] / mb:>10.0f} {r['model_peak'] / mb:>10.0f} "
-                  f"{r['model_ratio']:>6.2f}", flush=True)
+                  f"{r['model_ratio']:>6.2f} {r['start_peak'] / mb:>10.0f} "
+                  f"{r['start_ratio']:>6.2f}", flush=True)
     return rows
 
 
@@ -289,9 +300,11 @@ def main() -> int:
                     choices=["tiny", "large"])
     ap.add_argument("--branch-child", help=argparse.SUPPRESS)
     ap.add_argument("--setting", default="tiny", help=argparse.SUPPRESS)
+    ap.add_argument("--overrides", nargs="*", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.branch_child:
-        print(json.dumps(branch_step(a.branch_child, SETTINGS[a.branch_child][a.setting])))
+        print(json.dumps(branch_step(a.branch_child, SETTINGS[a.branch_child][a.setting]
+                                     if a.overrides is None else a.overrides)))
         return 0
     if a.branches is not None:
         branch_rows(a.branches or list(SETTINGS), a.settings, a.device)

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 from conftest import MICRO, make_folder
 
 from mehldau.adapters import AdapterConfig, apply_lora, trainable_parameters
 from mehldau.cli.train import main as train
 from mehldau.errors import UserError
-from mehldau.nn.checkpointing import set_activation_checkpointing
 from mehldau.nn.music_transformer import MusicTransformer, MusicTransformerConfig
 from mehldau.train import memory
 
@@ -104,20 +104,43 @@ def test_the_plan_leaves_the_codebook_as_it_found_it_and_counts_recomputation() 
     after = model.state_dict()
     assert not bool(before["quantizer.initted"])
     assert all(torch.equal(before[k], after[k]) for k in before)
-    set_activation_checkpointing(model, False)
-    assert memory.saved_bytes(model, probe(1))[0] == plain.activations_per_row
     assert ckpt.activations_per_row < plain.activations_per_row
 
 
-def test_the_plain_estimate_from_cut_models_equals_a_whole_measurement() -> None:
-    cfg = MusicTransformerConfig(vocab_size=40, n_layers=4, d_model=32, n_heads=2, d_ff=64,
-                                 max_seq_len=64, max_relative_position=32)
-    model = MusicTransformer(cfg)
-    x = torch.randint(3, 40, (1, 64))
-    planned = memory.plan(model, lambda rows: {"input_ids": x, "labels": x}, 1,
-                          checkpointing=False)
-    assert planned.activations_per_row == memory.saved_bytes(
-        model, {"input_ids": x, "labels": x})[0]
+class _Wide(nn.Module):
+    """64 MiB of weights, a few KiB of activations a row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4096, 4096)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x).square().mean()
+
+
+def test_parameters_are_not_counted_as_activations_and_the_step_is() -> None:
+    model = _Wide()
+    weight = model.lin.weight.numel() * 4
+    p = memory.plan(model, lambda rows: {"x": torch.randn(rows, 4096)}, 8,
+                    checkpointing=False)
+    # the weight autograd saves for the backward pass is the parameter itself: held anyway
+    assert p.activations_per_row < weight / 1000 and p.activations_fixed < weight / 1000
+    # AdamW steps the weight after the backward pass: sqrt and division, two copies of it
+    assert p.step_transient == 2 * weight
+    assert p.total() == int(memory.MARGIN * (p.static + 2 * weight)) + p.runtime
+
+
+def test_autocast_copies_of_the_weights_are_kept_once_a_step_not_once_a_row() -> None:
+    model = _Wide()
+    weight = model.lin.weight.numel() * 4
+
+    def bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    p = memory.plan(model, lambda rows: {"x": torch.randn(rows, 4096)}, 8,
+                    checkpointing=False, autocast=bf16)
+    assert p.activations_per_row < weight / 1000
+    assert weight / 2 <= p.activations_fixed < 0.6 * weight  # the bf16 copy, once
 
 
 def test_the_probe_keeps_no_activation_alive() -> None:

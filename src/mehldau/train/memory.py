@@ -29,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import sys
+import weakref
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -53,14 +54,22 @@ class MemoryPlan:
     activations_per_row: int  # kept for backward by one training row, as configured
     rows: int  # per forward/backward (the micro-batch)
     runtime: int = 0  # held already beside the model: the CUDA context, or the interpreter
+    activations_fixed: int = 0  # kept for backward once a step, whatever the rows
+    step_transient: int = 0  # the optimizer step's temporaries, after the backward pass
 
     @property
     def static(self) -> int:
         return self.weights + self.gradients + self.optimizer
 
-    def total(self, rows: int | None = None, activations_per_row: int | None = None) -> int:
-        per_row = self.activations_per_row if activations_per_row is None else activations_per_row
-        return int(MARGIN * (self.static + per_row * (self.rows if rows is None else rows))
+    def activations(self, rows: int | None = None) -> int:
+        return self.activations_fixed + self.activations_per_row * (
+            self.rows if rows is None else rows)
+
+    def total(self, rows: int | None = None) -> int:
+        """The peak: weights, gradients and optimizer state throughout, and on top the larger
+        of the forward/backward's activations and the optimizer step's temporaries (the
+        step comes after the backward pass has freed the activations)."""
+        return int(MARGIN * (self.static + max(self.activations(rows), self.step_transient))
                    + self.runtime)
 
 
@@ -114,12 +123,35 @@ def give_back() -> None:
         pass
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def hand_back_freed_blocks() -> None:
+    """On glibc, give every freed block of 128 KiB or more straight back to the system.
+    By default glibc raises its mmap threshold each time such a block is freed, so later
+    activations come from the heap, whose freed middle stays resident: a CPU training step
+    then holds up to twice what its tensors ever need at once (measured on every branch,
+    `benchmarks/memory.py --branches`), and no plan of tensors can predict that. A fixed
+    threshold keeps the resident set within a few percent of the live tensors."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+    except (OSError, AttributeError):  # not glibc: its allocator has its own policy
+        pass
+
+
 def saved_bytes(model: nn.Module, batch: dict[str, torch.Tensor],
                 autocast: Callable = nullcontext, units: list[nn.Module] = ()
                 ) -> tuple[int, int]:
-    """Bytes of the tensors autograd keeps for the backward pass of one training forward,
-    and the most that one of `units` (modules called in turn) keeps of them."""
+    """Bytes of the memory autograd keeps for the backward pass of one training forward,
+    and the most that one of `units` (modules called in turn) keeps of them. A tensor saved
+    several times (one input to q, k and v) or on a storage already saved (views of one
+    output) is counted once, with the whole storage it keeps; the model's own parameters
+    and buffers are held anyway and never counted."""
     total = largest = 0
+    own = {t.untyped_storage().data_ptr() for t in chain(model.parameters(), model.buffers())}
+    # storage -> a weak reference to the tensor it was counted for: while that tensor
+    # lives, the storage is the same one; once it is freed, the address may be reused
+    live: dict[int, weakref.ref] = {}
 
     # The hook counts what would be kept and keeps nothing: the probe never runs backward,
     # and returning the tensor itself would tie an output saved by its own node (exp,
@@ -127,7 +159,20 @@ def saved_bytes(model: nn.Module, batch: dict[str, torch.Tensor],
     # activations.
     def keep(t: torch.Tensor) -> None:
         nonlocal total
-        total += t.numel() * t.element_size()
+        try:
+            storage = t.untyped_storage()
+            ptr, size = storage.data_ptr(), storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # no plain storage: count the tensor
+            total += t.numel() * t.element_size()
+            return
+        if ptr in own or size == 0:
+            return
+        seen = live.get(ptr)
+        if seen is not None and seen() is not None:
+            return
+        root = t._base if t._base is not None else t  # a view's base outlives the view
+        live[ptr] = weakref.ref(root)
+        total += size
 
     def never(_: None) -> torch.Tensor:
         raise RuntimeError("the memory probe's forward has no backward")
@@ -156,14 +201,20 @@ def saved_bytes(model: nn.Module, batch: dict[str, torch.Tensor],
 
 def lora_parameters(model: nn.Module, targets: list[str], rank: int) -> int:
     """Parameters LoRA adds: rank x (in + out) for each targeted Linear (or Embedding)."""
-    n = 0
+    return sum(lora_matrices(model, targets, rank))
+
+
+def lora_matrices(model: nn.Module, targets: list[str], rank: int) -> list[int]:
+    """The sizes of the matrices LoRA adds: rank x in and rank x out for each targeted
+    Linear (or Embedding)."""
+    sizes = []
     for name, m in model.named_modules():
         if is_target(name, targets):
             if isinstance(m, nn.Linear):
-                n += rank * (m.in_features + m.out_features)
+                sizes += [rank * m.in_features, rank * m.out_features]
             elif isinstance(m, nn.Embedding):
-                n += rank * (m.num_embeddings + m.embedding_dim)
-    return n
+                sizes += [rank * m.num_embeddings, rank * m.embedding_dim]
+    return sizes
 
 
 def plan(model: nn.Module, probe: Callable[[int], dict[str, torch.Tensor]], rows: int,
@@ -172,6 +223,8 @@ def plan(model: nn.Module, probe: Callable[[int], dict[str, torch.Tensor]], rows
     """The plan for training `model` on micro-batches of `rows` rows; `probe(n)` gives a
     training batch of n rows (on the model's device), `adapter` an AdapterConfig or None."""
     device = device or next(model.parameters()).device
+    if device.type == "cpu":
+        hand_back_freed_blocks()
     params = list(model.parameters())
     if adapter is None:
         weights = sum(p.numel() * p.element_size() for p in params)
@@ -185,49 +238,84 @@ def plan(model: nn.Module, probe: Callable[[int], dict[str, torch.Tensor]], rows
             weights -= int(linear * (4 - 0.5 - 4 / 64))
     paged_8bit = adapter is not None and adapter.kind == "qlora" and device.type == "cuda"
     optimizer = trainable * (2 if paged_8bit else 8)
-    batch = probe(1)
+    transient = step_transient(model, adapter, device, paged_8bit)
     stack = _block_stack(model)
     # A training forward moves state some models keep in buffers (the VQ-VAE's EMA codebook
     # and its first-batch init): the probes must leave the model as they found it.
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    try:
-        if not set_activation_checkpointing(model, True):
-            per_row = saved_bytes(model, batch, autocast)[0]  # nothing to recompute
-        elif stack is None:
-            # Layers that differ (a conv stack's resolutions): the whole model, small enough
-            # to probe plain; checkpointed, plus the largest layer's recomputation.
-            set_activation_checkpointing(model, False)
-            plain, largest = saved_bytes(model, batch, autocast, _units(model))
-            set_activation_checkpointing(model, True)
-            per_row = saved_bytes(model, batch, autocast)[0] + largest if checkpointing \
-                else plain
-        else:
-            # Never the whole model unchecked (that probe could itself run out of memory): the
-            # whole model checkpointed, and the model cut to one and to two blocks.
-            whole = saved_bytes(model, batch, autocast)[0]
-            parent, name, blocks = stack
-            cut = {}
-            try:
-                for n in (1, 2):
-                    setattr(parent, name, nn.ModuleList(list(blocks)[:n]))
-                    for recompute in (True, False):
-                        set_activation_checkpointing(model, recompute)
-                        cut[n, recompute] = saved_bytes(model, batch, autocast)[0]
-            finally:
-                setattr(parent, name, blocks)
-            block = max(cut[2, False] - cut[1, False], 0)  # what one more plain block keeps
-            if checkpointing:  # plus the largest recomputation: a block, or an unkept head
-                per_row = whole + max(cut[1, False] - cut[1, True], block)
-            else:
-                per_row = cut[1, False] + (len(blocks) - 1) * block
-    finally:
-        with torch.no_grad():
-            for b, was in buffers:
-                b.copy_(was)
+    kept = []
+    # What grows with the rows is the difference between two rows and one; the rest is kept
+    # once a step whatever the rows (autocast's low-precision copies of the weights, tables
+    # built from them), never multiplied by the rows.
+    for n in (1, 2):
+        try:
+            kept.append(_kept(model, probe(n), autocast, checkpointing, stack))
+        finally:
+            with torch.no_grad():
+                for b, was in buffers:
+                    b.copy_(was)
+    one, two = kept
+    per_row = max(two - one, 0)
+    fixed = max(one - per_row, 0)
     set_activation_checkpointing(model, checkpointing)
     give_back()
     return MemoryPlan(weights, 4 * trainable, optimizer, per_row, rows,
-                      runtime_bytes(model, device))
+                      runtime_bytes(model, device), fixed, transient)
+
+
+def step_transient(model: nn.Module, adapter, device: torch.device, paged_8bit: bool) -> int:
+    """What AdamW's step allocates on top of weights, gradients and its state, the
+    activations being freed by then. torch's AdamW takes its foreach path where every
+    parameter is on CUDA (the trainer leaves `foreach` to torch): `_foreach_sqrt` of the
+    second moments is one fp32 copy of the param group (the trainer's larger group, the
+    matrices, is nearly all of it). Elsewhere it steps one parameter at a time, and
+    `exp_avg_sq.sqrt() / bias_correction` holds two copies of that parameter. bitsandbytes'
+    paged 8-bit AdamW updates in place, in one kernel."""
+    if paged_8bit:
+        return 0
+    if adapter is None:
+        sizes = [p.numel() for p in model.parameters() if p.requires_grad]
+    else:
+        sizes = lora_matrices(model, adapter.target_modules(model), adapter.r)
+    if not sizes:
+        return 0
+    if device.type == "cuda":
+        return 4 * sum(sizes)
+    return 2 * 4 * max(sizes)
+
+
+def _kept(model: nn.Module, batch: dict[str, torch.Tensor], autocast: Callable,
+          checkpointing: bool, stack: tuple[nn.Module, str, nn.ModuleList] | None) -> int:
+    """What a training forward on `batch` keeps for the backward pass, as configured: with
+    checkpointing, plus the largest recomputation the backward pass holds on top."""
+    if not set_activation_checkpointing(model, True):
+        return saved_bytes(model, batch, autocast)[0]  # nothing to recompute
+    if stack is None:
+        # Layers that differ (a conv stack's resolutions): the whole model, small enough to
+        # probe plain; checkpointed, plus the largest layer's recomputation.
+        set_activation_checkpointing(model, False)
+        plain, largest = saved_bytes(model, batch, autocast, _units(model))
+        if not checkpointing:
+            return plain
+        set_activation_checkpointing(model, True)
+        return saved_bytes(model, batch, autocast)[0] + largest
+    # Never the whole model unchecked (that probe could itself run out of memory): the whole
+    # model checkpointed, and the model cut to one and to two blocks.
+    whole = saved_bytes(model, batch, autocast)[0]
+    parent, name, blocks = stack
+    cut = {}
+    try:
+        for n in (1, 2):
+            setattr(parent, name, nn.ModuleList(list(blocks)[:n]))
+            for recompute in (True, False):
+                set_activation_checkpointing(model, recompute)
+                cut[n, recompute] = saved_bytes(model, batch, autocast)[0]
+    finally:
+        setattr(parent, name, blocks)
+    block = max(cut[2, False] - cut[1, False], 0)  # what one more plain block keeps
+    if checkpointing:  # plus the largest recomputation: a block, or an unkept head
+        return whole + max(cut[1, False] - cut[1, True], block)
+    return cut[1, False] + (len(blocks) - 1) * block
 
 
 def _units(model: nn.Module) -> list[nn.Module]:
@@ -261,8 +349,9 @@ def check(p: MemoryPlan, budget: int, batch_size: int, checkpointing: bool, adap
     need = p.total()
     line = (f"{_size(need)} of {_size(budget)} (weights {_size(p.weights)}, gradients "
             f"{_size(p.gradients)}, optimizer {_size(p.optimizer)}, activations "
-            f"{_size(p.activations_per_row * rows)} for {rows} row{'s' if rows > 1 else ''}, "
-            f"+{round(100 * (MARGIN - 1))} %, runtime {_size(p.runtime)})")
+            f"{_size(p.activations(rows))} for {rows} row{'s' if rows > 1 else ''}, "
+            f"optimizer step {_size(p.step_transient)}, +{round(100 * (MARGIN - 1))} %, "
+            f"runtime {_size(p.runtime)})")
     if need <= budget:
         print(f"memory plan: {line}" + (f"; micro_batch_size=auto chose {rows}" if auto
                                         else ""), file=sys.stderr)
