@@ -29,6 +29,8 @@ log=${OUT:-/tmp}/gpu_check.log
   python3 benchmarks/scg.py --device cuda --dtype bf16 --preset scg_base
   echo "== memory: 309M LoRA steps at 8 x 2048 (plain, checkpointed, QLoRA + checkpointed; bf16)"
   python3 benchmarks/memory.py --device cuda --size 309M --step
+  echo "== memory: every branch's plan against max_memory_allocated of two real steps (tiny, large)"
+  python3 benchmarks/memory.py --device cuda --branches
   echo "== memory: does the 839M QLoRA step fit 24 GiB? (3 rows a forward, as auto picks)"
   python3 benchmarks/memory.py --device cuda --size 839M --batch 3 --variants qlora_ckpt --step
 } 2>&1 | tee "$log"

@@ -5,8 +5,13 @@ refused in one line that says which settings would, instead of a silent kill min
 Weights, gradients and the optimizer's state are counted from the model (and, when adapting,
 the adapter's ranks and targets). Activations are measured: forwards of the branch's own
 training item, built from a made-up piece rather than the corpus (so this runs before any
-data is read), with a hook that adds up every tensor autograd keeps for the backward pass;
-that is what grows with the micro-batch. The hook counts and keeps nothing, so a probe
+data is read), with a hook that adds up the memory autograd keeps for the backward pass.
+Each storage is counted once (an input saved by q, k and v is one tensor), and the model's
+own parameters and buffers never: a weight saved for its backward pass is held anyway, and
+counting it (times the rows, as this plan once did) made a model with large layers look
+as if each row cost all its weights. What grows with the micro-batch is the difference
+between probes of two rows and of one; the rest (autocast's bf16 copies of the weights,
+tables built from them) is kept once a step. The hook counts and keeps nothing, so a probe
 holds no more than a forward without autograd. A model built of equal blocks (the
 Transformers) is only probed whole with checkpointing on; the model cut to one and to two
 blocks gives what each plain block keeps, and what the largest recomputation (a block, or
@@ -16,11 +21,23 @@ share measured for its recomputation. The probes run under `torch.random.fork_rn
 restore every buffer (the VQ-VAE's EMA codebook moves in a training forward), so they
 change nothing in the run.
 
+The optimizer step comes after the backward pass has freed the activations, so the peak is
+weights + gradients + optimizer state + the larger of the activations and the step's own
+temporaries (`step_transient`: one fp32 copy of the parameters with torch's foreach AdamW on
+CUDA, two of the largest parameter with its per-parameter path elsewhere).
+
+On a CPU the resident set, not the live tensors, is what the kernel kills for. glibc keeps
+freed activations in its heap once its mmap threshold has risen, so a step held up to twice
+its live tensors (scg's autoencoder: 312 MB measured against 156 MB planned); the plan
+fixes that threshold (`hand_back_freed_blocks`) for the process that trains, rather than
+widening its margin. Checked against reality by `benchmarks/memory.py --branches` and
+`tests/test_memory.py`: every branch, tiny and larger, peak/plan within 0.8-1.3.
+
 A plan is an estimate, on the safe side where blocks differ (Perceiver AR's cross-attention
-layer stands for all its layers): allocator slack, temporary buffers and the gradients of
-a recomputed block are covered by a 20 % margin, not measured (checkpointed steps measured
-on CPU peaked up to 1.2x the unmargined estimate). What the process already holds beside
-the model (the CUDA context, or the interpreter and libraries) is measured and added.
+layer stands for all its layers): the backward pass's gradients of activations, allocator
+slack and a recomputed block's gradients are covered by a 20 % margin, not measured. What
+the process already holds beside the model (the CUDA context, or the interpreter and the
+library code the probes made resident) is measured and added.
 `train.memory_budget_gb` sets the budget; by default it is the CUDA device's memory, or on
 a CPU what the process holds plus MemAvailable."""
 
