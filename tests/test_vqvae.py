@@ -141,3 +141,33 @@ def test_short_training_reaches_note_f1():
     f1 = note_f1(out.recon, test)
     assert f1 > 0.7, f1
     assert out.usage > 0.5 and out.perplexity > 8  # codes in use, not collapsed
+
+
+def test_the_reconstruction_report_holds_one_batch_and_scores_the_whole_split():
+    # It once kept every window's reconstruction to score them together.
+    import weakref
+
+    from mehldau.nn.vqvae import reconstruction_report
+
+    torch.manual_seed(0)
+    model = VQVAE(VQVAEConfig(**TINY))
+    windows = [{"x": x} for x in synthetic_rolls(6)]
+    kept: list[weakref.ref] = []
+    most = 0
+    forward = model.forward
+
+    def watched(x):
+        nonlocal most
+        most = max(most, sum(r() is not None for r in kept))
+        out = forward(x)
+        kept.append(weakref.ref(out.recon))
+        return out
+
+    model.forward = watched
+    report = reconstruction_report(model, windows, batch_size=2)
+    assert most <= 1
+    model.forward = forward
+    with torch.no_grad():
+        whole = note_f1(model(torch.stack([w["x"] for w in windows])).recon,
+                        torch.stack([w["x"] for w in windows]), tolerance=1)
+    assert report["note_f1"] == pytest.approx(whole, abs=1e-6)

@@ -51,6 +51,35 @@ def test_transposed_encodings_come_from_transposed_rolls() -> None:
     assert not torch.equal(out[0][0], out[1][0])
 
 
+def test_encoding_holds_one_batch_of_rolls_at_a_time_and_keeps_their_order() -> None:
+    # The split and its transposed copies were once all held at once before encoding.
+    import weakref
+
+    ae = VQVAE(VQVAEConfig(**AE)).eval()
+    tok = PianoRollTokenizer()
+    made: list[weakref.ref] = []
+    most = 0
+
+    class Spy(PianoRollTokenizer):
+        def augment(self, r, **k):  # every transposed copy, watched
+            out = tok.augment(r, **k)
+            made.append(weakref.ref(out))
+            return out
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        nonlocal most
+        most = max(most, sum(ref() is not None for ref in made))
+        return ae.encode(x)
+
+    rolls = [roll(200, 0, 200 - 10 * i) for i in range(12)]  # two chunks of 128 each
+    out = encode_rolls(encode, rolls, 128, 4, (-1, 0, 1), Spy(), batch_size=4)
+    assert 0 < most <= 4  # a batch of 4 chunks spans at most 3 rolls, 2 of them copies
+    each = [z for r in rolls for z, _ in encode_rolls(ae.encode, [r], 128, 4, (-1, 0, 1), tok)]
+    assert len(out) == 36
+    for (z, _), want in zip(out, each):
+        torch.testing.assert_close(z, want)
+
+
 def test_latent_crops_avoid_silence_and_are_reproducible() -> None:
     z = torch.arange(2 * 100 * 3, dtype=torch.float32).view(2, 100, 3)
     active = np.zeros(100, bool)

@@ -10,6 +10,7 @@ segments too): silence teaches an autoencoder nothing and a diffusion model only
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -102,26 +103,40 @@ def encode_rolls(encode: Callable[[torch.Tensor], torch.Tensor], rolls: Sequence
     and joined along time, as the reference encodes its 1.28 s chunks; the encoder being
     convolutional, only the chunk borders see padding. Encoding the training set once, instead
     of every crop at every step, is what makes the diffusion stage affordable on a CPU."""
-    jobs = []  # (roll, its chunks)
+    # One roll (at one transposition) at a time: the split and its transposed copies are
+    # never held at once, only the rolls whose chunks wait in the batch being filled.
+    out: list[tuple[torch.Tensor, np.ndarray]] = []
+    waiting: deque[tuple[np.ndarray, int, list[torch.Tensor]]] = deque()
+    batch: list[np.ndarray] = []
+
+    def finish() -> None:  # the rolls whose every chunk is encoded, in order
+        while waiting and len(waiting[0][2]) == waiting[0][1]:
+            r, _, zs = waiting.popleft()
+            z = torch.cat(zs, dim=1)  # (C, n * chunk / f, P')
+            rows = -(-len(r) // time_factor)
+            sounding = np.zeros(rows * time_factor, bool)
+            sounding[:len(r)] = r[:, :, VELOCITY].any(1)
+            out.append((z[:, :rows], sounding.reshape(rows, time_factor).any(1)))
+
+    def flush() -> None:
+        z = encode(roll_to_tensor(np.stack(batch)).to(device)).float().cpu()
+        batch.clear()
+        for zi in z:  # each latent to the first roll still missing one, in chunk order
+            next(zs for _, n, zs in waiting if len(zs) < n).append(zi)
+        finish()
+
     for roll in rolls:
         for shift in transpositions:
             r = roll if shift == 0 else tokenizer.augment(roll, transpose=shift)
             n = -(-len(r) // chunk)
-            jobs.append((r, [crop(r, i * chunk, chunk) for i in range(n)]))
-    flat = [c for _, chunks in jobs for c in chunks]
-    latents = []
-    for i in range(0, len(flat), batch_size):
-        x = roll_to_tensor(np.stack(flat[i:i + batch_size])).to(device)
-        latents.append(encode(x).float().cpu())
-    z_all = torch.cat(latents) if latents else torch.zeros(0)
-    out, at = [], 0
-    for r, chunks in jobs:
-        z = torch.cat(list(z_all[at:at + len(chunks)]), dim=1)  # (C, n * chunk / f, P')
-        at += len(chunks)
-        rows = -(-len(r) // time_factor)
-        sounding = np.zeros(rows * time_factor, bool)
-        sounding[:len(r)] = r[:, :, VELOCITY].any(1)
-        out.append((z[:, :rows], sounding.reshape(rows, time_factor).any(1)))
+            waiting.append((r, n, []))
+            for i in range(n):
+                batch.append(crop(r, i * chunk, chunk))
+                if len(batch) == batch_size:
+                    flush()
+    if batch:
+        flush()
+    finish()
     return out
 
 

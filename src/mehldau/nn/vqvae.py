@@ -370,6 +370,14 @@ def note_f1(pred_roll: Tensor, target_roll: Tensor, threshold: float = 0.5, tole
     kind="frame": sounding cells, channel 0 > threshold. Channel 0 is velocity/127, so use a
     low threshold there (0.1 counts velocities >= 13 as sounding).
     """
+    tp_p, tp_t, n_p, n_t = note_counts(pred_roll, target_roll, threshold, tolerance, kind)
+    return f1_of(tp_p, tp_t, n_p, n_t)
+
+
+def note_counts(pred_roll: Tensor, target_roll: Tensor, threshold: float = 0.5,
+                tolerance: int = 0, kind: str = "onset") -> tuple[float, float, float, float]:
+    """`note_f1`'s sums over a batch (predicted notes that are found, target notes that are
+    found, predicted notes, target notes): added over batches, they give the F1 of all."""
     if kind not in ("onset", "frame"):
         raise ValueError(f"kind must be onset or frame, got {kind}")
     if kind == "onset":
@@ -383,8 +391,14 @@ def note_f1(pred_roll: Tensor, target_roll: Tensor, threshold: float = 0.5, tole
         tp_p, tp_t = (p * near(t)).sum(), (t * near(p)).sum()
     else:
         tp_p = tp_t = (p * t).sum()
-    precision = tp_p / p.sum().clamp(min=1)
-    recall = tp_t / t.sum().clamp(min=1)
+    return float(tp_p), float(tp_t), float(p.sum()), float(t.sum())
+
+
+def f1_of(tp_p: float, tp_t: float, n_p: float, n_t: float) -> float:
+    """`note_f1` from `note_counts` (in float32, as computed over one batch)."""
+    f32 = torch.float32
+    precision = torch.tensor(tp_p, dtype=f32) / torch.tensor(max(n_p, 1.0), dtype=f32)
+    recall = torch.tensor(tp_t, dtype=f32) / torch.tensor(max(n_t, 1.0), dtype=f32)
     return (2 * precision * recall / (precision + recall).clamp(min=1e-8)).item()
 
 
@@ -394,12 +408,13 @@ def reconstruction_report(model: VQVAE, windows, batch_size: int) -> dict[str, f
     roll "x"), and codebook usage (vq; NaN without a quantizer)."""
     model.eval()
     dev = next(model.parameters()).device
-    preds, targets = [], []
+    # a batch at a time: the split's reconstructions are never held at once
+    counts = [0.0, 0.0, 0.0, 0.0]
     for i in range(0, len(windows), batch_size):
         x = torch.stack([windows[j]["x"] for j in range(i, min(i + batch_size, len(windows)))])
-        preds.append(model(x.to(dev)).recon.cpu())
-        targets.append(x)
-    report = {"note_f1": note_f1(torch.cat(preds), torch.cat(targets), tolerance=1)}
+        batch = note_counts(model(x.to(dev)).recon.cpu(), x, tolerance=1)
+        counts = [a + b for a, b in zip(counts, batch)]
+    report = {"note_f1": f1_of(*counts)}
     if model.quantizer is not None:
         report["codebook_usage"] = model.quantizer.codebook_usage()
     else:
