@@ -271,7 +271,8 @@ def plan_memory(tcfg: TrainConfig, accelerator, model: torch.nn.Module,
     rows = tcfg.batch_size if auto or tcfg.micro_batch_size is None else min(
         tcfg.micro_batch_size, tcfg.batch_size)
     plan = memory.plan(model, probe, rows, tcfg.activation_checkpointing, adapter,
-                       accelerator.device, accelerator.autocast)
+                       accelerator.device, accelerator.autocast,
+                       tcfg.batch_size * tcfg.grad_accum)
     chosen = memory.check(plan, memory.budget_bytes(accelerator.device, tcfg.memory_budget_gb),
                           tcfg.batch_size, tcfg.activation_checkpointing, adapter, auto)
     return replace(tcfg, micro_batch_size=chosen) if auto else tcfg
