@@ -180,17 +180,16 @@ def test_a_cpu_budget_counts_what_the_process_already_holds() -> None:
 # steps, in a child process whose peak resident set (VmHWM) is measured there, by the child,
 # not by the plan's functions (`benchmarks/memory.py --branches` prints the same table).
 # Tiny presets hold a few MB of model beside ~300 MB of interpreter and libraries, within
-# the allocator's noise, so their whole-process peak is checked; the mid-size settings hold
-# hundreds of MB of model, so their growth over the resident set just before the model was
-# built is checked against the plan less its runtime.
+# the noise of what the first steps make resident, so their whole-process peak is checked;
+# the mid-size settings hold several hundred MB of model, so their growth over the resident
+# set just before the model was built is checked against the plan less its runtime.
 MEASURED = {
     ("production", "tiny"): ["model=tiny", "train.batch_size=8"],
-    ("production", "mid"): ["model=tiny", "model.d_model=256", "model.n_layers=3",
-                            "model.d_ff=1024", "model.max_seq_len=512", "train.batch_size=4"],
+    ("production", "mid"): ["model=tiny", "model.d_model=256", "model.d_ff=1024",
+                            "model.max_seq_len=512", "train.batch_size=4"],
     ("perceiver_mt", "tiny"): ["model=perceiver_tiny", "train.batch_size=4"],
-    ("perceiver_mt", "mid"): ["model=perceiver_tiny", "model.d_model=256", "model.n_layers=3",
-                              "model.max_seq_len=2048", "model.num_latents=256",
-                              "train.batch_size=4"],
+    ("perceiver_mt", "mid"): ["model=perceiver_tiny", "model.max_seq_len=2048",
+                              "model.num_latents=256", "train.batch_size=8"],
     ("moonbeam_lora", "tiny"): ["model=moonbeam_tiny", "train.batch_size=4"],
     ("moonbeam_lora", "mid"): ["model=moonbeam_tiny", "model.context_len=512",
                                "train.batch_size=4", "train.micro_batch_size=null",
@@ -203,8 +202,9 @@ MEASURED = {
                                  "train.stages.autoencoder.batch_size=8"],
     ("scg_diffusion", "tiny"): ["model=scg_tiny", "stage=diffusion",
                                 "train.stages.diffusion.batch_size=8"],
-    ("scg_diffusion", "mid"): ["model=scg_tiny", "stage=diffusion", "model.dit.hidden_size=256",
-                               "train.stages.diffusion.batch_size=32"],
+    ("scg_diffusion", "mid"): ["model=scg_tiny", "stage=diffusion", "model.dit.hidden_size=384",
+                               "model.dit.depth=4", "model.dit.num_heads=6",
+                               "train.stages.diffusion.batch_size=16"],
 }
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "memory.py"
 
@@ -234,6 +234,6 @@ def test_the_plan_is_within_0_8_to_1_3_of_the_measured_peak(measured: dict,
         ratio = r["peak"] / r["plan"]
     else:
         model_part = r["plan"] - r["runtime"]
-        assert model_part > 100 * 2**20, "mid-size settings must hold a measurable model"
+        assert model_part > 300 * 2**20, "mid-size settings must hold a measurable model"
         ratio = (r["peak"] - r["baseline"]) / model_part
     assert 0.8 <= ratio <= 1.3, (ratio, r)

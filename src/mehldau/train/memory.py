@@ -21,10 +21,15 @@ share measured for its recomputation. The probes run under `torch.random.fork_rn
 restore every buffer (the VQ-VAE's EMA codebook moves in a training forward), so they
 change nothing in the run.
 
-The optimizer step comes after the backward pass has freed the activations, so the peak is
-weights + gradients + optimizer state + the larger of the activations and the step's own
-temporaries (`step_transient`: one fp32 copy of the parameters with torch's foreach AdamW on
-CUDA, two of the largest parameter with its per-parameter path elsewhere).
+The peak is weights + optimizer state + the larger of two phases. The forward/backward:
+the activations, plus the gradient of the largest tensor kept (the backward pass starts at
+the loss, where the largest tensors are, and holds that gradient beside everything kept),
+plus the gradients only when a step accumulates several micro-batches (the trainer frees
+them after each step, and the backward pass frees activations as it makes them). The
+optimizer step: the gradients and the step's own temporaries (`step_transient`: one fp32
+copy of the parameters with torch's foreach AdamW on CUDA, two of the largest parameter with
+its per-parameter path elsewhere). Counting the gradients beside the activations, as this
+plan once did, put scg's DiT at 0.8x of its measured peak.
 
 On a CPU the resident set, not the live tensors, is what the kernel kills for. glibc keeps
 freed activations in its heap once its mmap threshold has risen, so a step held up to twice
