@@ -184,9 +184,9 @@ def test_a_cpu_budget_counts_what_the_process_already_holds() -> None:
 # the mid-size settings hold several hundred MB of model, so their growth over the resident
 # set just before the model was built is checked against the plan less its runtime.
 MEASURED = {
-    ("production", "tiny"): ["model=tiny", "train.batch_size=8"],
+    ("production", "tiny"): ["model=tiny", "train.batch_size=4"],
     ("production", "mid"): ["model=tiny", "model.d_model=256", "model.d_ff=1024",
-                            "model.max_seq_len=512", "train.batch_size=4"],
+                            "model.max_seq_len=512", "train.batch_size=6"],
     ("perceiver_mt", "tiny"): ["model=perceiver_tiny", "train.batch_size=4"],
     ("perceiver_mt", "mid"): ["model=perceiver_tiny", "model.max_seq_len=2048",
                               "model.num_latents=256", "train.batch_size=8"],
@@ -195,13 +195,13 @@ MEASURED = {
                                "train.batch_size=4", "train.micro_batch_size=null",
                                "train.activation_checkpointing=false"],
     ("scg_autoencoder", "tiny"): ["model=scg_tiny", "stage=autoencoder",
-                                  "train.stages.autoencoder.batch_size=8"],
+                                  "train.stages.autoencoder.batch_size=4"],
     ("scg_autoencoder", "mid"): ["model=scg_tiny", "stage=autoencoder",
                                  "model.autoencoder.channels=[16,32,64]",
                                  "model.autoencoder_frames=512",
                                  "train.stages.autoencoder.batch_size=8"],
     ("scg_diffusion", "tiny"): ["model=scg_tiny", "stage=diffusion",
-                                "train.stages.diffusion.batch_size=8"],
+                                "train.stages.diffusion.batch_size=4"],
     ("scg_diffusion", "mid"): ["model=scg_tiny", "stage=diffusion", "model.dit.hidden_size=384",
                                "model.dit.depth=4", "model.dit.num_heads=6",
                                "train.stages.diffusion.batch_size=16"],
