@@ -7,7 +7,11 @@ as the trainer takes them (micro-batches, autocast, clipping, AdamW, zero_grad) 
 plan's own made-up items; no corpus is read. The table gives the plan, the measured peak
 (CPU: the child's peak resident set, VmHWM; CUDA: max_memory_allocated) and their ratio,
 for the whole process and for the model's part: the plan less its runtime against the peak
-less the resident set measured just before the model was built.
+less the resident set measured just before the model was built. That model part also holds
+the library code the first forwards and the optimizer make resident (~80-100 MB on a CPU,
+which the plan counts as runtime), so it reads high for the tiny presets, whose models are a
+few MB; the last column measures from the resident set as training starts, less the model's
+tensors, which isolates what the plan predicts beyond its runtime.
 
     python benchmarks/memory.py --branches                 # every branch, tiny and large
     python benchmarks/memory.py --branches production --settings large
