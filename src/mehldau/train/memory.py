@@ -36,7 +36,10 @@ freed activations in its heap once its mmap threshold has risen, so a step held 
 its live tensors (scg's autoencoder: 312 MB measured against 156 MB planned); the plan
 fixes that threshold (`hand_back_freed_blocks`) for the process that trains, rather than
 widening its margin. Checked against reality by `benchmarks/memory.py --branches` and
-`tests/test_memory.py`: every branch, tiny and larger, peak/plan within 0.8-1.3.
+`tests/test_memory.py`: every branch, tiny and larger, whole-process peak/plan within
+0.8-1.3 on a CPU, and for the larger settings the peak's growth over the resident set
+before the model against the plan less its runtime too (a tiny preset's few MB of model
+drown in the ~100 MB of library code its first steps make resident).
 
 A plan is an estimate, on the safe side where blocks differ (Perceiver AR's cross-attention
 layer stands for all its layers): the backward pass's gradients of activations, allocator
