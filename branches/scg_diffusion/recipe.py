@@ -81,6 +81,10 @@ from mehldau.train.trainer import make_accelerator
 BRANCH = "scg_diffusion"
 STAGES = ("autoencoder", "diffusion")
 # Roll repairs at decode (`pianoroll.clean_rolls`), with their types.
+# The mehldau-generate settings generate reads; any other one set is refused (no sampling
+# temperature or top-k/p: a diffusion step has no token distribution to reshape).
+GENERATE_SETTINGS = frozenset({"prompt", "prompt_seconds", "seconds", "seed", "num_samples",
+                               "device", "rules", "scg", "sampler", "decode"})
 _REPAIRS = {"max_gap_frames": int, "restrike_frames": int, "min_note_frames": int,
             "min_note_peak": float}
 
@@ -290,6 +294,10 @@ def _prompt(cfg: DictConfig, model: LatentDiffusion, tokenizer: Tokenizer, batch
         c, _, p = dcfg.latent_shape()
         return None, torch.zeros(batch, c, 0, p, device=device)
     seconds, fps = float(cfg.prompt_seconds), tokenizer.config.fps
+    held = int(round(seconds * fps, 6)) // tf
+    if held == 0:
+        raise UserError(f"prompt_seconds={seconds:g} is shorter than one latent row "
+                        f"({tf / fps:g} s); raise it")
     try:
         cut = cut_prompt(read_score(cfg.prompt), seconds)
     except BadMidi as e:
@@ -298,10 +306,6 @@ def _prompt(cfg: DictConfig, model: LatentDiffusion, tokenizer: Tokenizer, batch
     if not roll.any():
         raise UserError(f"prompt {cfg.prompt} has no piano notes in its first {seconds:g} s; "
                         "raise prompt_seconds or use another file")
-    held = int(round(seconds * fps, 6)) // tf
-    if held == 0:
-        raise UserError(f"prompt_seconds={seconds:g} is shorter than one latent row "
-                        f"({tf / fps:g} s); raise it")
     frames = max(-(-len(roll) // tf) * tf, held * tf)
     roll = np.pad(roll, ((0, frames - len(roll)), (0, 0), (0, 0)))
     z = model.encode(roll_to_tensor(roll)[None].to(device))[:, :, :held]

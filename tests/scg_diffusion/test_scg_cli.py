@@ -129,7 +129,7 @@ def test_diffusion_init_must_be_an_autoencoder_run(runs, tmp_path: Path, capsys)
 
 
 @pytest.mark.parametrize("args, message", [
-    (["seconds=30"], "longer than this model"),
+    (["prompt=REF", "prompt_seconds=0.03"], "shorter than one latent row"),
     (["rules.use=[tempo]", "rules.reference=REF"], "unknown rule 'tempo'"),
     (["rules.reference=/no/such.mid"], "rules.reference not found"),
     (["rules.reference=REF", "sampler.eta=0"], "stochastic sampler"),
