@@ -8,8 +8,8 @@ import torch
 
 from mehldau.guidance.stochastic_control_guidance import SCGConfig, scg_sample, scg_step
 from mehldau.nn.diffusion import Inpaint, NoiseSchedule, conditional, ddim_sample
-from mehldau.nn.latent_diffusion import stitch
 from mehldau.nn.dit import DiT, DiTConfig
+from mehldau.nn.latent_diffusion import stitch
 from mehldau.nn.vqvae import VQVAE, VQVAEConfig
 
 

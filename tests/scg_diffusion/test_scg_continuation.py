@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import symusic
+from conftest import SCG_MICRO as MICRO
 from conftest import make_folder
-from test_scg_cli import MICRO
 
 from mehldau.cli.generate import main as generate
 from mehldau.cli.train import main as train
