@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import symusic
 from conftest import SCG_MICRO as MICRO
-from conftest import make_folder
+from conftest import make_folder, write_midi
 
 from mehldau.cli.generate import main as generate
 from mehldau.cli.train import main as train
@@ -78,3 +78,21 @@ def test_settings_left_at_their_defaults_are_not_refused(run, tmp_path: Path) ->
     # given on the command line but equal to configs/generate.yaml's: nothing is ignored
     assert generate([f"ckpt={run['dit']}", f"out={tmp_path / 'd.mid'}", "top_k=0",
                      "temperature=1.0", "sampler.steps=2"]) == 0
+
+
+def test_the_output_is_the_prompt_then_the_models_notes_from_the_cut(tmp_path: Path) -> None:
+    """Decoded notes over the prompt are its reconstruction: dropped for the prompt itself,
+    whose notes (sounding past the cut, pedal lifted there) are kept whole."""
+    from mehldau.branches.scg_diffusion.recipe import _continued
+
+    path = write_midi(tmp_path / "p.mid", [(60, 0.0, 1.0, 80), (64, 1.5, 3.0, 70),
+                                           (67, 2.5, 1.0, 90)])
+    cut = cut_prompt(read_score(path), 2.0)
+    decoded = symusic.Score(480)
+    track = symusic.Track("piano", 0, False)
+    for start, pitch in ((0.5, 50), (1.9, 52), (2.0, 55), (3.2, 57)):  # ticks at 120 bpm
+        track.notes.append(symusic.Note(int(start * 960), 240, pitch, 64))
+    decoded.tracks.append(track)
+    got = _notes(_continued(cut, decoded, 2.0))
+    assert [n[:3] for n in got] == [(0.0, 60, 1.0), (1.5, 64, 3.0), (2.0, 55, 0.25),
+                                    (3.2, 57, 0.25)]
