@@ -231,3 +231,9 @@ def test_scg_diffusion_continues_the_same_prompts(runs, tmp_path) -> None:
             assert head == sorted(want), f
     table = report["table"]
     assert table["dit"]["items"] == table["prod"]["items"] == table["human"]["items"]
+    # its items are measured from the cut on, as every branch's: not over the prompt's notes
+    spans = {start: [cut(read_notes(f), start, 4.0) for f in (out / "midi" / "dit").glob("*.mid")]
+             for start in (0.0, 2.0)}
+    rate = {k: np.mean([len(n) / n.seconds for n in v]) for k, v in spans.items()}
+    assert rate[0.0] != rate[2.0]  # the prompt's notes would count
+    assert table["dit"]["metrics"]["notes_per_second"][0] == pytest.approx(rate[2.0])
