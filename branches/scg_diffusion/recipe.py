@@ -341,10 +341,10 @@ def _rule_names(cfg: DictConfig) -> list[str]:
     return names
 
 
-def _targets(cfg: DictConfig, tokenizer: Tokenizer, names: list[str], frames: int,
-             start: float = 0.0) -> dict[str, torch.Tensor] | None:
-    """The rule targets of a window of `frames` starting `start` seconds into the output
-    (a reference's excerpt moves along with it; JSON targets are the same for every window)."""
+def _targets(cfg: DictConfig, tokenizer: Tokenizer, names: list[str], frames: int
+             ) -> dict[str, torch.Tensor] | None:
+    """The rule targets of a window of `frames` (every window of a stitched piece is guided
+    toward the same ones: a reference shorter than the piece would otherwise run out)."""
     r = cfg.rules
     fps = tokenizer.config.fps
     if r.get("reference") is not None and r.get("targets") is not None:
@@ -359,7 +359,7 @@ def _targets(cfg: DictConfig, tokenizer: Tokenizer, names: list[str], frames: in
             raise UserError(f"rules.reference {path}: {e}; pass a MIDI file with notes") from e
         if float(r.offset) < 0:
             raise UserError(f"rules.offset must be >= 0, got {r.offset}")
-        offset = float(r.offset) + start
+        offset = float(r.offset)
         targets = targets_from_midi(path, tokenizer, frames / fps, names, offset)
         if float(targets["pitch_histogram"].sum() if "pitch_histogram" in targets else 1) == 0:
             raise UserError(f"rules.reference {path} is silent from {offset:g} s for "
@@ -407,36 +407,31 @@ def generate(cfg: DictConfig, ckpt: Path) -> list[Path]:
     # A window holds at most half of itself from what precedes it: the rest is new music.
     plan = dict(known=known, rows=_rows(ps + seconds, fps, tf), window=window,
                 context=window // 2, multiple=int(dcfg.dit["patch_size"][0]))
-    targets_at = functools.lru_cache(lambda start, w: _targets(
-        cfg, tokenizer, names, w * tf, start * tf / fps))
+    targets_at = functools.lru_cache(lambda frames: _targets(cfg, tokenizer, names, frames))
 
-    def losses(rolls: torch.Tensor, start: int = 0) -> dict[str, torch.Tensor]:
-        return rule_losses(rolls, targets_at(start, rolls.size(2) // tf), names, fps=fps)
+    def losses(rolls: torch.Tensor) -> dict[str, torch.Tensor]:
+        return rule_losses(rolls, targets_at(rolls.size(2)), names, fps=fps)
 
     def draw(loss_fn) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
-
-        def window_loss(start: int):
-            return None if loss_fn is None else lambda rolls: loss_fn(rolls, start)
-
-        z, windows = stitch(lambda inpaint, start: scg_sample(
-            model.dit, model.decode, window_loss(start), model.schedule, inpaint.known.shape,
-            steps, scg, gen, device=device, inpaint=inpaint), **plan)
+        z, windows = stitch(lambda inpaint, _: scg_sample(
+            model.dit, model.decode, loss_fn, model.schedule, inpaint.known.shape, steps, scg,
+            gen, device=device, inpaint=inpaint), **plan)
         return model.decode(z).float().clamp(0, 1), windows
 
     with torch.no_grad():
         unguided, windows = draw(None)  # the same seed: what guidance is measured against
         start, w = windows[0]  # the rule report is over the first window
         first = slice(start * tf, (start + w) * tf)
-        targets = targets_at(start, w)
+        targets = targets_at(w * tf)
         if targets is None:
             guided = unguided
         else:
-            u_loss = losses(unguided[:, :, first], start)
+            u_loss = losses(unguided[:, :, first])
             scales = rule_scales(u_loss) if normalize == "unguided" else None
             groups = B if normalize == "candidates" else None
-            guided, _ = draw(lambda rolls, start: weighted_loss(losses(rolls, start), weights,
-                                                                scales, groups))
+            guided, _ = draw(lambda rolls: weighted_loss(losses(rolls), weights, scales,
+                                                         groups))
 
     def scores(rolls: torch.Tensor) -> list[symusic.Score]:
         decoded = [tokenizer.decode(r) for r in tensor_to_roll(rolls.cpu())]
@@ -446,7 +441,7 @@ def generate(cfg: DictConfig, ckpt: Path) -> list[Path]:
     if targets is None:
         print("no rules.reference or rules.targets: sampled without guidance", file=sys.stderr)
         return paths
-    g_loss = losses(guided[:, :, first], start)
+    g_loss = losses(guided[:, :, first])
     mismatch = None
     if "chord" in names:  # the reference's 0-1 chord loss, beside our graded one
         mismatch = {k: chord_mismatch(chord_scores(r[:, :, first], fps=fps), targets["chord"])
