@@ -62,6 +62,14 @@ MICRO = ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.d_ff=
          "model.max_seq_len=64", "model.max_relative_position=32", "train.batch_size=4",
          "train.warmup_steps=2", "train.log_every=2", "train.eval_every=4", "train.ckpt_every=4",
          "logger=none"]
+# The scg_diffusion branch at the same scale: 2.56 s samples, a 4 x 4 autoencoder, one block.
+SCG_MICRO = ["branch=scg_diffusion", "model.frames=256", "model.autoencoder_frames=64",
+             "model.autoencoder.channels=[4,8]", "model.autoencoder.strides=[[2,2],[2,2]]",
+             "model.autoencoder.codebook_size=16", "model.dit.hidden_size=32",
+             "model.dit.depth=1", "model.dit.num_heads=2", "model.dit.patch_size=[2,8]",
+             "train.max_steps=4", "train.batch_size=2", "train.eval_batch_size=4",
+             "train.warmup_steps=1", "train.log_every=2", "train.eval_every=4",
+             "train.ckpt_every=4", "logger=none"]
 
 
 def album_names(root: Path, n: int, seed: int = 0) -> list[str]:

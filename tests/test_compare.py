@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MICRO, album_names, scale_notes, write_midi
+from conftest import MICRO, SCG_MICRO, album_names, scale_notes, write_midi
 from omegaconf import OmegaConf
 
 from mehldau.cli.compare import main as compare
@@ -53,7 +53,7 @@ def test_compare_writes_every_report_file(runs) -> None:
     assert compare([f"runs=[{runs['prod']},{runs['perc']}]", f"out={out}", *FAST]) == 0
     for name in ("report.md", "report.json", "metrics.csv", "plots/oa_per_feature.png",
                  "plots/kde.png", "plots/copy_lengths.png", "plots/pianoroll_p00.png",
-                 "prompts/p00.mid", "prompts/p00.tiled.mid"):
+                 "prompts/p00.mid"):
         assert (out / name).is_file(), name
     assert len(list((out / "midi" / "prod").glob("*.mid"))) == 2 * 2  # prompts x samples
     report = json.loads((out / "report.json").read_text())
@@ -200,3 +200,40 @@ def test_the_reference_scores_itself_as_its_own_spread_and_random_notes_do_not(t
                                                    for k, (p, _) in enumerate(ref)], 4, 4.0, 0))
     oa_rnd = feature_table(rnd, reference, 20, 0)["mean"]["oa"][0]
     assert oa_same > 0.9 > 0.5 > oa_rnd
+
+
+def test_scg_diffusion_continues_the_same_prompts(runs, tmp_path) -> None:
+    """scg_diffusion gets the task the token branches get: its files are the prompt as cut,
+    then its own notes, and its items are measured from prompt_seconds on."""
+    from mehldau.data.corpus import read_score
+    from mehldau.tokenize.notes import cut_prompt
+
+    common = ["data=folder", f"data.root={runs['data']}", f"cache_dir={tmp_path / 'cache'}",
+              *SCG_MICRO]
+    ae, dit = tmp_path / "ae", tmp_path / "dit"
+    assert train([f"run_dir={ae}", "stage=autoencoder", *common,
+                  f"split.manifest={runs['prod'] / 'splits.json'}"]) == 0
+    assert train([f"run_dir={dit}", "stage=diffusion", f"init={ae}", *common]) == 0
+    out = tmp_path / "report"
+    assert compare([f"runs=[{runs['prod']},{dit}]", f"out={out}", "likelihood=false",
+                    "audio=false", "copy_check=false", *FAST]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert not list((out / "prompts").glob("*.tiled.mid"))  # no rule source: the prompt
+    for p in report["prompts"]:
+        want = [(round(n.time, 4), n.pitch) for t in cut_prompt(
+            read_score(p["path"]), 2.0).tracks for n in t.notes]
+        files = sorted((out / "midi" / "dit").glob(f"{p['name']}*.mid"))
+        assert len(files) == 2 and want  # samples_per_prompt
+        for f in files:
+            got = read_notes(f)
+            head = sorted((round(float(s), 4), int(q)) for s, q in zip(got.onset, got.pitch)
+                          if s < 2.0)
+            assert head == sorted(want), f
+    table = report["table"]
+    assert table["dit"]["items"] == table["prod"]["items"] == table["human"]["items"]
+    # its items are measured from the cut on, as every branch's: not over the prompt's notes
+    spans = {start: [cut(read_notes(f), start, 4.0) for f in (out / "midi" / "dit").glob("*.mid")]
+             for start in (0.0, 2.0)}
+    rate = {k: np.mean([len(n) / n.seconds for n in v]) for k, v in spans.items()}
+    assert rate[0.0] != rate[2.0]  # the prompt's notes would count
+    assert table["dit"]["metrics"]["notes_per_second"][0] == pytest.approx(rate[2.0])

@@ -166,6 +166,10 @@ def prompt_rows(tokenizer: CompoundTokenizer, path: str | Path, seconds: float) 
     return rows[: end[0] if len(end) else len(rows)]
 
 
+# No style conditioning; `instrument` (+instrument=N) forces the sampled program.
+GENERATE_SETTINGS = (ar.GENERATE_SETTINGS - {"style"}) | {"instrument"}
+
+
 def generate(cfg: DictConfig, ckpt: Path) -> list[Path]:
     device = device_for(cfg.device)
     model, tokenizer = load_model(ckpt, device, bool(cfg.get("force", False)))

@@ -56,6 +56,9 @@ def load_model(ckpt: Path, device: torch.device | str = "cpu", force: bool = Fal
     return ar.load_checkpoint(ckpt, PerceiverAR, PerceiverARConfig, BRANCH, device, force)
 
 
+GENERATE_SETTINGS = ar.GENERATE_SETTINGS  # what mehldau-generate may set
+
+
 def generate(cfg: DictConfig, ckpt: Path) -> list[Path]:
     """Continue the prompt (or start from BOS). The decoder caches the cross-attention
     inputs and the latent stack and refills both with one full forward when either is full."""

@@ -53,6 +53,9 @@ def load_model(ckpt: Path, device: torch.device | str = "cpu", force: bool = Fal
                               force)
 
 
+GENERATE_SETTINGS = ar.GENERATE_SETTINGS  # what mehldau-generate may set
+
+
 def generate(cfg: DictConfig, ckpt: Path) -> list[Path]:
     """Continue the prompt (or start from BOS); past the context the decoder slides by
     re-prefilling the last 7/8 of a window into the KV cache."""

@@ -17,15 +17,19 @@ on each output rather than claimed.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import symusic
 import torch
 from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 
+from mehldau.data.corpus import BadMidi, read_score
 from mehldau.data.dataset import Augmentation
 from mehldau.data.rolls import (
     FixedNoiseLatents,
@@ -51,7 +55,7 @@ from mehldau.guidance.rules import (
 )
 from mehldau.guidance.stochastic_control_guidance import SCGConfig, scg_sample
 from mehldau.io import atomic_file, atomic_write_midi
-from mehldau.nn.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
+from mehldau.nn.latent_diffusion import LatentDiffusion, LatentDiffusionConfig, stitch
 from mehldau.nn.vqvae import VQVAE, VQVAEConfig, reconstruction_report
 from mehldau.recipes.run import (
     checkpoint_extras,
@@ -65,7 +69,8 @@ from mehldau.recipes.run import (
     train_config,
 )
 from mehldau.tokenize.base import Tokenizer, build_tokenizer, load_tokenizer
-from mehldau.tokenize.pianoroll import tensor_to_roll
+from mehldau.tokenize.notes import PIANO_PROGRAMS, cut_prompt
+from mehldau.tokenize.pianoroll import roll_to_tensor, tensor_to_roll
 from mehldau.train.checkpoint import (
     load_weights,
     read_meta,
@@ -76,6 +81,10 @@ from mehldau.train.trainer import make_accelerator
 BRANCH = "scg_diffusion"
 STAGES = ("autoencoder", "diffusion")
 # Roll repairs at decode (`pianoroll.clean_rolls`), with their types.
+# The mehldau-generate settings generate reads; any other one set is refused (no sampling
+# temperature or top-k/p: a diffusion step has no token distribution to reshape).
+GENERATE_SETTINGS = frozenset({"prompt", "prompt_seconds", "seconds", "seed", "num_samples",
+                               "device", "rules", "scg", "sampler", "decode"})
 _REPAIRS = {"max_gap_frames": int, "restrike_frames": int, "min_note_frames": int,
             "min_note_peak": float}
 
@@ -269,15 +278,57 @@ def load_model(ckpt: Path, device: torch.device | str = "cpu"
     return model.to(device).eval(), load_tokenizer(ckpt / "tokenizer.json")
 
 
-def _sample_frames(cfg: DictConfig, dcfg: LatentDiffusionConfig, fps: int) -> int:
-    """`seconds` in frames, rounded up to what the model accepts; at most the trained length."""
-    longest = dcfg.frames / fps
-    seconds = generate_seconds(cfg, default=longest)
-    if seconds > longest + 1e-9:
-        raise UserError(f"seconds={seconds:g} is longer than this model's {longest:g} s samples; "
-                        f"use seconds<={longest:g} (longer pieces would need stitching)")
-    m = dcfg.frame_multiple
-    return max(m, -(-round(seconds * fps) // m) * m)
+def _rows(seconds: float, fps: int, time_factor: int) -> int:
+    """Latent rows that cover `seconds` (a row is `time_factor` frames)."""
+    return -(-round(seconds * fps) // time_factor)
+
+
+def _prompt(cfg: DictConfig, model: LatentDiffusion, tokenizer: Tokenizer, batch: int
+            ) -> tuple[symusic.Score | None, torch.Tensor]:
+    """The prompt cut as every branch cuts it (`cut_prompt`), and the latents (B, C, h, P)
+    of its rows that lie wholly inside its first `prompt_seconds` (a row the cut falls in is
+    sampled); no prompt: no rows."""
+    dcfg, device = model.config, next(model.parameters()).device
+    tf = VQVAEConfig(**dcfg.autoencoder).time_factor
+    if cfg.prompt is None:
+        c, _, p = dcfg.latent_shape()
+        return None, torch.zeros(batch, c, 0, p, device=device)
+    seconds, fps = float(cfg.prompt_seconds), tokenizer.config.fps
+    held = int(round(seconds * fps, 6)) // tf
+    if held == 0:
+        raise UserError(f"prompt_seconds={seconds:g} is shorter than one latent row "
+                        f"({tf / fps:g} s); raise it")
+    try:
+        cut = cut_prompt(read_score(cfg.prompt), seconds)
+    except BadMidi as e:
+        raise UserError(f"prompt {cfg.prompt}: {e}; pass a MIDI file with notes") from e
+    roll = tokenizer.encode(cut)  # notes whole: what sounds past the cut is the prompt's too
+    if not roll.any():
+        raise UserError(f"prompt {cfg.prompt} has no piano notes in its first {seconds:g} s; "
+                        "raise prompt_seconds or use another file")
+    frames = max(-(-len(roll) // tf) * tf, held * tf)
+    roll = np.pad(roll, ((0, frames - len(roll)), (0, 0), (0, 0)))
+    z = model.encode(roll_to_tensor(roll)[None].to(device))[:, :, :held]
+    return cut, z.float().expand(batch, -1, -1, -1).contiguous()
+
+
+def _continued(cut: symusic.Score, continuation: symusic.Score, seconds: float
+               ) -> symusic.Score:
+    """The prompt as cut (its notes whole, its controllers), then the continuation's notes
+    that start at or after the cut; the decoded rows over the prompt are its reconstruction,
+    not music of the model's, and are dropped."""
+    out = cut.copy()  # in seconds, as cut_prompt returns it
+    notes = [n for t in continuation.to("second").tracks for n in t.notes if n.time >= seconds]
+    piano = [t for t in out.tracks if not t.is_drum and t.program in PIANO_PROGRAMS
+             and len(t.notes)]
+    if piano:
+        track = piano[0]
+    else:
+        track = symusic.Track("continuation", 0, False, ttype="second")
+        out.tracks.append(track)
+    track.notes.extend(notes)
+    track.notes.sort()
+    return out.to("tick")
 
 
 def _rule_names(cfg: DictConfig) -> list[str]:
@@ -292,6 +343,8 @@ def _rule_names(cfg: DictConfig) -> list[str]:
 
 def _targets(cfg: DictConfig, tokenizer: Tokenizer, names: list[str], frames: int
              ) -> dict[str, torch.Tensor] | None:
+    """The rule targets of a window of `frames` (every window of a stitched piece is guided
+    toward the same ones: a reference shorter than the piece would otherwise run out)."""
     r = cfg.rules
     fps = tokenizer.config.fps
     if r.get("reference") is not None and r.get("targets") is not None:
@@ -301,16 +354,15 @@ def _targets(cfg: DictConfig, tokenizer: Tokenizer, names: list[str], frames: in
         if not path.is_file():
             raise UserError(f"rules.reference not found: {path}")
         try:
-            from mehldau.data.corpus import BadMidi, read_score
-
             read_score(path)
         except BadMidi as e:
             raise UserError(f"rules.reference {path}: {e}; pass a MIDI file with notes") from e
         if float(r.offset) < 0:
             raise UserError(f"rules.offset must be >= 0, got {r.offset}")
-        targets = targets_from_midi(path, tokenizer, frames / fps, names, float(r.offset))
+        offset = float(r.offset)
+        targets = targets_from_midi(path, tokenizer, frames / fps, names, offset)
         if float(targets["pitch_histogram"].sum() if "pitch_histogram" in targets else 1) == 0:
-            raise UserError(f"rules.reference {path} is silent from {r.offset} s for "
+            raise UserError(f"rules.reference {path} is silent from {offset:g} s for "
                             f"{frames / fps:g} s; choose another rules.offset")
         return targets
     if r.get("targets") is not None:
@@ -319,6 +371,8 @@ def _targets(cfg: DictConfig, tokenizer: Tokenizer, names: list[str], frames: in
 
 
 def generate(cfg: DictConfig, ckpt: Path) -> list[Path]:
+    """`num_samples` pieces: the prompt (if any) continued for `seconds`, window by window
+    (`stitch`); drawn twice from one seed, without and with guidance, when rules are given."""
     device = device_for(cfg.device)
     model, tokenizer = load_model(ckpt, device)
     dcfg = model.config
@@ -329,59 +383,72 @@ def generate(cfg: DictConfig, ckpt: Path) -> list[Path]:
         LatentDiffusionConfig(**dcfg.to_dict())
     except ValueError as e:
         raise UserError(f"bad decode option: {e}") from e
-    frames = _sample_frames(cfg, dcfg, tokenizer.config.fps)
+    fps, B = tokenizer.config.fps, int(cfg.num_samples)
+    tf = VQVAEConfig(**dcfg.autoencoder).time_factor
     names = _rule_names(cfg)
-    targets = _targets(cfg, tokenizer, names, frames)
     weights = {k: float(v) for k, v in (cfg.rules.get("weights") or {}).items()}
     try:
         scg = SCGConfig(candidates=int(cfg.scg.candidates), t_start=int(cfg.scg.t_start),
                         t_end=int(cfg.scg.t_end), every=int(cfg.scg.every),
                         eta=float(cfg.sampler.eta))
-        dcfg.latent_shape(frames)
     except ValueError as e:
         raise UserError(f"bad scg/sampler option: {e}") from e
     steps = int(cfg.sampler.steps)
     if not 1 <= steps <= dcfg.diffusion_steps:
         raise UserError(f"sampler.steps must be in 1..{dcfg.diffusion_steps}, got {steps}")
-    B = int(cfg.num_samples)
-    shape = (B, *dcfg.latent_shape(frames))
-
-    def losses(rolls: torch.Tensor) -> dict[str, torch.Tensor]:
-        return rule_losses(rolls, targets, names, fps=tokenizer.config.fps)
-
-    def draw(loss_fn) -> torch.Tensor:
-        gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
-        z = scg_sample(model.dit, model.decode, loss_fn, model.schedule, shape, steps, scg,
-                       gen, device=device)
-        return model.decode(z).float().clamp(0, 1)
-
     normalize = str(cfg.rules.get("normalize", "unguided"))
     if normalize not in ("unguided", "candidates", "none"):
         raise UserError(f"rules.normalize must be unguided, candidates or none, got "
                         f"'{normalize}'")
+    seconds = generate_seconds(cfg, default=dcfg.frames / fps)
+    cut, known = _prompt(cfg, model, tokenizer, B)
+    ps = float(cfg.prompt_seconds) if cut is not None else 0.0
+    window = dcfg.latent_shape()[1]
+    # A window holds at most half of itself from what precedes it: the rest is new music.
+    plan = dict(known=known, rows=_rows(ps + seconds, fps, tf), window=window,
+                context=window // 2, multiple=int(dcfg.dit["patch_size"][0]))
+    targets_at = functools.lru_cache(lambda frames: _targets(cfg, tokenizer, names, frames))
+
+    def losses(rolls: torch.Tensor) -> dict[str, torch.Tensor]:
+        return rule_losses(rolls, targets_at(rolls.size(2)), names, fps=fps)
+
+    def draw(loss_fn) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
+        z, windows = stitch(lambda inpaint, _: scg_sample(
+            model.dit, model.decode, loss_fn, model.schedule, inpaint.known.shape, steps, scg,
+            gen, device=device, inpaint=inpaint), **plan)
+        return model.decode(z).float().clamp(0, 1), windows
+
     with torch.no_grad():
-        unguided = draw(None)  # the same seed: what guidance is measured against
+        unguided, windows = draw(None)  # the same seed: what guidance is measured against
+        start, w = windows[0]  # the rule report is over the first window
+        first = slice(start * tf, (start + w) * tf)
+        targets = targets_at(w * tf)
         if targets is None:
             guided = unguided
         else:
-            u_loss = losses(unguided)
+            u_loss = losses(unguided[:, :, first])
             scales = rule_scales(u_loss) if normalize == "unguided" else None
             groups = B if normalize == "candidates" else None
-            guided = draw(lambda rolls: weighted_loss(losses(rolls), weights, scales, groups))
-    paths = write_scores([tokenizer.decode(r) for r in tensor_to_roll(guided.cpu())],
-                            cfg.out)
+            guided, _ = draw(lambda rolls: weighted_loss(losses(rolls), weights, scales,
+                                                         groups))
+
+    def scores(rolls: torch.Tensor) -> list[symusic.Score]:
+        decoded = [tokenizer.decode(r) for r in tensor_to_roll(rolls.cpu())]
+        return decoded if cut is None else [_continued(cut, d, ps) for d in decoded]
+
+    paths = write_scores(scores(guided), cfg.out)
     if targets is None:
         print("no rules.reference or rules.targets: sampled without guidance", file=sys.stderr)
         return paths
-    g_loss = losses(guided)
+    g_loss = losses(guided[:, :, first])
     mismatch = None
     if "chord" in names:  # the reference's 0-1 chord loss, beside our graded one
-        mismatch = {k: chord_mismatch(chord_scores(r, fps=tokenizer.config.fps),
-                                      targets["chord"]) for k, r in (("guided", guided),
-                                                                     ("unguided", unguided))}
+        mismatch = {k: chord_mismatch(chord_scores(r[:, :, first], fps=fps), targets["chord"])
+                    for k, r in (("guided", guided), ("unguided", unguided))}
     extra = [p.with_suffix(".unguided.mid") for p in paths]
-    for roll, path in zip(tensor_to_roll(unguided.cpu()), extra):
-        atomic_write_midi(tokenizer.decode(roll), path)
+    for score, path in zip(scores(unguided), extra):
+        atomic_write_midi(score, path)
     reports = []
     for b, path in enumerate(paths):
         report = {
@@ -393,6 +460,9 @@ def generate(cfg: DictConfig, ckpt: Path) -> list[Path]:
             "unguided_midi": str(extra[b]), "seed": int(cfg.seed),
             "normalize": normalize,
             "scg": scg.to_dict(), "sampler_steps": steps,
+            # the losses above are over the first window: these seconds of the output
+            "scored_seconds": [start * tf / fps, (start + w) * tf / fps],
+            "windows": len(windows),
             "reference": None if cfg.rules.get("reference") is None
             else {"path": str(cfg.rules.reference), "offset": float(cfg.rules.offset)},
         }

@@ -8,13 +8,41 @@ use it, so neither imports the other.
 from __future__ import annotations
 
 import sys
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mehldau.errors import UserError
 from mehldau.io import atomic_write_midi
+
+# Settings of mehldau-generate every branch uses (where the checkpoint is, where to write).
+EVERY_BRANCH = frozenset({"ckpt", "out", "branch"})
+
+
+def _leaves(node, prefix: str = "") -> dict[str, object]:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out: dict[str, object] = {}
+    for k, v in node.items():
+        out.update(_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def check_settings(cfg: DictConfig, defaults: DictConfig, branch: str,
+                   uses: Collection[str]) -> None:
+    """Refuse, in one line, a setting changed from its default in `defaults` (the composed
+    configs/generate.yaml) that `branch` does not read: a value that would be ignored
+    without a word. `uses`: the branch's top-level settings (its recipe's GENERATE_SETTINGS)."""
+    given = _leaves(OmegaConf.to_container(cfg, resolve=True))
+    default = _leaves(OmegaConf.to_container(defaults, resolve=True))
+    allowed = set(uses) | EVERY_BRANCH
+    for key, value in given.items():
+        if key.split(".")[0] in allowed or (key in default and default[key] == value):
+            continue
+        raise UserError(f"{branch} does not use {key}; drop it (it uses: "
+                        f"{', '.join(sorted(set(uses)))})")
 
 
 def cap_durations(score, max_seconds: float | None):

@@ -247,3 +247,14 @@ def test_help_and_cfg_print_and_exit_zero(capsys) -> None:
     assert "n_layers: 6" in out and "name: production" in out
     assert generate(["--cfg", "ckpt=x", "out=y.mid"]) == 0
     assert "top_p: 1.0" in capsys.readouterr().out
+
+
+def test_generate_refuses_the_settings_only_scg_uses(trained: Path, tmp_path: Path,
+                                                      capsys) -> None:
+    out = tmp_path / "s.mid"
+    assert generate([f"ckpt={trained}", f"out={out}", "top_k=5", "seconds=2"]) == 0
+    capsys.readouterr()
+    for arg in ("rules.use=[chord]", "scg.candidates=3", "sampler.steps=5",
+                "decode.min_note_peak=0"):
+        err = _gen_error([f"ckpt={trained}", f"out={tmp_path / 'r.mid'}", arg], capsys)
+        assert f"production does not use {arg.split('=')[0]}; drop it" in err, err

@@ -8,7 +8,7 @@ from pathlib import Path
 import pretty_midi
 import pytest
 import torch
-from conftest import make_folder
+from conftest import SCG_MICRO, make_folder
 from omegaconf import OmegaConf
 
 from mehldau.cli.generate import main as generate
@@ -19,12 +19,7 @@ from mehldau.recipes.run import train_config
 from mehldau.tokenize.pianoroll import PianoRollTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-MICRO = ["branch=scg_diffusion", "model.frames=256", "model.autoencoder_frames=64",
-         "model.autoencoder.channels=[4,8]", "model.autoencoder.strides=[[2,2],[2,2]]",
-         "model.autoencoder.codebook_size=16", "model.dit.hidden_size=32", "model.dit.depth=1",
-         "model.dit.num_heads=2", "model.dit.patch_size=[2,8]", "train.max_steps=4",
-         "train.batch_size=2", "train.eval_batch_size=4", "train.warmup_steps=1",
-         "train.log_every=2", "train.eval_every=4", "train.ckpt_every=4", "logger=none"]
+MICRO = SCG_MICRO
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +124,7 @@ def test_diffusion_init_must_be_an_autoencoder_run(runs, tmp_path: Path, capsys)
 
 
 @pytest.mark.parametrize("args, message", [
-    (["seconds=30"], "longer than this model"),
+    (["prompt=REF", "prompt_seconds=0.03"], "shorter than one latent row"),
     (["rules.use=[tempo]", "rules.reference=REF"], "unknown rule 'tempo'"),
     (["rules.reference=/no/such.mid"], "rules.reference not found"),
     (["rules.reference=REF", "sampler.eta=0"], "stochastic sampler"),

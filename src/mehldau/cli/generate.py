@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import sys
 
-from mehldau.cli.common import compose_or_show, run_cli
+from mehldau.cli.common import compose, compose_or_show, run_cli
 from mehldau.errors import UserError
+from mehldau.generation import check_settings
 from mehldau.sampling import SamplingConfig
 from mehldau.settings import checked
 from mehldau.train.checkpoint import branch_recipe, read_meta, resolve_checkpoint
@@ -18,6 +19,7 @@ USAGE = """usage: mehldau-generate ckpt=RUN_OR_CHECKPOINT out=FILE.mid [key=valu
 
 Options: prompt=FILE.mid prompt_seconds=S seconds=S temperature=T top_k=K top_p=P seed=N
          num_samples=N use_cache=true|false device=auto|cpu|cuda
+A setting the checkpoint's branch does not use is refused, naming the ones it uses.
 scg_diffusion: rules.reference=FILE.mid rules.offset=S rules.use=[pitch_histogram,...]
          rules.targets=FILE.json scg.candidates=N sampler.steps=N sampler.eta=E
 --cfg prints the composed configuration and exits."""
@@ -45,6 +47,9 @@ def _main(args: list[str]) -> int:
         raise UserError(f"checkpoint {ckpt} is from branch '{branch}', not '{wanted}'; "
                         f"drop branch= or pass a {wanted} checkpoint")
     recipe = branch_recipe(ckpt, meta)
+    uses = getattr(recipe, "GENERATE_SETTINGS", None)
+    if uses is not None:  # a setting the branch would ignore is refused, not dropped
+        check_settings(cfg, compose("generate", []), str(branch), uses)
     for path in recipe.generate(cfg, ckpt):
         print(f"wrote {path}")
     return 0

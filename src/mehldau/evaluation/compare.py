@@ -206,8 +206,8 @@ def _usable(path: Path, what: str) -> bool:
 
 
 def write_prompts(ref: list[tuple[str, Path]], cfg: DictConfig, out: Path) -> list[dict]:
-    """The first `prompt_seconds` of each of the first K reference pieces, and the same
-    excerpt repeated to fill `seconds` (the rule source of scg_diffusion)."""
+    """The first `prompt_seconds` of each of the first K reference pieces: what every branch
+    continues."""
     out.mkdir(parents=True, exist_ok=True)
     ps, k = float(cfg.prompt_seconds), int(cfg.max_prompts)
     prompts = []
@@ -226,20 +226,8 @@ def write_prompts(ref: list[tuple[str, Path]], cfg: DictConfig, out: Path) -> li
             continue
         name = f"p{len(prompts):02d}"
         excerpt.to("tick").dump_midi(str(out / f"{name}.mid"))
-        hard = secs.clip(0, ps, clip_end=True)
-        tiled = hard.copy()
-        for i in range(1, math.ceil(float(cfg.seconds) / ps) + 1):
-            shifted = hard.shift_time(i * ps, inplace=False)
-            for a, b in zip(tiled.tracks, shifted.tracks):
-                a.notes.extend(b.notes)
-                a.controls.extend(b.controls)
-        for track in tiled.tracks:
-            track.notes.sort()
-            track.controls.sort()
-        tiled.to("tick").dump_midi(str(out / f"{name}.tiled.mid"))
         prompts.append({"name": name, "piece": pid, "source": str(path),
-                        "path": str(out / f"{name}.mid"),
-                        "tiled": str(out / f"{name}.tiled.mid")})
+                        "path": str(out / f"{name}.mid")})
     if not prompts:
         raise UserError("no reference piece gave a prompt; check the reference files")
     return prompts
@@ -471,9 +459,8 @@ def compare(cfg: DictConfig) -> Path:
                                            tmp / "midi" / run.name)
         systems = []
         for run in runs:
-            start = 0.0 if run.branch == "scg_diffusion" else ps
             systems.append(System(run.name, generated_items(run, results[run.name], prompts,
-                                                            start, seconds),
+                                                            ps, seconds),
                                   extra={"branch": run.branch, "run": str(run.path),
                                          "checkpoint": str(run.ckpt),
                                          "result": results[run.name]}))

@@ -331,9 +331,9 @@ def write_all(out: Path, cfg: DictConfig, table: dict, systems, reference, promp
     plot_kde([*systems, *baselines], reference, plots / "kde.png")
     plot_copies(table, plots / "copy_lengths.png")
     first = prompts[0]
-    starts = {s.name: (0.0 if s.extra["branch"] == "scg_diffusion"
-                       else float(cfg.prompt_seconds)) for s in systems}
-    starts["pianist"] = float(cfg.prompt_seconds)
+    # every branch continues the prompt: its continuation starts where the prompt is cut
+    starts = {name: float(cfg.prompt_seconds) for name in [*(s.name for s in systems),
+                                                           "pianist"]}
     roll_files = {s.name: s.extra["result"]["files"][first["name"]][0] for s in systems}
     roll_files["pianist"] = first["source"]
     plot_rolls(first, roll_files, float(cfg.seconds), starts,
@@ -350,8 +350,7 @@ def write_all(out: Path, cfg: DictConfig, table: dict, systems, reference, promp
         # blind listener cannot tell the systems apart by length or by a shared opening.
         clips = []
         ps = float(cfg.prompt_seconds)
-        sources = [(s.name, p["name"], s.extra["result"]["files"][p["name"]][0],
-                    0.0 if s.extra["branch"] == "scg_diffusion" else ps)
+        sources = [(s.name, p["name"], s.extra["result"]["files"][p["name"]][0], ps)
                    for s in systems for p in prompts]
         sources += [("pianist", p["name"], p["source"], ps) for p in prompts]
         for system, prompt, midi, start in sources:

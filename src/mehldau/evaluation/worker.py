@@ -23,26 +23,31 @@ from mehldau.io import atomic_file
 from mehldau.train.checkpoint import branch_recipe, resolve_checkpoint
 
 
-def _generate_config(job: dict, prompt: dict, out: Path):
+def _generate_config(job: dict, prompt: dict, out: Path, uses: frozenset[str] | None):
+    """What `mehldau-generate` would compose for this prompt: every branch continues the
+    prompt's first prompt_seconds for `seconds`; a setting the branch does not use
+    (`uses`, its recipe's GENERATE_SETTINGS) keeps its default, as generate would demand."""
     cfg = compose("generate", [])  # values set below: file names need no override quoting
     s = job["sampling"]
     cfg.ckpt, cfg.out = job["ckpt"], str(out)
-    cfg.seconds = float(job["seconds"])
-    cfg.num_samples, cfg.seed = int(job["samples_per_prompt"]), int(job["seed"])
-    cfg.temperature, cfg.top_k, cfg.top_p = float(s["temperature"]), int(s["top_k"]), float(
-        s["top_p"])
-    cfg.device = job["device"]
-    cfg.style = job.get("style")
-    if job["branch"] == "scg_diffusion":  # rules from the excerpt, tiled over its window
-        cfg.rules.reference, cfg.rules.offset = prompt["tiled"], 0.0
-    else:
-        cfg.prompt, cfg.prompt_seconds = prompt["path"], float(job["prompt_seconds"])
+    given = {"seconds": float(job["seconds"]), "num_samples": int(job["samples_per_prompt"]),
+             "seed": int(job["seed"]), "temperature": float(s["temperature"]),
+             "top_k": int(s["top_k"]), "top_p": float(s["top_p"]), "device": job["device"],
+             "style": job.get("style"), "prompt": prompt["path"],
+             "prompt_seconds": float(job["prompt_seconds"])}
+    for key, value in given.items():
+        if uses is None or key in uses:
+            cfg[key] = value
+        elif value != cfg[key] and prompt is job["prompts"][0]:  # said once per run
+            print(f"compare: {job['branch']} does not use {key}; run {job['name']} samples "
+                  "without it", file=sys.stderr)
     return cfg
 
 
 def run(job: dict) -> dict:
     ckpt = resolve_checkpoint(job["ckpt"])
     recipe = branch_recipe(ckpt)
+    uses = getattr(recipe, "GENERATE_SETTINGS", None)
     device = job["device"]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -52,8 +57,8 @@ def run(job: dict) -> dict:
     files: dict[str, list[str]] = {}
     t0 = time.perf_counter()
     for prompt in job["prompts"]:
-        paths = recipe.generate(_generate_config(job, prompt, out_dir / f"{prompt['name']}.mid"),
-                                ckpt)
+        paths = recipe.generate(_generate_config(job, prompt, out_dir / f"{prompt['name']}.mid",
+                                                  uses), ckpt)
         files[prompt["name"]] = [str(p) for p in paths if p.suffix == ".mid"
                                  and not p.name.endswith(".unguided.mid")]
     generate_seconds = time.perf_counter() - t0

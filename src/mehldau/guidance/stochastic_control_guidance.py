@@ -25,6 +25,11 @@ reproduces plain `ddim_sample` with the same generator exactly, and guidance off
 None) *is* `ddim_sample`. With n > 1 the same seed gives the same x_T; the streams part after
 the first guided step. Candidates are candidate-major: row i*B + b is candidate i of sample b
 (`mehldau.nn.diffusion.conditional` tiles labels to match).
+
+Inpainting (`mehldau.nn.diffusion.Inpaint`, prompt continuation): every candidate holds the
+known rows, noised with one draw (B, ...) shared by a sample's candidates and made after the
+candidates' noise, so the candidates differ only where the sample is free; they are scored on
+their x0 with the held rows set to the known latents (what the output will hold there).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from mehldau.nn.diffusion import Denoiser, NoiseSchedule, ddim_sample
+from mehldau.nn.diffusion import Denoiser, Inpaint, NoiseSchedule, ddim_sample
 
 Decode = Callable[[Tensor], Tensor]  # latents (N, C, H, W) -> rolls (N, 2, T, 88)
 LossFn = Callable[[Tensor], Tensor]  # rolls (N, 2, T, 88) -> (N,), lower is better
@@ -77,8 +82,10 @@ def _ts(t: int, n: int, device: torch.device) -> Tensor:
 @torch.no_grad()
 def scg_step(denoiser: Denoiser, decode: Decode, loss_fn: LossFn, schedule: NoiseSchedule,
              x_t: Tensor, eps: Tensor, t: int, t_prev: int, candidates: int, eta: float,
-             generator: torch.Generator | None = None) -> SCGStep:
-    """One guided step from x_t (B, ...) whose eps = denoiser(x_t, t) is already known."""
+             generator: torch.Generator | None = None, inpaint: Inpaint | None = None
+             ) -> SCGStep:
+    """One guided step from x_t (B, ...) whose eps = denoiser(x_t, t) is already known;
+    `inpaint`'s rows are held in every candidate."""
     if eta <= 0:
         raise ValueError(f"SCG needs a stochastic sampler (eta > 0), got eta={eta}")
     if t_prev < 0:
@@ -88,10 +95,13 @@ def scg_step(denoiser: Denoiser, decode: Decode, loss_fn: LossFn, schedule: Nois
     noise = torch.randn((n, *x_t.shape), generator=generator, device=x_t.device,
                         dtype=x_t.dtype)  # (n, B, ...)
     cand = (mean + sigma * noise).flatten(0, 1)  # (n*B, ...), candidate-major
+    if inpaint is not None:
+        cand = inpaint.hold(cand, schedule, t_prev, generator)
     eps_c = denoiser(cand, _ts(t_prev, n * B, x_t.device))  # (n*B, ...): one batched call
     a = schedule.abar(t_prev)
     x0_c = (cand - (1 - a) ** 0.5 * eps_c) / a**0.5  # (n*B, ...): Tweedie estimate
-    loss = loss_fn(decode(x0_c))  # one batched decode
+    scored = x0_c if inpaint is None else inpaint.hold(x0_c, schedule, -1)
+    loss = loss_fn(decode(scored))  # one batched decode
     if loss.shape != (n * B,):
         raise ValueError(f"loss_fn must return ({n * B},), got {tuple(loss.shape)}")
     best = loss.view(n, B).argmin(dim=0)  # (B,): lowest loss wins, the first on ties
@@ -104,9 +114,11 @@ class _SCGHook:
     reusing the winner's eps so each step calls the denoiser once."""
 
     def __init__(self, denoiser: Denoiser, decode: Decode, loss_fn: LossFn,
-                 schedule: NoiseSchedule, cfg: SCGConfig, generator: torch.Generator | None):
+                 schedule: NoiseSchedule, cfg: SCGConfig, generator: torch.Generator | None,
+                 inpaint: Inpaint | None = None):
         self.denoiser, self.decode, self.loss_fn = denoiser, decode, loss_fn
         self.schedule, self.cfg, self.generator = schedule, cfg, generator
+        self.inpaint = inpaint
         self.eps: Tensor | None = None  # denoiser(x_t, t) when the last step computed it
         self.in_window = 0  # steps seen inside the window, for `every`
 
@@ -119,9 +131,12 @@ class _SCGHook:
             guided = self.in_window % cfg.every == 0 and t_prev >= 0
             self.in_window += 1
         if not guided:
-            return self.schedule.ddim_step(x, eps, t, t_prev, cfg.eta, self.generator)
+            x_prev, x0 = self.schedule.ddim_step(x, eps, t, t_prev, cfg.eta, self.generator)
+            if self.inpaint is not None:
+                x_prev = self.inpaint.hold(x_prev, self.schedule, t_prev, self.generator)
+            return x_prev, x0
         out = scg_step(self.denoiser, self.decode, self.loss_fn, self.schedule, x, eps, t,
-                       t_prev, cfg.candidates, cfg.eta, self.generator)
+                       t_prev, cfg.candidates, cfg.eta, self.generator, self.inpaint)
         self.eps = out.eps
         return out.x_prev, out.x0
 
@@ -130,10 +145,13 @@ class _SCGHook:
 def scg_sample(denoiser: Denoiser, decode: Decode, loss_fn: LossFn | None,
                schedule: NoiseSchedule, shape: tuple[int, ...], steps: int = 50,
                cfg: SCGConfig | None = None, generator: torch.Generator | None = None,
-               x_T: Tensor | None = None, device: torch.device | str | None = None) -> Tensor:
+               x_T: Tensor | None = None, device: torch.device | str | None = None,
+               inpaint: Inpaint | None = None) -> Tensor:
     """Sample latents x_0 of `shape` with SCG; `loss_fn=None` samples without guidance (plain
-    DDIM with cfg.eta, the same seed mapping). Decode the result with `decode` for rolls."""
+    DDIM with cfg.eta, the same seed mapping). `inpaint`: rows held to known latents (prompt
+    continuation). Decode the result with `decode` for rolls."""
     cfg = cfg or SCGConfig()
     hook = None if loss_fn is None else _SCGHook(denoiser, decode, loss_fn, schedule, cfg,
-                                                 generator)
-    return ddim_sample(denoiser, schedule, shape, steps, cfg.eta, generator, x_T, device, hook)
+                                                 generator, inpaint)
+    return ddim_sample(denoiser, schedule, shape, steps, cfg.eta, generator, x_T, device, hook,
+                       inpaint)

@@ -12,6 +12,13 @@ the reference's DDPM tables use the "fixed large" variance beta_t, which only di
 Randomness: `ddim_sample` draws x_T from `generator` first, then one normal tensor of the
 sample's shape per step whose sigma is > 0 (none when eta = 0, and none on the last step,
 whose sigma is always 0), so a seed fixes the whole trajectory.
+
+Inpainting (RePaint, Lugmayr et al. 2022, arXiv 2201.09865, without its resampling jumps):
+`Inpaint` holds known clean latents on some time rows; after every step those rows of
+x_{t_prev} are replaced by the known latents forward-noised to t_prev (q(x_{t_prev} | x_0)),
+so the model denoises the rest in their context, and at the end they are the known latents
+exactly. With rows held, each step draws one more normal tensor (after the step's own);
+with none held it draws nothing, so the sampler is then the plain one, draw for draw.
 """
 
 from __future__ import annotations
@@ -92,6 +99,41 @@ class NoiseSchedule:
         return mean + sigma * noise, x0
 
 
+class Inpaint:
+    """Known clean latents `known` (B or 1, C, T, ...) held on the time rows where `rows`
+    (T,) bool is True (dimension 2 of the latent); the other rows are sampled."""
+
+    def __init__(self, known: Tensor, rows: Tensor) -> None:
+        if rows.dim() != 1 or rows.numel() != known.size(2):
+            raise ValueError(f"rows must be ({known.size(2)},) bool, got {tuple(rows.shape)}")
+        self.known = known
+        self.rows = rows.bool().to(known.device)
+        self.mask = self.rows.view(1, 1, -1, *([1] * (known.dim() - 3)))
+
+    @property
+    def active(self) -> bool:
+        return bool(self.rows.any())
+
+    def hold(self, x: Tensor, schedule: NoiseSchedule, t: int,
+             generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
+        """x (N, ...) with the held rows set to q(x_t | known) (t = -1: the known latents
+        themselves). N may be k * B (candidate-major): the known latents and `noise` (drawn
+        here as (B, ...) when not given) are tiled, so every candidate of a sample holds the
+        same rows."""
+        if not self.active:
+            return x
+        known = self.known.to(x.dtype)
+        if t >= 0:
+            if noise is None:
+                noise = torch.randn(known.shape, generator=generator, device=x.device,
+                                    dtype=x.dtype)
+            a = schedule.abar(t)
+            known = math.sqrt(a) * known + math.sqrt(1 - a) * noise
+        reps = x.size(0) // known.size(0)
+        known = known.repeat(reps, *([1] * (known.dim() - 1)))
+        return torch.where(self.mask, known, x)
+
+
 def ddpm_loss(model: Callable[..., Tensor], schedule: NoiseSchedule, x0: Tensor,
               cond: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
     """Ho et al.'s simple loss: MSE between eps and model(x_t, t[, cond]), t ~ U{0..T-1}.
@@ -127,18 +169,24 @@ def conditional(model: Callable[..., Tensor], y: Tensor, scale: float = 1.0,
 def ddim_sample(denoiser: Denoiser, schedule: NoiseSchedule, shape: tuple[int, ...],
                 steps: int = 50, eta: float = 0.0, generator: torch.Generator | None = None,
                 x_T: Tensor | None = None, device: torch.device | str | None = None,
-                step_hook: StepHook | None = None) -> Tensor:
+                step_hook: StepHook | None = None, inpaint: Inpaint | None = None) -> Tensor:
     """Sample x_0 of `shape` in `steps` DDIM steps (steps = T and eta = 1: ancestral DDPM).
 
     x_T is drawn from `generator` unless given. `step_hook(x_t, t, t_prev)` may take any step
     itself (SCG does) by returning (x_{t_prev}, x0_pred); returning None runs the plain step.
+    `inpaint`: rows held to known latents (see `Inpaint`); a hook that takes a step must
+    hold them itself (its x_{t_prev} is used as returned).
     """
     x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T
     ts = schedule.ddim_timesteps(steps)
+    if inpaint is not None:
+        x = inpaint.hold(x, schedule, ts[0], generator)
     for t, t_prev in zip(ts, ts[1:] + [-1]):
         out = step_hook(x, t, t_prev) if step_hook is not None else None
         if out is None:
             eps = denoiser(x, torch.full((x.size(0),), t, dtype=torch.long, device=x.device))
             out = schedule.ddim_step(x, eps, t, t_prev, eta, generator)
+            if inpaint is not None:
+                out = (inpaint.hold(out[0], schedule, t_prev, generator), out[1])
         x = out[0]
     return x

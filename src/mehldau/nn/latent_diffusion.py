@@ -14,6 +14,7 @@ eval mode (its codebook never moves).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from mehldau.nn.diffusion import NoiseSchedule
+from mehldau.nn.diffusion import Inpaint, NoiseSchedule
 from mehldau.nn.dit import DiT, DiTConfig
 from mehldau.nn.vqvae import VQVAE, VQVAEConfig
 from mehldau.tokenize.pianoroll import clean_rolls
@@ -139,3 +140,31 @@ class LatentDiffusion(nn.Module):
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+def stitch(sample: Callable[[Inpaint, int], Tensor], known: Tensor, rows: int, window: int,
+           context: int, multiple: int = 1) -> tuple[Tensor, list[tuple[int, int]]]:
+    """Latents (B, C, >= rows, P) that begin with `known` (B, C, k, P; k may be 0), sampled
+    window by window by inpainting: each window holds the last min(context, so far) rows of
+    what precedes it and samples the rest, so it continues them. A piece that fits one
+    window is one window of its length rounded up to `multiple` rows (the DiT's patch);
+    otherwise every window is `window` rows (what the model was trained on).
+
+    `sample(inpaint, start)` returns the window's latents (B, C, w, P), w =
+    inpaint.known.size(2), starting at row `start`. Returns the latents and each window's
+    (start, w)."""
+    if not 0 <= context < window or window % multiple:
+        raise ValueError(f"need 0 <= context < window, window a multiple of {multiple}; got "
+                         f"context {context}, window {window}")
+    out, windows = known, []
+    while out.size(2) < rows:
+        held = min(out.size(2), context)
+        start = out.size(2) - held
+        need = held + rows - out.size(2)
+        w = -(-need // multiple) * multiple if start == 0 and need <= window else window
+        buf = out.new_zeros(*out.shape[:2], w, *out.shape[3:])
+        buf[:, :, :held] = out[:, :, start:]
+        z = sample(Inpaint(buf, torch.arange(w) < held), start)
+        out = torch.cat([out, z[:, :, held:]], dim=2)
+        windows.append((start, w))
+    return out, windows

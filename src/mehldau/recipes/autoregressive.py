@@ -281,6 +281,12 @@ def merge_checkpoint(cfg: DictConfig, ckpt: Path,
 
 
 # --- generation -------------------------------------------------------------------------------
+# The mehldau-generate settings `id_prompt` and `sample_ids` read (a branch recipe's
+# GENERATE_SETTINGS; anything else a user sets is refused by mehldau-generate).
+GENERATE_SETTINGS = frozenset({
+    "prompt", "prompt_seconds", "seconds", "max_tokens", "temperature", "top_k", "top_p",
+    "seed", "num_samples", "use_cache", "max_note_seconds", "style", "force", "device"})
+
 def prompt_tokens(tokenizer: Tokenizer, path: str | Path, seconds: float) -> np.ndarray:
     """The first `seconds` of a MIDI file as tokens, cut by `notes.cut_prompt` (the notes that
     start before the cut, a pedal still down at the cut lifted there), as mehldau-compare's
