@@ -264,9 +264,9 @@ def plot_copies(table: dict, path: Path) -> None:
         bins = np.arange(0, top + 2) - 0.5
         for n, v in rows.items():
             ax.hist(v, bins=bins, histtype="step", lw=1.5, label=n, density=True)
+        ax.legend(fontsize=8)
     ax.set_xlabel("longest run shared with the training split (notes)")
     ax.set_ylabel("share of samples")
-    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
