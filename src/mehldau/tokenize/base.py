@@ -192,4 +192,4 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 def _import_builtin() -> None:
     # Registration happens on import; keep the list here so `load_tokenizer` finds them all.
     import mehldau.tokenize.compound  # noqa: F401
-    from mehldau.tokenize import duration, performance, pianoroll  # noqa: F401
+    from mehldau.tokenize import duration, note_list, performance, pianoroll  # noqa: F401
