@@ -100,7 +100,8 @@ RUN_FILES = ("metrics.jsonl", MANIFEST, LINEAGE, "skipped.tsv")
 # overrides). train.* may change (max_steps: see `trainer.lr_factor`) except the batch,
 # which fixes where in the data the run is.
 IDENTITY = ("branch", "model", "data", "split.ratios", "split.seed", "stage", "init",
-            "adapter", "style", "augment", "seed", "train.batch_size", "train.grad_accum")
+            "adapter", "style", "augment", "judge", "seed", "train.batch_size",
+            "train.grad_accum")
 
 
 def run_dir_for(cfg: DictConfig, prefix: str, resume: bool) -> Path:

@@ -29,6 +29,8 @@ from mehldau.io import atomic_dir
 WEIGHTS = "model.safetensors"
 META = "meta.json"
 BRANCHES = ("production", "perceiver_mt", "moonbeam_lora", "scg_diffusion")
+# Not a branch: a model kind of the core that scores music and generates none.
+JUDGE = "style_judge"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -145,6 +147,9 @@ def branch_recipe(ckpt: Path, meta: dict[str, Any] | None = None):
     what counts)."""
     meta = read_meta(ckpt) if meta is None else meta
     branch = meta.get("branch")
+    if branch == JUDGE:
+        raise UserError(f"checkpoint {ckpt} is a style judge: it scores music and generates "
+                        "none; use it with mehldau-compare judge.run=...")
     if branch not in BRANCHES:
         raise UserError(f"checkpoint {ckpt} names unknown branch '{branch}'; it was not written "
                         f"by mehldau (branches: {', '.join(BRANCHES)})")
