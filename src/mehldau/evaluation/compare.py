@@ -447,6 +447,11 @@ def compare(cfg: DictConfig) -> Path:
     seconds, n_boot, seed = float(cfg.seconds), int(cfg.bootstrap), int(cfg.seed)
     ps, per_prompt = float(cfg.prompt_seconds), int(cfg.samples_per_prompt)
     reference = reference_items(ref, seconds)
+    judge = None
+    if (cfg.get("judge") or {}).get("run"):
+        from mehldau.evaluation.style import open_judge
+
+        judge = open_judge(cfg)  # a bad judge.run or target is refused before generating
     if len({it.piece for it in reference}) < 2:
         raise UserError(f"the reference has {len(ref)} usable piece; distances are measured "
                         "between pieces, so pass at least two (more reference pieces, or "
@@ -501,6 +506,15 @@ def compare(cfg: DictConfig) -> Path:
                 table[s.name]["cost"] = {
                     "compute_seconds_per_music_minute": r["generate_seconds"] / music * 60,
                     "peak_rss_mb": r["peak_rss_mb"], "peak_cuda_mb": r.get("peak_cuda_mb")}
+        style = None
+        if judge is not None:
+            from mehldau.evaluation.style import style_section
+
+            rows, style = style_section(cfg, judge, runs, ref, systems, human, floor,
+                                        len(human.items), seconds, n_boot, seed)
+            for name, row in rows.items():
+                table.setdefault(name, {"kind": "floor", "style_only": True,
+                                        "items": row["clips"]})["style"] = row
         table["human"]["excerpts"] = [{"prompt": it.uid.split(":")[1], "source": it.source,
                                        "start": it.start} for it in human.items]
         table["reference"] = {"kind": "reference", "items": len(reference),
@@ -508,7 +522,7 @@ def compare(cfg: DictConfig) -> Path:
                               "copy": copy_table(reference, index, int(cfg.copy_threshold),
                                                  int(cfg.copy_min_len))}
         report.write_all(tmp, cfg, table, systems, reference, prompts, ref, out,
-                         copy_coverage=coverage, baselines=[human, floor])
+                         copy_coverage=coverage, baselines=[human, floor], style=style)
         shutil.rmtree(tmp / "work")  # the jobs' results are in report.json
     print(f"compare: wrote {out / 'report.md'}", file=sys.stderr)
     return out

@@ -62,7 +62,7 @@ def _value(row: dict, get):
 
 
 def main_table(table: dict) -> list[str]:
-    names = list(table)
+    names = [n for n in table if not table[n].get("style_only")]
     branches = [n for n in names if table[n]["kind"] == "branch"]
     ref = table.get("reference", {})
     best: dict[str, str] = {}
@@ -102,6 +102,88 @@ def main_table(table: dict) -> list[str]:
             label += f" ({row['branch']})"
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
+
+
+STYLE_COLUMNS = [  # (header, key, format); the key's value is (value, lo, hi) or a number
+    ("attributed to target ↑", "target_share", "{:.2f}"),
+    ("mean P(target) ↑", "target_probability", "{:.2f}"),
+    ("windows attributed ↑", "window_share", "{:.2f}"),
+    ("normalised ↑", "normalised_share", "{:.2f}"),
+    ("Fréchet (judge space) ↓", "frechet", "{:.3g}"),
+    ("kernel distance (judge space) ↓", "kernel", "{:.3g}"),
+]
+
+
+def judge_line(style: dict) -> str:
+    """The judge run and its test accuracy: said beside every style figure."""
+    test = style.get("judge_test") or {}
+    acc = test.get("piece_accuracy")
+    clip = test.get("clip_accuracy")
+    said = (f"test accuracy {_ci(acc)} per piece, {_ci(clip)} per clip, on {test.get('pieces')} "
+            "held-out pieces" if acc else "no judge_report.json: its test accuracy is unknown")
+    return (f"judge `{style['judge_run']}` ({len(style['classes'])} classes, trained on "
+            f"{style['judge_clip_seconds']:g} s clips; {said})")
+
+
+def style_rows(table: dict, style: dict) -> list[str]:
+    heads = [h for h, _, _ in STYLE_COLUMNS] + ["most attributed to"]
+    lines = [f"Target: **{style['target']}**; {judge_line(style)}.", "",
+             "| system | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
+    for n, row in table.items():
+        st = row.get("style")
+        if not st:
+            continue
+        cells = []
+        for _, key, fmt in STYLE_COLUMNS:
+            v = st.get(key)
+            if isinstance(v, (list, tuple)):
+                cells.append(_ci(v, fmt))
+            else:
+                cells.append("n/a" if v is None or math.isnan(v) else fmt.format(v))
+        cells.append(", ".join(f"{c} {k}" for c, k in st.get("attributed_to", {}).items()))
+        label = n if row["kind"] == "branch" else f"*{n}*"
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+STYLE_HOW_TO_READ = """\
+How to read it. A style judge (a piano-roll ResNet trained to name the pianist of a clip,
+`mehldau-train branch=style_judge`) listens to every excerpt above: **attributed to target**
+is the share of excerpts it gives to the target pianist, **mean P(target)** its mean
+probability for the target, **windows attributed** the share of shorter windows sliding along
+each excerpt it gives to the target (Edwards et al. 2026 score continuations this way),
+each with a 95 % bootstrap interval over prompts (a floor's: over its pieces). The *human*
+row is the ceiling: the target pianist's own continuations of the same prompts, as many and
+as long. Two floors: *random notes*, and *other pianists*, as many clips of the same length
+from the other pianists' held-out pieces of the judge's test split. **normalised** is
+(row − other pianists) / (human − other pianists) of the attributed share: 0 plays like the
+others, 1 like the pianist. **Fréchet** and **kernel distance** compare the excerpts' embeddings
+in the judge's penultimate layer with the target pianist's held-out clips of the judge's val
+split (pieces neither the judge nor any compared run trained on): Fréchet distance and KID's
+unbiased MMD², named for what they are. Guard rails, checked by content hash before any
+figure: no reference piece (prompts, human ceiling) is in the judge's training split, and no
+held-out piece of the floor or of the distance reference is in any compared run's training
+split. The judge only measures: nothing here chose or stopped any run's training."""
+
+
+def plot_style(table: dict, path: Path, style: dict) -> None:
+    plt = _plt()
+    rows = [(n, r["style"]) for n, r in table.items() if r.get("style")]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(rows) + 2), 4))
+    for k, (n, st) in enumerate(rows):
+        v, lo, hi = st["target_share"]
+        colour = "C0" if table[n]["kind"] == "branch" else "0.55"
+        ax.bar(k, v, 0.6, color=colour)
+        ax.vlines(k, lo, hi, color="k", lw=1)
+    ax.set_xticks(range(len(rows)), [n for n, _ in rows], rotation=20, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel(f"share attributed to {style['target']}")
+    test = (style.get("judge_test") or {}).get("piece_accuracy")
+    acc = f", judge test accuracy {test[0]:.2f} per piece" if test else ""
+    ax.set_title(f"Style: excerpts the judge attributes to {style['target']}{acc}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def feature_rows(table: dict) -> list[str]:
@@ -322,7 +404,7 @@ def write_listening_kit(out: Path, clips: list[tuple[str, str, Path]], seed: int
 # --- everything -----------------------------------------------------------------------------
 def write_all(out: Path, cfg: DictConfig, table: dict, systems, reference, prompts: list[dict],
               ref: list, final: Path | None = None, copy_coverage: dict | None = None,
-              baselines=()) -> None:
+              baselines=(), style: dict | None = None) -> None:
     """Everything into `out`, a temp directory that becomes `final`: paths written in the
     report name `final`. `systems`: the branches; `baselines`: the human and floor rows."""
     plots = out / "plots"
@@ -330,6 +412,8 @@ def write_all(out: Path, cfg: DictConfig, table: dict, systems, reference, promp
     plot_oa(table, plots / "oa_per_feature.png")
     plot_kde([*systems, *baselines], reference, plots / "kde.png")
     plot_copies(table, plots / "copy_lengths.png")
+    if style is not None:
+        plot_style(table, plots / "style.png", style)
     first = prompts[0]
     # every branch continues the prompt: its continuation starts where the prompt is cut
     starts = {name: float(cfg.prompt_seconds) for name in [*(s.name for s in systems),
@@ -365,20 +449,21 @@ def write_all(out: Path, cfg: DictConfig, table: dict, systems, reference, promp
               "sampling": {k: config[k] for k in ("temperature", "top_k", "top_p")},
               "prompts": prompts, "reference_pieces": [str(p) for _, p in ref],
               "reference_segments": len(reference), "copy_coverage": copy_coverage or {},
-              "table": table}
+              "table": table, "style": style}
     def moved(text: str) -> str:
         return text.replace(str(out), str(final)) if final is not None else text
 
     (out / "report.json").write_text(moved(json.dumps(report, indent=1, default=float)))
-    write_csv(out / "metrics.csv", table)
+    write_csv(out / "metrics.csv", table, style)
     (out / "report.md").write_text(moved(markdown(cfg, table, prompts, ref, reference,
-                                                  audio_note, copy_coverage or {})))
+                                                  audio_note, copy_coverage or {}, style)))
 
 
-def write_csv(path: Path, table: dict) -> None:
+def write_csv(path: Path, table: dict, style: dict | None = None) -> None:
+    """One row per figure; style rows name the judge and its test accuracy (`judge`)."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["system", "kind", "group", "name", "stat", "value", "lo", "hi"])
+        w.writerow(["system", "kind", "group", "name", "stat", "value", "lo", "hi", "judge"])
         for name, row in table.items():
             for feat, d in row.get("features", {}).items():
                 for stat, v in d.items():
@@ -394,10 +479,18 @@ def write_csv(path: Path, table: dict) -> None:
             for k, v in (row.get("cost") or {}).items():
                 if v is not None:
                     w.writerow([name, row["kind"], "cost", k, "value", v, "", ""])
+            for _, k, _ in STYLE_COLUMNS if style is not None and row.get("style") else ():
+                v = row["style"].get(k)
+                if v is None:
+                    continue
+                v = list(v) if isinstance(v, (list, tuple)) else [v, "", ""]
+                w.writerow([name, row["kind"], "style", k, style["target"], *v,
+                            judge_line(style)])
 
 
 def markdown(cfg: DictConfig, table: dict, prompts: list[dict], ref: list, reference,
-             audio_note: str | None, copy_coverage: dict | None = None) -> str:
+             audio_note: str | None, copy_coverage: dict | None = None,
+             style: dict | None = None) -> str:
     from mehldau.evaluation.likelihood import POLICY
 
     runs = [f"`{n}` ({r['branch']}: {r['checkpoint']})" for n, r in table.items()
@@ -419,6 +512,8 @@ def markdown(cfg: DictConfig, table: dict, prompts: list[dict], ref: list, refer
         HOW_TO_READ, "",
         coverage_line(copy_coverage or {}, cfg), "",
         f"Likelihood context policy: {POLICY}.", "",
+        *(["## Style: does it sound like the pianist?", "", *style_rows(table, style), "",
+           STYLE_HOW_TO_READ, "", "![style](plots/style.png)", ""] if style else []),
         "Files: `report.json` (every value with its interval, the config, seeds, git revision), "
         "`metrics.csv`, `plots/` (OA per feature, distance densities, the first prompt's "
         "continuations as piano rolls, copy lengths), `midi/`, `prompts/`"
