@@ -561,17 +561,18 @@ PIANISTS: dict[str, Pianist] = {
         octaves=0.02, lh="rootless", sparse_comp=True, velocity=(50.0, 60.0), lh_drop=12.0,
         dynamics=1.5, vel_spread=4.0, pedal=1.0, roll=0.6, jitter_ms=9.0),
     "ben_okafor": Pianist(
-        blurb="bebop burner: fast, loud, mid-register unbroken eighths and sixteenth runs "
-              "over low shells, hard swing, dry pedal",
-        styles=("aaba", "blues", "cycle", "minor"), tempo_scale=1.2, swing=(0.64, 0.7),
-        rh_range=(60, 79), eighths=0.2, triplets=0.08, sixteenths=0.12, rests=(0, 0, 1),
-        block=0.0, octaves=0.03, lh="shells", velocity=(80.0, 92.0), lh_drop=18.0,
+        blurb="bebop burner: very fast, mid-register unbroken eighths and sixteenth runs "
+              "over low shells, light even swing, dry pedal",
+        styles=("aaba", "blues", "cycle", "minor"), tempo_scale=1.3, swing=(0.58, 0.63),
+        rh_range=(62, 80), eighths=0.2, triplets=0.06, sixteenths=0.2, rests=(0, 0, 1),
+        block=0.0, octaves=0.03, lh="shells", velocity=(76.0, 86.0), lh_drop=18.0,
         dynamics=0.8, pedal=0.15, jitter_ms=4.0),
     "clara_voss": Pianist(
         blurb="swing-era stride player: oom-pah left hand, bright high octaves, heavy "
               "shuffle, loud and rough",
-        styles=("aaba", "blues", "waltz", "blues"), swing=(0.67, 0.73), rh_range=(70, 89),
-        triplets=0.12, block=0.15, octaves=0.35, lh="stride", velocity=(84.0, 98.0),
+        styles=("aaba", "blues", "waltz", "blues"), tempo_scale=0.85, swing=(0.68, 0.74),
+        rh_range=(72, 91),
+        triplets=0.12, block=0.15, octaves=0.35, lh="stride", velocity=(88.0, 100.0),
         lh_drop=10.0, vel_spread=5.0, pedal=0.3, jitter_ms=8.0),
     "dev_marin": Pianist(
         blurb="modern straight-eighth player: near-even eighths, sixteenth runs, wide "
@@ -583,8 +584,8 @@ PIANISTS: dict[str, Pianist] = {
     "elsa_ferrante": Pianist(
         blurb="locked-hands block-chord player: low register, mostly block chords and "
               "octaves over a low left hand, even dynamics, medium swing",
-        styles=("aaba", "minor", "blues", "ballad"), tempo_scale=0.95, swing=(0.6, 0.65),
-        rh_range=(58, 76), eighths=-0.2, triplets=0.04, rests=(1, 1, 2), block=0.55,
+        styles=("aaba", "minor", "blues", "cycle"), tempo_scale=0.95, swing=(0.6, 0.65),
+        rh_range=(56, 74), eighths=-0.2, triplets=0.04, rests=(1, 1, 2), block=0.55,
         octaves=0.15, lh_shift=-5, velocity=(70.0, 80.0), dynamics=0.6, vel_spread=2.0,
         pedal=0.6),
 }
