@@ -18,6 +18,13 @@ and then block chords or octaves. Sustain pedal changes with the harmony, dynami
 phrases, and timing jitter stays small (~6 ms) so that a tiny model can learn the regularities.
 
 The file layout (sets, styles, titles) is fixed; the seed changes keys, tempi and every note.
+
+Synthetic pianists: `Pianist` is one player's habits (register, density, left-hand voicing,
+swing, tempo, dynamics, pedal, rolled chords) applied over the same harmony and forms, and
+`write_pianist_corpus` writes the invented players of `PIANISTS` (not real pianists) as
+`root/<pianist>/<nn>_<album>/<nn>_<title>.mid`, ~30-40 s a piece, so a style judge has players
+to tell apart and a generator a single synthetic style to learn. `Pianist()` is the demo's own
+player: the demo corpus's bytes do not change.
 """
 
 from __future__ import annotations
