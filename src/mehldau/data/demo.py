@@ -18,6 +18,13 @@ and then block chords or octaves. Sustain pedal changes with the harmony, dynami
 phrases, and timing jitter stays small (~6 ms) so that a tiny model can learn the regularities.
 
 The file layout (sets, styles, titles) is fixed; the seed changes keys, tempi and every note.
+
+Synthetic pianists: `Pianist` is one player's habits (register, density, left-hand voicing,
+swing, tempo, dynamics, pedal, rolled chords) applied over the same harmony and forms, and
+`write_pianist_corpus` writes the invented players of `PIANISTS` (not real pianists) as
+`root/<pianist>/<nn>_<album>/<nn>_<title>.mid`, ~30-40 s a piece, so a style judge has players
+to tell apart and a generator a single synthetic style to learn. `Pianist()` is the demo's own
+player: the demo corpus's bytes do not change.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import bisect
 import math
 import re
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +109,40 @@ class _Style:
     shell: float  # chance a chord gets a shell with its root instead of a rootless voicing
     ballad: bool = False
 
+
+@dataclass(frozen=True)
+class Pianist:
+    """One player's habits, applied on top of a piece's `_Style` (form, meter, tempo band).
+
+    The defaults are the demo corpus's player: `_compose` with `Pianist()` makes exactly the
+    bytes it made before profiles existed (a habit left at its default draws nothing extra
+    from the random generator), so `DEMO_VERSION` holds.
+    """
+
+    blurb: str = "the demo corpus's textbook player"
+    styles: tuple[str, ...] = ()  # `_STYLES` keys this player's albums cycle through
+    tempo_scale: float = 1.0  # multiplies every style's tempo band
+    swing: tuple[float, float] = (0.6, 0.67)  # off-beat eighth's place in the beat, drawn
+    rh_range: tuple[int, int] = (67, 84)  # where the right hand's lines walk (MIDI pitch)
+    eighths: float = 0.0  # added to the style's share of beats played as two eighths
+    triplets: float = 0.07  # share of beats played as eighth-note triplets
+    sixteenths: float = 0.0  # share of beats played as four sixteenths (runs)
+    rests: tuple[int, ...] = (0, 1, 1, 2)  # bars of rest after a phrase, drawn uniformly
+    block: float | None = None  # share of phrases in block chords; None: the style's
+    octaves: float = 0.08  # share of phrases doubled an octave below
+    lh: str = "mixed"  # mixed (shells or rootless by style), shells, rootless, tenths, stride
+    lh_shift: int = 0  # semitones the left hand's voicings sit above the demo's
+    sparse_comp: bool = False  # comp with sustained chords only, as in a ballad
+    velocity: tuple[float, float] | None = None  # the line's base velocity; None: the style's
+    lh_drop: float = 14.0  # how far under the line the comping sits
+    dynamics: float = 1.0  # scales phrase swells and accents
+    vel_spread: float = 3.0  # sd of per-note velocity noise
+    pedal: float = 0.85  # chance a piece uses the sustain pedal (a demo ballad always does)
+    roll: float = 0.0  # chance a left-hand chord is rolled upwards rather than struck
+    jitter_ms: float = 6.0  # sd of onset timing noise
+
+
+_DEMO_PLAYER = Pianist()
 
 _STYLES = {
     "aaba": _Style(4, (130, 220), ("aaba",), 0.72, 0.25),
@@ -179,16 +221,20 @@ def _pitches(chord: Chord, which: int, lo: int, hi: int) -> list[int]:
     return [p for p in range(lo, hi + 1) if p % 12 in pcs]
 
 
-def _voicing(chord: Chord, shell: bool, prev: tuple[int, ...] | None) -> tuple[int, ...]:
+def _voicing(chord: Chord, shell: bool, prev: tuple[int, ...] | None, shift: int = 0,
+             tenths: bool = False) -> tuple[int, ...]:
     t3, t5, t7, t9 = _QUALITIES[chord[1]][0]
     forms = [(0, t3, t7), (0, t7, t3 + 12)] if shell else [(t3, t5, t7, t9),
                                                             (t7, t9, t3 + 12, t5 + 12)]
     lo, hi = (40, 52) if shell else (48, 62)  # a shell's root sits low; rootless stays mid
-    cands = [v for f in forms for base in range(chord[0] + 24, 84, 12)
-             if lo <= (v := tuple(base + i for i in f))[0] <= hi and v[-1] <= 74]
+    if tenths:  # the wide left hand: root, seventh and the tenth above the root
+        forms, lo, hi = [(0, t7, t3 + 12)], 36, 47
+    lo, hi, top = lo + shift, hi + shift, 74 + shift
+    cands = [v for f in forms for base in range(chord[0] + 24, 96, 12)
+             if lo <= (v := tuple(base + i for i in f))[0] <= hi and v[-1] <= top]
 
     def cost(v: tuple[int, ...]) -> float:  # voice leading: every voice near a previous one
-        drift = abs(sum(v) / len(v) - 58)  # and a pull to the middle, so it never creeps away
+        drift = abs(sum(v) / len(v) - 58 - shift)  # and a pull to the middle, never creeping
         if prev is None:
             return drift
         return (sum(min(abs(a - b) for b in prev) for a in v)
@@ -203,16 +249,35 @@ _Note = tuple[float, float, int, float]  # onset and duration in swung beats, pi
 _Hit = tuple[float, float, tuple[int, ...], float]  # start, end (straight beats), pitches, velocity
 
 
+def _stride(t0: float, n: int, chord: Chord, voicing: tuple[int, ...], vel: float
+            ) -> list[_Hit]:
+    """Stride: a low root (then its fifth) on the strong beats, the chord on the others."""
+    root = 31 + (chord[0] - 31) % 12
+    hits: list[_Hit] = []
+    for b in range(n):
+        if b % 2 == 0 and (b < n - 1 or n == 1):
+            hits.append((t0 + b, t0 + b + 0.9, (root + 7 * (b > 0),), vel + 6))
+        else:
+            hits.append((t0 + b, t0 + b + 0.6, voicing, vel))
+    return hits
+
+
 def _left_hand(rng: np.random.Generator, st: _Style, segs: list[tuple[float, int, Chord]],
-               vel: float) -> tuple[list[_Hit], list[float], tuple[int, ...]]:
+               vel: float, pf: Pianist = _DEMO_PLAYER
+               ) -> tuple[list[_Hit], list[float], tuple[int, ...]]:
     """Comping hits, each chord's first hit (for the pedal) and the last voicing."""
     hits: list[_Hit] = []
     firsts, prev = [], None
     p_ant = 0.1 if st.ballad else 0.3
     for i, (t0, n, chord) in enumerate(segs):
-        pats = _COMP[n][:2] if st.ballad else _COMP[n]
+        pats = _COMP[n][:2] if st.ballad or pf.sparse_comp else _COMP[n]
         pat = pats[rng.integers(len(pats))]
-        prev = voicing = _voicing(chord, rng.random() < st.shell, prev)
+        shell = rng.random() < st.shell if pf.lh == "mixed" else pf.lh == "shells"
+        prev = voicing = _voicing(chord, shell, prev, pf.lh_shift, pf.lh == "tenths")
+        if pf.lh == "stride":
+            hits += (new := _stride(t0, n, chord, voicing, vel))
+            firsts.append(new[0][0])
+            continue
         bass = (38 + (chord[0] - 38) % 12,)
         new = [(t0 + o, t0 + o + d, bass if b else voicing, vel + 3 * b) for o, d, b in pat]
         if i and new[0][0] == t0 and rng.random() < p_ant:
@@ -255,14 +320,17 @@ def _walk(rng: np.random.Generator, tones: list[int], p: int, d: int) -> tuple[i
 
 
 def _line(rng: np.random.Generator, st: _Style, chord_at: Callable[[float], Chord],
-          start: float, end: float, sw: Callable[[float], float], vel: float) -> list[_Note]:
-    lo, hi = 67, 84
+          start: float, end: float, sw: Callable[[float], float], vel: float,
+          pf: Pianist = _DEMO_PLAYER) -> list[_Note]:
+    lo, hi = pf.rh_range
     on, b = ([start], start + 0.5) if start % 1 else ([], start)
     while b < end - 0.25:
         r = rng.random()
-        if r < 0.07:
+        if r < pf.triplets:
             on += [b, b + 1 / 3, b + 2 / 3]  # triplets sit on thirds, which swing leaves alone
-        elif r < 0.07 + st.eighths:
+        elif r < pf.triplets + pf.sixteenths:
+            on += [b, b + 0.25, b + 0.5, b + 0.75]
+        elif r < pf.triplets + pf.sixteenths + st.eighths + pf.eighths:
             on += [b, b + 0.5]
         else:
             on += [b] if r < 0.93 else [b + 0.5]
@@ -293,6 +361,7 @@ def _line(rng: np.random.Generator, st: _Style, chord_at: Callable[[float], Chor
         x = k / max(len(on) - 1, 1)
         shape = -6 + 14 * min(x / 0.7, 1) - 10 * max(0.0, (x - 0.7) / 0.3)  # swell, then ebb
         accent = 5 * (t % 1 == 0.5) + 8 * (k == peak)
+        shape, accent = shape * pf.dynamics, accent * pf.dynamics  # times 1.0 is exact
         if k + 1 < len(on):
             dur = min(sw(on[k + 1]) - sw(t), 1.0) * rng.uniform(0.75, 0.95)
         else:
@@ -302,14 +371,16 @@ def _line(rng: np.random.Generator, st: _Style, chord_at: Callable[[float], Chor
 
 
 def _block(rng: np.random.Generator, chord_at: Callable[[float], Chord], start: float,
-           end: float, sw: Callable[[float], float], vel: float) -> list[_Note]:
+           end: float, sw: Callable[[float], float], vel: float,
+           pf: Pianist = _DEMO_PLAYER) -> list[_Note]:
     """Block chords: a melody on top with chord tones packed under it (locked hands)."""
-    notes, t, p, d = [], float(math.floor(start)), int(rng.integers(74, 82)), -1
+    lo, hi = pf.rh_range
+    notes, t, p, d = [], float(math.floor(start)), int(rng.integers(lo + 7, hi - 2)), -1
     locked = rng.random() < 0.5
     while t < end - 0.5:
         dur = float(rng.choice([1.0, 1.0, 1.5, 2.0, 0.5]))
         chord = chord_at(t)
-        p, d = _walk(rng, _pitches(chord, 1, 70, 86), p, d)
+        p, d = _walk(rng, _pitches(chord, 1, lo + 3, hi + 2), p, d)
         pcs = {x % 12 for x in _pitches(chord, 1, 0, 11)} - {p % 12}
         below = [x for x in range(p - 1, p - 12, -1) if x % 12 in pcs][:3]
         length = (sw(t + dur) - sw(t)) * 0.9
@@ -321,11 +392,11 @@ def _block(rng: np.random.Generator, chord_at: Callable[[float], Chord], start: 
 
 def _right_hand(rng: np.random.Generator, st: _Style, chord_at: Callable[[float], Chord],
                 bar_starts: list[float], solo: tuple[float, float], sw: Callable[[float], float],
-                vel: float) -> list[_Note]:
+                vel: float, pf: Pianist = _DEMO_PLAYER) -> list[_Note]:
     notes: list[_Note] = []
     i = bisect.bisect_left(bar_starts, solo[0])
     bars = bar_starts + [solo[1]]
-    p_block = 0.25 if st.ballad else 0.1
+    p_block = pf.block if pf.block is not None else 0.25 if st.ballad else 0.1
     free = solo[0]  # phrases never overlap: a held last note ends before the next pickup
     while i < len(bar_starts):
         n = int(rng.choice([2, 3, 4], p=[0.4, 0.3, 0.3]))
@@ -334,19 +405,24 @@ def _right_hand(rng: np.random.Generator, st: _Style, chord_at: Callable[[float]
                   solo[1] - 0.5)
         r = rng.random()
         if r < p_block:
-            phrase = _block(rng, chord_at, start, end, sw, vel)
+            phrase = _block(rng, chord_at, start, end, sw, vel, pf)
         else:
-            phrase = _line(rng, st, chord_at, start, end, sw, vel)
-            if r < p_block + 0.08:  # octave passage: the line doubled below
+            phrase = _line(rng, st, chord_at, start, end, sw, vel, pf)
+            if r < p_block + pf.octaves:  # octave passage: the line doubled below
                 phrase += [(t, dl, q - 12, v - 6) for t, dl, q, v in phrase]
         if phrase:
             notes += phrase
             free = max(free, math.ceil(max(t + dl for t, dl, _, _ in phrase) * 2 + 1) / 2)
-        i += n + int(rng.choice([0, 1, 1, 2]))  # and a rest before the next phrase
+        i += n + int(rng.choice(list(pf.rests)))  # and a rest before the next phrase
     return notes
 
 
-def _compose(rng: np.random.Generator, style: str, title: str) -> symusic.Score:
+def _compose(rng: np.random.Generator, style: str, title: str, pf: Pianist = _DEMO_PLAYER,
+             seconds: tuple[float, float] | None = None,
+             credit: str = "synthetic demo, not Mehldau") -> symusic.Score:
+    """One piece. `seconds`: the length aimed at (None: the demo's ~46-58 s, longer for a
+    ballad); given, a long form may also be played as half a chorus so short pieces stay
+    near it. `credit` goes into the title marker."""
     st = _STYLES[style]
     family = st.forms[rng.integers(len(st.forms))]
     form, key = _form(family, rng), int(rng.integers(12))
@@ -354,34 +430,47 @@ def _compose(rng: np.random.Generator, style: str, title: str) -> symusic.Score:
     ending = 2 * st.meter if st.meter == 3 else st.meter
 
     # Choruses and tempo so the piece lasts ~46-58 s (ballads a little longer, to stay slow).
-    target = rng.uniform(56, 68) if st.ballad else rng.uniform(46, 58)
-    lo, hi = st.tempo
+    if seconds is None:
+        target = rng.uniform(56, 68) if st.ballad else rng.uniform(46, 58)
+    else:
+        target = rng.uniform(*seconds)
+    lo, hi = st.tempo[0] * pf.tempo_scale, st.tempo[1] * pf.tempo_scale
     one = _segment(form, st.meter, key)[2]
     pre = _segment(intro, st.meter, key)[2]
-    options = [((pre + c * one + ending) * 60 / target, c) for c in (1, 2, 3)]
+    counts = (0.5, 1, 2, 3) if seconds is not None and len(form) >= 16 else (1, 2, 3)
+    options = [((pre + c * one + ending) * 60 / target, c) for c in counts]
     qpm, choruses = min(options, key=lambda o: (not lo <= o[0] <= hi, abs(o[0] - (lo + hi) / 2)))
     qpm = float(np.clip(qpm, lo, hi))
+    body = form[:len(form) // 2] if choruses == 0.5 else form * int(choruses)
 
-    segs, bar_starts, total = _segment(intro + form * choruses, st.meter, key)
+    segs, bar_starts, total = _segment(intro + body, st.meter, key)
     starts = [s[0] for s in segs]
 
     def chord_at(t: float) -> Chord:
         return segs[max(bisect.bisect_right(starts, t + 1e-6) - 1, 0)][2]
 
-    ratio = float(np.clip(rng.uniform(0.6, 0.67) - max(0.0, qpm - 180) * 0.0008, 0.58, 0.67))
+    s_lo, s_hi = pf.swing
+    ratio = float(np.clip(rng.uniform(s_lo, s_hi) - max(0.0, qpm - 180) * 0.0008,
+                          s_lo - 0.02, s_hi))
 
     def sw(t: float) -> float:  # swing moves the off-beat eighth later, nothing else
         f = math.floor(t)
         return f + ratio if abs(t - f - 0.5) < 1e-6 else t
 
-    rh_vel = rng.uniform(58, 70) if st.ballad else rng.uniform(70, 84)
-    lh_vel = rh_vel - 14  # the comping sits under the line
-    hits, firsts, prev = _left_hand(rng, st, segs, lh_vel)
+    if pf.velocity is not None:
+        rh_vel = rng.uniform(*pf.velocity) - 8 * st.ballad
+    else:
+        rh_vel = rng.uniform(58, 70) if st.ballad else rng.uniform(70, 84)
+    lh_vel = rh_vel - pf.lh_drop  # the comping sits under the line
+    hits, firsts, prev = _left_hand(rng, st, segs, lh_vel, pf)
     solo = (pre if intro and rng.random() < 0.5 else 0.0, total)
-    notes = _right_hand(rng, st, chord_at, bar_starts, solo, sw, rh_vel)
+    notes = _right_hand(rng, st, chord_at, bar_starts, solo, sw, rh_vel, pf)
     for s, e, pitches, v in hits:
-        for q in pitches:
-            notes.append((sw(s), sw(e) - sw(s) - 0.06, q, v + 3 * (q == pitches[-1])))
+        # A rolled chord spreads upwards over ~a sixteenth per note; drawn only if it can be.
+        step = 0.07 if pf.roll and len(pitches) > 1 and rng.random() < pf.roll else 0.0
+        for k, q in enumerate(pitches):
+            notes.append((sw(s) + k * step, sw(e) - sw(s) - 0.06 - k * step, q,
+                          v + 3 * (q == pitches[-1])))
 
     # Ending: the tonic chord rolled upwards from a low root, held under the pedal.
     tonic = (key, "m6" if family in _MINOR_FORMS else str(rng.choice(["maj7", "6"])))
@@ -398,11 +487,11 @@ def _compose(rng: np.random.Generator, style: str, title: str) -> symusic.Score:
     for at, f in ((total - st.meter, 0.9), (total, 0.75)):  # a ritardando into the last chord
         score.tempos.append(symusic.Tempo(round(at * TPQ), qpm=qpm * f))
     score.time_signatures.append(symusic.TimeSignature(0, st.meter, 4))
-    score.markers.append(symusic.TextMeta(0, f"{title} (synthetic demo, not Mehldau)"))
+    score.markers.append(symusic.TextMeta(0, f"{title} ({credit})"))
     track = symusic.Track(name="Piano", program=0)
 
     # Pedal: down just after each chord change, up just before the next one.
-    if st.ballad or rng.random() < 0.85:
+    if (st.ballad and pf.pedal >= 0.5) or rng.random() < pf.pedal:
         changes = [sw(f) for f in firsts] + [total + ending + 0.5]
         for a, b in zip(changes, changes[1:]):
             down, up = a + rng.uniform(0.12, 0.25), b - 0.04
@@ -410,20 +499,22 @@ def _compose(rng: np.random.Generator, style: str, title: str) -> symusic.Score:
                 track.controls.append(symusic.ControlChange(round(down * TPQ), 64, 127))
                 track.controls.append(symusic.ControlChange(round(up * TPQ), 64, 0))
 
-    _add_notes(track, notes, qpm, rng)
+    _add_notes(track, notes, qpm, rng, pf.jitter_ms, pf.vel_spread)
     score.tracks.append(track)
     return score
 
 
 def _add_notes(track: symusic.Track, notes: list[_Note], qpm: float,
-               rng: np.random.Generator) -> None:
+               rng: np.random.Generator, jitter_ms: float = 6.0, vel_spread: float = 3.0
+               ) -> None:
     """Humanize lightly, keep one sounding note per key, and add the notes in time order."""
     on, dur, pitch, vel = (np.array(x, dtype=float) for x in zip(*notes))
     ticks_per_ms = TPQ * qpm / 60000
-    jitter = np.clip(rng.normal(0, 6, len(on)), -15, 15) * ticks_per_ms
+    cap = 2.5 * jitter_ms  # 15 ms for the demo's 6 ms
+    jitter = np.clip(rng.normal(0, jitter_ms, len(on)), -cap, cap) * ticks_per_ms
     start = np.maximum(np.round(on * TPQ + jitter), 0).astype(np.int64)
     stop = start + np.maximum(np.round(dur * TPQ), 30).astype(np.int64)
-    vel = np.clip(np.round(vel + rng.normal(0, 3, len(on))), 20, 120).astype(np.int64)
+    vel = np.clip(np.round(vel + rng.normal(0, vel_spread, len(on))), 20, 120).astype(np.int64)
     pitch = pitch.astype(np.int64)
     # One key cannot sound twice: a note ends before the same pitch is struck again.
     order = np.lexsort((start, pitch))
@@ -460,4 +551,91 @@ def write_demo_corpus(root: str | Path, seed: int = 0) -> list[Path]:
             path = root / f"set_{i + 1:02d}_{set_name}" / f"{j + 1:02d}_{slug}.mid"
             atomic_write_midi(score, path)
             paths.append(path)
+    return sorted(paths)
+
+
+PIANISTS_VERSION = 1  # bump whenever the pianist corpus's bytes change (cache keys use it)
+
+# Invented players, not real pianists: each plays textbook jazz piano over the forms above,
+# with habits distinct enough in register, density, voicing, swing, tempo and dynamics that
+# a small classifier can tell them apart. Folder names, so plain lowercase words.
+PIANISTS: dict[str, Pianist] = {
+    "ada_lowell": Pianist(
+        blurb="lyrical ballad player: slow, soft, high and sparse, rolled rootless chords "
+              "under full pedal, gentle swing",
+        styles=("ballad", "waltz", "minor", "ballad"), tempo_scale=0.8, swing=(0.56, 0.62),
+        rh_range=(72, 91), eighths=-0.3, triplets=0.05, rests=(1, 2, 2, 3), block=0.3,
+        octaves=0.02, lh="rootless", sparse_comp=True, velocity=(50.0, 60.0), lh_drop=12.0,
+        dynamics=1.5, vel_spread=4.0, pedal=1.0, roll=0.6, jitter_ms=9.0),
+    "ben_okafor": Pianist(
+        blurb="bebop burner: very fast, mid-register unbroken eighths and sixteenth runs "
+              "over low shells, light even swing, dry pedal",
+        styles=("aaba", "blues", "cycle", "minor"), tempo_scale=1.3, swing=(0.58, 0.63),
+        rh_range=(62, 80), eighths=0.2, triplets=0.06, sixteenths=0.2, rests=(0, 0, 1),
+        block=0.0, octaves=0.03, lh="shells", velocity=(76.0, 86.0), lh_drop=18.0,
+        dynamics=0.8, pedal=0.15, jitter_ms=4.0),
+    "clara_voss": Pianist(
+        blurb="swing-era stride player: oom-pah left hand, bright high octaves, heavy "
+              "shuffle, loud and rough",
+        styles=("aaba", "blues", "waltz", "blues"), tempo_scale=0.85, swing=(0.68, 0.74),
+        rh_range=(72, 91),
+        triplets=0.12, block=0.15, octaves=0.35, lh="stride", velocity=(88.0, 100.0),
+        lh_drop=10.0, vel_spread=5.0, pedal=0.3, jitter_ms=8.0),
+    "dev_marin": Pianist(
+        blurb="modern straight-eighth player: near-even eighths, sixteenth runs, wide "
+              "tenths in the left hand, odd meters, wide dynamics",
+        styles=("five", "minor", "cycle", "waltz"), tempo_scale=0.9, swing=(0.5, 0.53),
+        rh_range=(63, 84), eighths=-0.15, triplets=0.02, sixteenths=0.25, lh="tenths",
+        velocity=(62.0, 74.0), dynamics=2.0, vel_spread=8.0, pedal=0.9, roll=0.2,
+        jitter_ms=5.0),
+    "elsa_ferrante": Pianist(
+        blurb="locked-hands block-chord player: low register, mostly block chords and "
+              "octaves over a low left hand, even dynamics, medium swing",
+        styles=("aaba", "minor", "blues", "cycle"), tempo_scale=0.95, swing=(0.6, 0.65),
+        rh_range=(56, 74), eighths=-0.2, triplets=0.04, rests=(1, 1, 2), block=0.55,
+        octaves=0.15, lh_shift=-5, velocity=(70.0, 80.0), dynamics=0.6, vel_spread=2.0,
+        pedal=0.6),
+}
+
+
+def _pianist_names(name: str, count: int, salt: int) -> list[str]:
+    # Seed-independent titles per pianist ("Amber Harbor"), none repeating within a list.
+    r = np.random.default_rng([zlib.crc32(name.encode()), salt])
+    pairs = [(a, n) for a in range(len(_ADJ)) for n in range(len(_NOUN))]
+    picks = r.choice(len(pairs), size=count, replace=False)
+    return [f"{_ADJ[pairs[k][0]]} {_NOUN[pairs[k][1]]}" for k in picks]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
+def write_pianist_corpus(root: str | Path, seed: int = 0, albums: int = 4,
+                         pieces_per_album: int = 3,
+                         piece_seconds: tuple[float, float] = (30, 40)) -> list[Path]:
+    """Synthesize every `PIANISTS` profile's albums under `root` and return the files, sorted.
+
+    Layout: `root/<pianist>/<nn>_<album>/<nn>_<title>.mid`; album and piece titles depend on
+    the pianist alone, the seed changes keys, tempi and every note. Each piece aims at a
+    length drawn from `piece_seconds`. The same `seed` gives byte-identical files, and one
+    pianist's music never depends on which others exist. Written atomically, like the demo.
+    """
+    root = Path(root)
+    paths = []
+    for name, pf in PIANISTS.items():
+        key = zlib.crc32(name.encode())
+        album_titles = _pianist_names(name, albums, 0)
+        titles = _pianist_names(name, albums * pieces_per_album, 1)
+        for a, album in enumerate(album_titles):
+            folder = root / name / f"{a + 1:02d}_{_slug(album)}"
+            for j in range(pieces_per_album):
+                k = a * pieces_per_album + j
+                style = pf.styles[k % len(pf.styles)]
+                title = titles[k] + _SUFFIX.get(style, "")
+                score = _compose(np.random.default_rng([seed, key, a, j]), style, title, pf,
+                                 seconds=piece_seconds,
+                                 credit=f"synthetic pianist {name}, not a real player")
+                path = folder / f"{j + 1:02d}_{_slug(title)}.mid"
+                atomic_write_midi(score, path)
+                paths.append(path)
     return sorted(paths)

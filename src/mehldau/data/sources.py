@@ -1,4 +1,5 @@
-"""Where pieces come from: a MIDI folder, PiJAMA as published, or the embedded demo corpus.
+"""Where pieces come from: a MIDI folder, PiJAMA as published, the embedded demo corpus, or
+the synthetic pianists corpus (invented players for the style judge's tests and demos).
 
 Every source yields `Piece`s with a stable id and a *group* key. Splits are made by group so
 that no album (PiJAMA), session folder, or family of versions of one tune ends up on both
@@ -63,6 +64,9 @@ def folder_source(
     `group_by`:
       - "top_dir": the top-level subdirectory a file sits in; a file directly in the root is
         its own group (so a flat folder still splits);
+      - "album": a `pianist/album` tree: a file's first two folders ("ada/01_first"); a file
+        with only one folder above it is grouped by that folder, a file in the root is its
+        own group;
       - "file": every file is its own group;
       - "regex": files whose stems give the same `tune_key` share a group: the first capture
         group (or the whole match) of `group_regex`, or, without one, a normalised title, so
@@ -80,14 +84,16 @@ def folder_source(
         raise UserError(
             f"no .mid/.midi files under {root}; point data.root at a folder that has some"
         )
-    if group_by not in ("top_dir", "file", "regex"):
-        raise UserError(f"unknown data.group_by '{group_by}'; use top_dir, file or regex")
+    if group_by not in ("top_dir", "album", "file", "regex"):
+        raise UserError(f"unknown data.group_by '{group_by}'; use top_dir, album, file or regex")
     pieces = []
     for p in files:
         rel = p.relative_to(root)
         top = rel.parts[0] if len(rel.parts) > 1 else ""
         if group_by == "top_dir":
             group = top or rel.as_posix()
+        elif group_by == "album":
+            group = "/".join(rel.parts[:min(2, len(rel.parts) - 1)]) or rel.as_posix()
         elif group_by == "file":
             group = rel.as_posix()
         else:
@@ -180,16 +186,40 @@ def demo_source(cache_root: str | Path, seed: int = 0, ratios: Sequence[float] =
                         ratios, split_seed)
 
 
+def pianists_source(cache_root: str | Path, seed: int = 0,
+                    ratios: Sequence[float] = (0.8, 0.1, 0.1), split_seed: int = 0,
+                    pianist: str | None = None) -> list[Piece]:
+    """The synthetic pianists corpus (`demo.PIANISTS`, invented players), synthesized once
+    into `cache_root` and reused. `Piece.style` is the pianist and a group is one of their
+    albums, so splits are dealt per pianist over their albums (four albums each: one val,
+    one test, two train). `pianist` keeps one player's pieces, after the splits are dealt."""
+    from mehldau.data.demo import PIANISTS, PIANISTS_VERSION, write_pianist_corpus
+
+    if pianist is not None and pianist not in PIANISTS:
+        raise UserError(f"unknown data.pianist '{pianist}'; the synthetic pianists are "
+                        f"{', '.join(PIANISTS)} (or null for all)")
+    root = Path(cache_root).expanduser() / f"pianists-v{PIANISTS_VERSION}-seed{seed}"
+    done = root / ".complete"
+    if not done.exists():
+        write_pianist_corpus(root, seed=seed)
+        done.write_text("ok\n")
+    pieces = folder_source(root, group_by="album", ratios=ratios, seed=split_seed)
+    return [p for p in pieces if pianist is None or p.style == pianist]
+
+
 def pieces_from_config(data: DictConfig, cache_dir: str | Path,
                        ratios: Sequence[float] = (0.8, 0.1, 0.1), split_seed: int = 0
                        ) -> list[Piece]:
-    """The pieces named by a `data` config group (demo, folder or pijama), each with its
-    split from the source's whole catalogue (`ratios` train/val/test, `split_seed`)."""
+    """The pieces named by a `data` config group (demo, pianists, folder or pijama), each with
+    its split from the source's whole catalogue (`ratios` train/val/test, `split_seed`)."""
     source = data.get("source")
     ratios = tuple(ratios)
     if source == "demo":
         return demo_source(cache_dir, seed=int(data.get("seed", 0)), ratios=ratios,
                            split_seed=split_seed)
+    if source == "pianists":
+        return pianists_source(cache_dir, seed=int(data.get("seed", 0)), ratios=ratios,
+                               split_seed=split_seed, pianist=data.get("pianist"))
     if source in ("folder", "pijama"):
         root = None if OmegaConf.is_missing(data, "root") else data.get("root")
         if root in (None, ""):
@@ -198,4 +228,5 @@ def pieces_from_config(data: DictConfig, cache_dir: str | Path,
             return folder_source(root, data.get("group_by", "top_dir"), data.get("group_regex"),
                                  ratios, split_seed)
         return pijama_source(root, data.get("csv"), data.get("pianist"), ratios, split_seed)
-    raise UserError(f"unknown data source '{source}'; use data=demo, data=folder or data=pijama")
+    raise UserError(f"unknown data source '{source}'; use data=demo, data=pianists, data=folder "
+                    "or data=pijama")
