@@ -163,7 +163,9 @@ split (pieces neither the judge nor any compared run trained on): Fréchet dista
 unbiased MMD², named for what they are. Guard rails, checked by content hash before any
 figure: no reference piece (prompts, human ceiling) is in the judge's training split, and no
 held-out piece of the floor or of the distance reference is in any compared run's training
-split. The judge only measures: nothing here chose or stopped any run's training."""
+split. A judge trained on pianists has never heard random notes, so what it makes of them
+says more about the judge than about the music: read a branch against the *other pianists*
+floor. The judge only measures: nothing here chose or stopped any run's training."""
 
 
 def plot_style(table: dict, path: Path, style: dict) -> None:

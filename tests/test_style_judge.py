@@ -1,0 +1,392 @@
+"""The style judge: its parts (note lists, clips, the figures it reports), and the judge trained
+end to end like every branch: on a PiJAMA-shaped tree (classes by the minutes rule, album
+splits as the generators'), under the memory plan, through a kill and a resume, and on bad
+input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import symusic
+from conftest import scale_notes, write_midi
+from test_data import PIJAMA_HEADER
+from test_resume import child, records
+
+from mehldau.cli.compare import main as compare
+from mehldau.cli.generate import main as generate
+from mehldau.cli.train import main as train
+from mehldau.data.clips import ClipAugmentation, ClipDataset, ClipWindows, clip_starts, render_clip
+from mehldau.data.sources import pijama_source
+from mehldau.evaluation.style import frechet_distance, kernel_distance, roc_auc
+from mehldau.tokenize import build_tokenizer
+from mehldau.train.checkpoint import latest_checkpoint
+
+# A judge small enough for a few CPU steps: 5 s clips at 10 frames/s.
+TINY = ["branch=style_judge", "model=judge_tiny", "model.layers=[1,1]", "model.widths=[8,16]",
+        "model.stem_width=8", "judge.seconds=5", "judge.fps=10", "judge.bootstrap=20",
+        "train.batch_size=4", "train.eval_batch_size=8", "train.warmup_steps=1",
+        "train.log_every=1", "train.eval_every=2", "train.ckpt_every=2", "train.keep_last=0",
+        "logger=none"]
+
+
+# --- parts -----------------------------------------------------------------------------------
+def test_note_list_round_trips_and_folds_the_pedal(tmp_path: Path) -> None:
+    notes = [(60, 0.5, 0.25, 80), (64, 1.0, 0.5, 90), (20, 1.0, 0.5, 90)]  # 20: off the keys
+    path = write_midi(tmp_path / "a.mid", notes, pedals=[(0.6, 1.0)])
+    tok = build_tokenizer("note_list")
+    a = tok.encode(symusic.Score(str(path)))
+    assert a.shape == (2, 4) and a.dtype == np.float32
+    np.testing.assert_allclose(a[0], [0.5, 1.6, 60, 80], atol=2e-3)  # held to the lift
+    np.testing.assert_allclose(a[1], [1.0, 1.6, 64, 90], atol=2e-3)
+    again = tok.encode(tok.decode(a))
+    np.testing.assert_allclose(again, a, atol=0.006)  # the 10 ms grid
+    shifted = tok.augment(a, transpose=48, stretch=2.0)  # 64 + 48 = 112 leaves the keyboard
+    np.testing.assert_allclose(shifted, [[1.0, 3.2, 108, 80]], atol=4e-3)
+    assert tok.decode(np.zeros((3, 5))).note_num() == 0  # garbage never raises
+
+
+def test_a_clip_is_each_key_s_loudest_velocity_where_it_sounds() -> None:
+    notes = np.array([[0.0, 1.0, 60, 127], [0.5, 2.0, 60, 64], [1.2, 1.3, 21, 127]], np.float32)
+    roll = render_clip(notes, start=0.5, seconds=2.0, fps=10)
+    assert roll.shape == (88, 20)
+    key = 60 - 21
+    # the first note began before the clip: drawn from frame 0 to its end at 1.0 s (frame 5)
+    np.testing.assert_allclose(roll[key, :5], 1.0)
+    np.testing.assert_allclose(roll[key, 5:15], 64 / 127, rtol=1e-6)
+    assert not roll[key, 15:].any()
+    assert roll[0, 7] == 1.0 and roll[0].sum() == 1.0  # a 100 ms note is one frame
+    assert np.count_nonzero(roll) == 16
+
+
+def test_clips_are_a_function_of_the_index_and_cover_the_piece() -> None:
+    rng = np.random.default_rng(0)
+    on = np.sort(rng.uniform(2, 40, 200))
+    notes = np.stack([on, on + 0.3, rng.integers(40, 80, 200), rng.integers(30, 100, 200)],
+                     1).astype(np.float32)
+    ds = ClipDataset([notes, notes[:50]], [0, 1], 5.0, 10, seed=3, augment=ClipAugmentation())
+    again = ClipDataset([notes, notes[:50]], [0, 1], 5.0, 10, seed=3,
+                        augment=ClipAugmentation())
+    for i in (0, 7, 10**9):
+        assert ds[i]["x"].shape == (1, 88, 50) and ds[i]["x"].any()
+        assert (ds[i]["x"] == again[i]["x"]).all() and ds[i]["labels"] == again[i]["labels"]
+    assert not all((ds[i]["x"] == ds[i + 1]["x"]).all() for i in range(5))
+    starts = clip_starts(notes, 5.0)
+    assert starts[0] == pytest.approx(on[0]) and starts[-1] + 5.0 == pytest.approx(
+        float(notes[:, 1].max()))
+    windows = ClipWindows([notes], [0], 5.0, 10)
+    assert len(windows) == len(starts) and (windows[0]["x"] == windows[0]["x"]).all()
+
+
+def test_roc_auc_is_the_share_of_positive_negative_pairs_ranked_right() -> None:
+    rng = np.random.default_rng(1)
+    scores = np.round(rng.uniform(size=60), 1)  # ties count half
+    positive = rng.uniform(size=60) < 0.4
+    p, n = scores[positive], scores[~positive]
+    brute = ((p[:, None] > n[None]).sum() + 0.5 * (p[:, None] == n[None]).sum()) / (
+        len(p) * len(n))
+    assert roc_auc(scores, positive) == pytest.approx(brute)
+    assert np.isnan(roc_auc(scores, np.ones(60, bool)))
+
+
+def test_frechet_and_kernel_distances_match_their_formulas() -> None:
+    from scipy import linalg
+
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(200, 6)), rng.normal(0.5, 1.5, size=(150, 6))
+    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    mu = a.mean(0) - b.mean(0)
+    plain = mu @ mu + np.trace(sa + sb - 2 * np.real(linalg.sqrtm(sa @ sb)))
+    assert frechet_distance(a, b) == pytest.approx(plain, rel=1e-6)
+    assert frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
+    same = rng.normal(size=(200, 6))
+    assert abs(kernel_distance(a, same)) < 0.1 * kernel_distance(a, b)
+
+
+# --- PiJAMA-shaped --------------------------------------------------------------------------
+def _line(seconds: float, seed: int) -> list[tuple[int, float, float, int]]:
+    """A note every 0.5 s for `seconds`."""
+    rng = np.random.default_rng(seed)
+    return [(int(rng.integers(40, 90)), 0.5 * k, 0.4, int(rng.integers(40, 100)))
+            for k in range(max(1, int(seconds / 0.5)))]
+
+
+def _pijama(root: Path, rows: list[dict], seconds_of) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "pijama.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=PIJAMA_HEADER)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in PIJAMA_HEADER})
+    for i, r in enumerate(rows):
+        write_midi(root / r["midi_filepath"], _line(seconds_of(r), i))
+    return root
+
+
+def _expected_classes(root: Path, seconds_of, min_minutes: float) -> list[str]:
+    """The minutes rule worked out from the catalogue alone: training-split minutes per
+    pianist (as written), the pianists over the line, then `other`."""
+    rows = {f"pijama-{r['id']}": r for r in csv.DictReader(open(root / "pijama.csv"))}
+    minutes: dict[str, float] = {}
+    for p in pijama_source(root, pianist=None):
+        if p.split == "train":
+            minutes[p.style] = minutes.get(p.style, 0) + (seconds_of(rows[p.id]) - 0.1) / 60
+    named = sorted(s for s, m in minutes.items() if m >= min_minutes)
+    return named + (["other"] if len(named) < len(minutes) else [])
+
+
+def test_the_judge_trains_on_a_pijama_tree_by_the_minutes_rule(tmp_path: Path) -> None:
+    rows = []
+    plan = {"Brad Mehldau": (5, 3, 40), "Bill Evans": (5, 3, 40), "Dick Hyman": (6, 2, 30),
+            "Kirk Lightsey": (3, 2, 10), "Ahmad Jamal": (2, 1, 10)}  # albums, tunes, seconds
+    for artist, (albums, tunes, _) in plan.items():
+        for a in range(albums):
+            for t in range(tunes):
+                rows.append({"id": str(len(rows)), "artist": artist, "album": f"{artist} {a}",
+                             "title": f"Tune {t}", "recording_condition": "studio",
+                             "midi_filepath": f"data/midi/studio/{artist}/{artist} {a}/"
+                                              f"Tune {t}.midi", "split": "train"})
+
+    def seconds_of(r: dict) -> float:
+        return plan[r["artist"]][2]
+
+    root = _pijama(tmp_path / "pijama", rows, seconds_of)
+    run = tmp_path / "judge"
+    assert train([f"run_dir={run}", "data=pijama", f"data.root={root}", "data.pianist=null",
+                  "judge.min_minutes=2", "train.max_steps=2", *TINY]) == 0
+    ckpt = latest_checkpoint(run)
+    info = json.loads((ckpt / "classes.json").read_text())
+    expected = _expected_classes(root, seconds_of, 2)
+    assert info["classes"] == expected == ["Bill Evans", "Brad Mehldau", "Dick Hyman", "other"]
+    assert info["class_of_style"]["Kirk Lightsey"] == info["class_of_style"]["Ahmad Jamal"] \
+        == "other"
+    # The generators' splits: a Mehldau-only run deals his albums exactly as the judge did.
+    judge = json.loads((run / "splits.json").read_text())
+    split_of = {e["id"]: s for s in ("train", "val", "test") for e in judge[s]["pieces"]}
+    mehldau = pijama_source(root)  # what mehldau-train data=pijama reads by default
+    assert {p.id: p.split for p in mehldau} == {p.id: split_of[p.id] for p in mehldau}
+    report = json.loads((run / "judge_report.json").read_text())
+    assert report["classes"] == expected and report["target"] == "Brad Mehldau"
+    assert report["pieces"] == len(judge["test"]["pieces"]) and "piece_auc" in report
+    for key in ("clip_accuracy", "piece_accuracy", "clip_top5", "piece_top5", "piece_auc"):
+        v, lo, hi = report[key]
+        assert 0 <= lo <= hi <= 1 and 0 <= v <= 1, key
+    assert report["piece_top5"][0] == 1.0  # four classes: the true one is always in the top 5
+    assert (run / "confusion.png").stat().st_size > 1000
+    md = (run / "judge_report.md").read_text()
+    assert "ROC-AUC, Brad Mehldau vs rest" in md and "| other |" in md
+    test_line = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert test_line["split"] == "test" and "piece_accuracy" in test_line
+
+
+REAL_CSV = os.environ.get("MEHLDAU_PIJAMA_CSV")
+
+
+@pytest.mark.skipif(not REAL_CSV, reason="set MEHLDAU_PIJAMA_CSV to PiJAMA's pijama.csv")
+def test_the_judge_reads_the_real_pijama_catalogue(tmp_path: Path) -> None:
+    """Every row of the published metadata, each MIDI file made here one second per minute of
+    the real recording, so the minutes rule at 80/60 gives the classes the real hours would."""
+    rows = list(csv.DictReader(open(REAL_CSV, newline="", encoding="utf-8")))
+
+    def seconds_of(r: dict) -> float:
+        return max(float(r["duration_sec"]) / 60, 1.0)
+
+    root = _pijama(tmp_path / "pijama", rows, seconds_of)
+    run = tmp_path / "judge"
+    assert train([f"run_dir={run}", "data=pijama", f"data.root={root}", "data.pianist=null",
+                  f"judge.min_minutes={80 / 60}", "train.max_steps=1", *TINY]) == 0
+    info = json.loads((latest_checkpoint(run) / "classes.json").read_text())
+    assert info["classes"] == _expected_classes(root, seconds_of, 80 / 60)
+    assert "Brad Mehldau" in info["classes"] and info["classes"][-1] == "other"
+    judge = json.loads((run / "splits.json").read_text())
+    split_of = {e["id"]: s for s in ("train", "val", "test") for e in judge[s]["pieces"]}
+    mehldau = pijama_source(root)
+    assert len(mehldau) == 72
+    assert {p.id: p.split for p in mehldau} == {p.id: split_of[p.id] for p in mehldau}
+
+
+# --- like every branch: memory plan, resume, bad input ------------------------------------------
+@pytest.fixture(scope="module")
+def players(tmp_path_factory) -> Path:
+    """Three 'pianists' as top-level folders, three albums each, two short pieces an album."""
+    root = tmp_path_factory.mktemp("players") / "players"
+    for k, name in enumerate(("low", "mid", "high")):
+        for a in range(3):
+            for t in range(2):
+                write_midi(root / name / f"album {a}" / f"t{t}.mid",
+                           scale_notes(40, base=40 + 14 * k, step=0.2, seed=10 * a + t))
+    return root
+
+
+def test_a_judge_that_cannot_fit_is_refused_before_any_data_is_read(players: Path,
+                                                                     tmp_path: Path,
+                                                                     capsys) -> None:
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    assert train([f"run_dir={run}", "data=folder", f"data.root={players}", f"cache_dir={cache}",
+                  *TINY, "train.memory_budget_gb=0.001"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "this run does not fit" in err, err
+    assert not run.exists() and not cache.exists()
+
+
+def test_a_killed_judge_resumes_to_the_uninterrupted_numbers(players: Path,
+                                                             tmp_path: Path) -> None:
+    args = ["data=folder", f"data.root={players}", "data.group_by=album", "train.max_steps=6",
+            *TINY]
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    assert child([f"run_dir={straight}", *args]).returncode == 0
+    killed = child([f"run_dir={run}", *args], "after", "4")
+    assert killed.returncode == -signal.SIGKILL
+    resumed = child([f"run_dir={run}", *args, "train.resume=true"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stderr
+    assert records(run) == records(straight)
+    assert json.loads((run / "judge_report.json").read_text())["piece_accuracy"] == \
+        json.loads((straight / "judge_report.json").read_text())["piece_accuracy"]
+
+
+def test_bad_input_to_the_judge(players: Path, tmp_path: Path, capsys) -> None:
+    def err(args: list[str]) -> str:
+        assert train(args) == 2
+        text = capsys.readouterr().err.strip()
+        assert text.count("\n") == 0 and "Traceback" not in text, text
+        return text
+
+    assert "use data=pianists" in err([f"run_dir={tmp_path / 'a'}", *TINY])  # data=demo
+    assert "data.pianist=null" in err([f"run_dir={tmp_path / 'b'}", "data=pijama",
+                                       f"data.root={tmp_path}", *TINY])
+    # One bad file in the corpus is skipped and listed, never fatal.
+    data = tmp_path / "players"
+    for f in players.rglob("*.mid"):
+        (data / f.relative_to(players)).parent.mkdir(parents=True, exist_ok=True)
+        (data / f.relative_to(players)).write_bytes(f.read_bytes())
+    (data / "mid" / "album 0" / "broken.mid").write_bytes(b"MThd not midi")
+    run = tmp_path / "run"
+    assert train([f"run_dir={run}", "data=folder", f"data.root={data}", "data.group_by=album",
+                  "train.max_steps=1", *TINY]) == 0
+    assert "broken.mid" in (run / "skipped.tsv").read_text()
+    assert "skipped 1" in capsys.readouterr().err
+    # A judge generates nothing, and says so in one line.
+    assert generate([f"ckpt={run}", f"out={tmp_path / 'x.mid'}"]) == 2
+    text = capsys.readouterr().err.strip()
+    assert "style judge" in text and "mehldau-compare judge.run" in text and "\n" not in text
+    # A compare whose judge does not know the target is refused before anything generates.
+    out = tmp_path / "cmp"
+    assert compare([f"runs=[{run}]", f"out={out}", f"judge.run={run}",
+                    "judge.target=Nobody"]) == 2
+    text = capsys.readouterr().err.strip()
+    assert "\n" not in text and "Traceback" not in text
+    assert not out.exists()
+
+
+# --- synthetic pianists: the judge tells them apart, and hears them in what a model plays -----
+JUDGE = ["branch=style_judge", "data=pianists", "model=judge_tiny", "judge.seconds=10",
+         "judge.fps=20", "train.max_steps=300", "train.batch_size=16", "train.eval_every=100",
+         "train.ckpt_every=300", "train.warmup_steps=10", "judge.bootstrap=50", "logger=none"]
+# A small Music Transformer that learns a pianist's register, density and touch in 300 steps.
+GENERATOR = ["model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.d_ff=128",
+             "model.max_seq_len=128", "model.max_relative_position=64", "train.batch_size=8",
+             "train.lr=3e-3", "train.warmup_steps=20", "train.max_steps=300",
+             "train.eval_every=300", "train.ckpt_every=300", "logger=none"]
+
+
+@pytest.fixture(scope="module")
+def judges(tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("judges")
+    assert train([f"run_dir={base / 'judge'}", *JUDGE]) == 0
+    assert train([f"run_dir={base / 'shuffled'}", *JUDGE, "judge.shuffle_labels=true"]) == 0
+    return {"judge": base / "judge", "shuffled": base / "shuffled", "base": base}
+
+
+def _held_out_accuracy(run: Path) -> tuple[float, int, float]:
+    """Per-piece accuracy over the val and test pieces (both held out: the trainer never
+    chooses a checkpoint by them), with the class count's chance level."""
+    from mehldau.data.splits import read_manifest
+    from mehldau.evaluation.style import judge_report, load_judge
+    from mehldau.tokenize.note_list import NoteListTokenizer
+
+    judge = load_judge(run)
+    manifest = read_manifest(run / "splits.json")
+    pieces = [e for s in ("val", "test") for e in manifest[s]["pieces"]]
+    of = {**judge.info["pieces"]["val"], **judge.info["pieces"]["test"]}
+    notes = [NoteListTokenizer().encode_file(e["path"]) for e in pieces]
+    labels = [judge.classes.index(of[e["id"]]) for e in pieces]
+    report = judge_report(judge, notes, labels, [e["id"] for e in pieces], None, n_boot=10)
+    return report["piece_accuracy"][0], report["pieces"], report["chance"]
+
+
+def test_a_tiny_judge_tells_synthetic_pianists_apart_and_shuffled_labels_do_not(judges) -> None:
+    report = json.loads((judges["judge"] / "judge_report.json").read_text())
+    assert len(report["classes"]) == 5 and report["pieces"] >= 15
+    assert report["piece_accuracy"][0] >= 0.9, report["piece_predictions"]
+    accuracy, pieces, chance = _held_out_accuracy(judges["judge"])
+    assert pieces >= 30 and accuracy >= 0.9
+    control = json.loads((judges["shuffled"] / "judge_report.json").read_text())
+    assert control["shuffled_labels"]
+    accuracy, _, chance = _held_out_accuracy(judges["shuffled"])
+    assert accuracy <= chance + 0.2  # near chance: nothing to learn from dealt labels
+
+
+@pytest.mark.parametrize("pianist", ["clara_voss", "ada_lowell"])
+def test_compare_hears_the_pianist_a_generator_learned(judges, pianist: str) -> None:
+    base = judges["base"]
+    gen = base / f"gen_{pianist}"
+    assert train([f"run_dir={gen}", "data=pianists", f"data.pianist={pianist}",
+                  *GENERATOR]) == 0
+    out = base / f"compare_{pianist}"
+    assert compare([f"runs=[{gen}]", f"out={out}", "max_prompts=3", "samples_per_prompt=2",
+                    "prompt_seconds=5", "seconds=10", "bootstrap=50", "device=cpu",
+                    "audio=false", "likelihood=false", "copy_check=false",
+                    f"judge.run={judges['judge']}", f"judge.target={pianist}"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    style, table = report["style"], report["table"]
+    assert style["guard"] == {"reference_in_judge_training": 0,
+                              "judge_held_out_in_run_training": 0, "forced": False}
+    row, floor, human = (table[n]["style"] for n in (gen.name, "other pianists", "human"))
+    assert floor["clips"] == row["clips"] == human["clips"] == 6
+    # clearly above the floor: the intervals over prompts do not meet
+    assert row["target_share"][1] > floor["target_share"][2]
+    assert row["target_probability"][1] > floor["target_probability"][2]
+    assert max(row["attributed_to"], key=row["attributed_to"].get) == pianist
+    assert human["target_share"][0] >= 0.8 and row["normalised_share"] > 0.5
+    for key in ("frechet", "kernel"):
+        assert row[key] < floor[key]  # nearer the pianist's held-out clips than the others
+    md = (out / "report.md").read_text()
+    assert f"Target: **{pianist}**" in md and "test accuracy" in md and "*other pianists*" in md
+    rows = [r for r in csv.DictReader(open(out / "metrics.csv")) if r["group"] == "style"]
+    assert rows and all("test accuracy" in r["judge"] for r in rows)
+    assert (out / "plots" / "style.png").is_file()
+
+
+def test_an_overlap_of_judge_and_runs_is_refused_in_one_line_and_force_warns(
+        players: Path, tmp_path: Path, capsys) -> None:
+    from conftest import MICRO
+
+    gen, judge = tmp_path / "gen", tmp_path / "judge"
+    assert train([f"run_dir={gen}", "data=folder", f"data.root={players}",
+                  "data.group_by=album", "train.max_steps=2", *MICRO]) == 0
+    assert train([f"run_dir={judge}", "data=folder", f"data.root={players}",
+                  "data.group_by=album", "train.max_steps=1", *TINY]) == 0
+    # A reference folder the judge trained on: its prompts and human ceiling would be
+    # music the judge has learned to recognise.
+    trained = json.loads((judge / "splits.json").read_text())["train"]["pieces"]
+    album = Path(next(e["path"] for e in trained if "/low/" in e["path"])).parent
+    leaked = len(list(album.glob("*.mid")))
+    capsys.readouterr()
+    args = [f"runs=[{gen}]", "max_prompts=2", "samples_per_prompt=1", "prompt_seconds=2",
+            "seconds=4", "bootstrap=5", "device=cpu", "audio=false", "likelihood=false",
+            f"judge.run={judge}", "judge.target=low", f"reference={album}"]
+    assert compare([*args, f"out={tmp_path / 'refused'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "Traceback" not in err and "force=true" in err
+    assert f"{leaked} of the {leaked} reference pieces" in err and "judge's training" in err
+    assert not (tmp_path / "refused").exists()
+    assert compare([*args, f"out={tmp_path / 'forced'}", "force=true"]) == 0
+    assert "warning (force=true)" in capsys.readouterr().err
+    style = json.loads((tmp_path / "forced" / "report.json").read_text())["style"]
+    assert style["guard"]["forced"] and style["guard"]["reference_in_judge_training"] == leaked
