@@ -33,4 +33,6 @@ log=${OUT:-/tmp}/gpu_check.log
   python3 benchmarks/memory.py --device cuda --branches
   echo "== memory: does the 839M QLoRA step fit 24 GiB? (3 rows a forward, as auto picks)"
   python3 benchmarks/memory.py --device cuda --size 839M --batch 3 --variants qlora_ckpt --step
+  echo "== style judge: ResNet-18 step on 32 clips of 30 s (bf16), plan vs peak, PiJAMA estimate"
+  python3 benchmarks/style_judge.py --device cuda --dtype bf16 --batch 32 --steps 10
 } 2>&1 | tee "$log"

@@ -88,14 +88,19 @@ def test_missing_or_empty_folder_is_a_user_error(tmp_path: Path) -> None:
 
 
 # --- PiJAMA ------------------------------------------------------------------------------
-def _pijama_tree(tmp: Path, rows: list[dict[str, str]]) -> Path:
-    root = tmp / "pijama"
+def write_pijama_csv(root: Path, rows: list[dict[str, str]]) -> None:
+    """`root/pijama.csv` with the published header, `rows` filled in."""
     root.mkdir(parents=True, exist_ok=True)
     with open(root / "pijama.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=PIJAMA_HEADER)
         w.writeheader()
         for r in rows:
             w.writerow({k: r.get(k, "") for k in PIJAMA_HEADER})
+
+
+def _pijama_tree(tmp: Path, rows: list[dict[str, str]]) -> Path:
+    root = tmp / "pijama"
+    write_pijama_csv(root, rows)
     for i, r in enumerate(rows):
         write_midi(root / r["midi_filepath"], scale_notes(6, seed=i))
     return root

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import symusic
 from conftest import scale_notes, write_midi
-from test_data import PIJAMA_HEADER
+from test_data import write_pijama_csv
 from test_resume import child, records
 
 from mehldau.cli.compare import main as compare
@@ -117,12 +117,7 @@ def _line(seconds: float, seed: int) -> list[tuple[int, float, float, int]]:
 
 
 def _pijama(root: Path, rows: list[dict], seconds_of) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / "pijama.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=PIJAMA_HEADER)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in PIJAMA_HEADER})
+    write_pijama_csv(root, rows)
     for i, r in enumerate(rows):
         write_midi(root / r["midi_filepath"], _line(seconds_of(r), i))
     return root

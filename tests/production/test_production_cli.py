@@ -147,8 +147,8 @@ def test_generate_continues_the_prompt(trained: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize("args, message", [
     (["branch=nope"], "unknown branch 'nope'"),
     (["model=huge"],
-     "unknown model 'huge'; choose one of: base, moonbeam_309m, moonbeam_839m, moonbeam_tiny, "
-     "perceiver_base, perceiver_tiny, scg_base, scg_tiny, tiny"),
+     "unknown model 'huge'; choose one of: base, judge_resnet18, judge_tiny, moonbeam_309m, "
+     "moonbeam_839m, moonbeam_tiny, perceiver_base, perceiver_tiny, scg_base, scg_tiny, tiny"),
     (["data=folder"], "data.root is required"),
     (["data=folder", "data.root=/no/such/folder"], "data folder not found"),
     (["train.max_steps=0"], "train.max_steps must be positive"),
