@@ -385,3 +385,20 @@ def test_an_overlap_of_judge_and_runs_is_refused_in_one_line_and_force_warns(
     assert "warning (force=true)" in capsys.readouterr().err
     style = json.loads((tmp_path / "forced" / "report.json").read_text())["style"]
     assert style["guard"]["forced"] and style["guard"]["reference_in_judge_training"] == leaked
+    # The other way: a run that trained on a piece the judge holds out as a floor (another
+    # class's test piece) is refused too, before anything is generated.
+    import shutil
+
+    held = next(e for e in json.loads((judge / "splits.json").read_text())["test"]["pieces"]
+                if "/mid/" in e["path"])
+    leaky = tmp_path / "leaky"
+    shutil.copytree(gen, leaky)
+    for manifest in [leaky / "splits.json", *leaky.glob("checkpoints/*/splits.json")]:
+        m = json.loads(manifest.read_text())
+        m["train"]["pieces"].append({**held, "id": "copy of a held-out piece"})
+        manifest.write_text(json.dumps(m))
+    capsys.readouterr()
+    assert compare([f"runs=[{leaky}]", *args[1:-1], f"out={tmp_path / 'leaky-report'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and "generating" not in err, err
+    assert "1 of the judge's" in err.splitlines()[-1] and "compared run's training" in err

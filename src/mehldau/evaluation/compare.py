@@ -447,11 +447,13 @@ def compare(cfg: DictConfig) -> Path:
     seconds, n_boot, seed = float(cfg.seconds), int(cfg.bootstrap), int(cfg.seed)
     ps, per_prompt = float(cfg.prompt_seconds), int(cfg.samples_per_prompt)
     reference = reference_items(ref, seconds)
-    judge = None
+    style_plan = None
     if (cfg.get("judge") or {}).get("run"):
         from mehldau.evaluation.style import open_judge
 
-        judge = open_judge(cfg)  # a bad judge.run or target is refused before generating
+        # a bad judge.run or target, or an overlap of its data with the runs', is refused
+        # before anything is generated
+        style_plan = open_judge(cfg, runs, ref)
     if len({it.piece for it in reference}) < 2:
         raise UserError(f"the reference has {len(ref)} usable piece; distances are measured "
                         "between pieces, so pass at least two (more reference pieces, or "
@@ -507,10 +509,10 @@ def compare(cfg: DictConfig) -> Path:
                     "compute_seconds_per_music_minute": r["generate_seconds"] / music * 60,
                     "peak_rss_mb": r["peak_rss_mb"], "peak_cuda_mb": r.get("peak_cuda_mb")}
         style = None
-        if judge is not None:
+        if style_plan is not None:
             from mehldau.evaluation.style import style_section
 
-            rows, style = style_section(cfg, judge, runs, ref, systems, human, floor,
+            rows, style = style_section(cfg, style_plan, systems, human, floor,
                                         len(human.items), seconds, n_boot, seed)
             for name, row in rows.items():
                 table.setdefault(name, {"kind": "floor", "style_only": True,

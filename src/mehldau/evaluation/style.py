@@ -423,24 +423,28 @@ def style_row(judge: Judge, t: int, clips: Sequence[np.ndarray], groups: Sequenc
     return row
 
 
-def open_judge(cfg) -> Judge:
-    """The judge `cfg.judge.run` names, its target checked: before anything is generated."""
+@dataclass
+class StylePlan:
+    """What `open_judge` settled before anything is generated."""
+
+    judge: Judge
+    target: str
+    window: float
+    hop: float
+    others: list[tuple[str, Path]]  # the other classes' test pieces: the second floor
+    distance_ref: list[tuple[str, Path]]  # the target's val pieces: Fréchet / kernel distance
+    guard: dict
+
+
+def open_judge(cfg, runs, ref: Sequence[tuple[str, Path]]) -> StylePlan:
+    """The judge `cfg.judge.run` names, its target, window settings and the guard rails
+    checked (`check_overlaps`): all before anything is generated."""
     from mehldau.generation import device_for
 
     judge = load_judge(str(cfg.judge.run), device_for(str(cfg.device)))
-    judge.class_index(str(cfg.judge.target))
-    return judge
-
-
-def style_section(cfg, judge: Judge, runs, ref: Sequence[tuple[str, Path]], systems, human,
-                  floor, per_system: int, seconds: float, n_boot: int, seed: int
-                  ) -> tuple[dict, dict]:
-    """(style figures per row name, the section's facts for the report): the judge of
-    `cfg.judge.run` over every branch, the human ceiling, the random-notes floor and the
-    other pianists' held-out clips (a second floor, `per_system` clips of `seconds`)."""
-    j = cfg.judge
-    target = str(j.target)
-    t = judge.class_index(target)
+    target = str(cfg.judge.target)
+    judge.class_index(target)
+    seconds, j = float(cfg.seconds), cfg.judge
     window = float(j.window_seconds) if j.get("window_seconds") else seconds / 2
     hop = float(j.hop_seconds) if j.get("hop_seconds") else window / 2
     if not (0 < window <= seconds and hop > 0):
@@ -448,15 +452,26 @@ def style_section(cfg, judge: Judge, runs, ref: Sequence[tuple[str, Path]], syst
                         f"judge.hop_seconds > 0, got {window:g} and {hop:g}")
     others = held_out_pieces(judge, "test", target, same=False)
     distance_ref = held_out_pieces(judge, "val", target, same=True)
-    facts = {"judge_run": str(j.run), "judge_checkpoint": str(judge.ckpt), "target": target,
-             "classes": judge.classes, "judge_clip_seconds": judge.seconds,
+    guard = check_overlaps(judge, runs, ref, [str(p) for _, p in [*others, *distance_ref]],
+                           bool(cfg.get("force", False)))
+    return StylePlan(judge, target, window, hop, others, distance_ref, guard)
+
+
+def style_section(cfg, plan: StylePlan, systems, human, floor, per_system: int,
+                  seconds: float, n_boot: int, seed: int) -> tuple[dict, dict]:
+    """(style figures per row name, the section's facts for the report): the judge of
+    `cfg.judge.run` over every branch, the human ceiling, the random-notes floor and the
+    other pianists' held-out clips (a second floor, `per_system` clips of `seconds`)."""
+    judge, target, window, hop = plan.judge, plan.target, plan.window, plan.hop
+    others, distance_ref = plan.others, plan.distance_ref
+    t = judge.class_index(target)
+    facts = {"judge_run": str(cfg.judge.run), "judge_checkpoint": str(judge.ckpt),
+             "target": target, "classes": judge.classes, "judge_clip_seconds": judge.seconds,
              "clip_seconds": seconds, "window_seconds": window, "hop_seconds": hop}
     rep = judge.report or {}
     facts["judge_test"] = {k: rep.get(k) for k in ("piece_accuracy", "clip_accuracy",
                                                    "pieces", "clips")}
-    facts["guard"] = check_overlaps(judge, runs, ref,
-                                    [str(p) for _, p in [*others, *distance_ref]],
-                                    bool(cfg.get("force", False)))
+    facts["guard"] = plan.guard
     if abs(judge.seconds - seconds) > 1e-6:
         warn(f"style: the judge learned {judge.seconds:g} s clips and scores {seconds:g} s "
              f"ones here (seconds={seconds:g}); its figures are for clips shorter or longer "
