@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from mehldau.evaluation import listening
 from mehldau.evaluation.features import FEATURES, read_notes
 
 SOUNDFONTS = ("/usr/share/sounds/sf2/FluidR3_GM.sf2", "/usr/share/sounds/sf2/default-GM.sf2")
@@ -445,6 +446,9 @@ def write_all(out: Path, cfg: DictConfig, table: dict, systems, reference, promp
             if render(mid, mid.with_suffix(".wav"), font):
                 clips.append((system, prompt, mid.with_suffix(".wav")))
         write_listening_kit(out, clips, int(cfg.seed))
+        # for `mehldau-listen`: each prompt as heard before its continuations, and a weak
+        # anchor (the pianist's excerpt, pitches shuffled) to screen listeners with
+        listening.write_listening_audio(out, prompts, ps, int(cfg.seed), font)
 
     config = OmegaConf.to_container(cfg, resolve=True)
     report = {"config": config, "git_revision": _git_revision(), "seed": int(cfg.seed),
@@ -519,7 +523,9 @@ def markdown(cfg: DictConfig, table: dict, prompts: list[dict], ref: list, refer
         "Files: `report.json` (every value with its interval, the config, seeds, git revision), "
         "`metrics.csv`, `plots/` (OA per feature, distance densities, the first prompt's "
         "continuations as piano rolls, copy lengths), `midi/`, `prompts/`"
-        + (", `audio/` and `listening/` (shuffled renders + answer key)." if not audio_note
+        + (", `audio/` (each system's renders, and `prompt/` and a shuffled-pitch `anchor/` "
+           "for `mehldau-listen`) and `listening/` (shuffled renders + answer key)."
+           if not audio_note
            and cfg.audio else "."),
     ]
     flagged = [(n, f) for n, r in table.items() for f in (r.get("copy") or {}).get(

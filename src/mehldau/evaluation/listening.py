@@ -1,0 +1,636 @@
+"""A blind pairwise listening test on a `mehldau-compare` output, and its statistics.
+
+What. Each trial plays a prompt (the first `prompt_seconds` of a reference piece), then two
+continuations of it, A and B, and asks which continues it better ("A", "B" or "none"), and
+optionally how much the preferred one sounds like the pianist (1..5). The clips are the
+compare output's own renders: every compared branch, the pianist's real continuation (the
+hidden reference, `pianist`) and a deliberately weak `anchor`. Votes are appended, one JSON
+line each, to `<compare dir>/listening/votes.jsonl`; `summarize` turns them into win rates,
+Bradley–Terry strengths and intervals, and `mehldau-listen summarize DIR` prints them.
+
+Why pairwise. Asking "which of two" is easier and more repeatable for untrained listeners
+than an absolute score, and a paired design cancels each prompt's difficulty. Per prompt the
+design holds every pair of branches, each branch against the pianist, and the anchor against
+the pianist; the order of trials and the side each clip is played on are randomised per
+listener (seeded by the report's seed and the listener id, so a listener can resume).
+
+The figures and where they come from:
+- win rate (wins + ties / 2) / comparisons, with the Wilson (1927) score interval;
+- Bradley–Terry (1952) strengths, P(i beats j) = p_i / (p_i + p_j), fitted by Hunter's
+  (2004) minorize–maximize (MM) iteration, with percentile bootstrap intervals that resample
+  listeners (a listener's votes are not independent of each other);
+- post-screening with a hidden reference and an anchor, as in MUSHRA (ITU-R BS.1534): a
+  listener who prefers the anchor over the pianist too often is set aside, and the summary
+  says who and what the figures would be with them.
+
+The anchor is the MUSHRA idea carried over to notes: the pianist's own continuation with its
+pitches shuffled among its notes (onsets, durations and velocities kept), so it has the
+pianist's rhythm, register and density but no melody or harmony a listener should prefer.
+
+Hand-written: none of the project's dependencies fits a Bradley–Terry model or a Wilson
+interval (scipy has neither), and the MM iteration is a few lines.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import random
+import secrets
+import shutil
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+
+from mehldau.errors import UserError
+
+PROMPT = "prompt"
+REFERENCE = "pianist"
+ANCHOR = "anchor"
+CHOICES = ("A", "B", "none")
+Z95 = 1.959963984540054
+# Bradley–Terry prior: one virtual tie of this weight between every two systems. It keeps the
+# fit finite when a system never wins (or never loses) and connects the comparison graph
+# (Hunter 2004's condition for the maximum to exist); 0.5 of a comparison is small against
+# the tens of real ones per pair a test collects.
+PSEUDO_TIE = 0.5
+
+
+# --- the clips: prompt and anchor renders ---------------------------------------------------
+def _self_overlaps(notes: list, pitches: list[int]) -> int:
+    """How many notes start while a note of the same pitch still sounds. MIDI cannot say
+    which note-off ends which of two such notes, so a reader would change their durations."""
+    end: dict[int, int] = {}
+    clashes = 0
+    for n, pitch in zip(notes, pitches):  # notes in onset order
+        clashes += end.get(pitch, -1) > n.time
+        end[pitch] = max(end.get(pitch, -1), n.time + n.duration)
+    return clashes
+
+
+def anchor_midi(pianist_mid: Path, dst: Path, seed: int, prompt: str, draws: int = 200
+                ) -> None:
+    """The pianist's excerpt with its pitches shuffled among its notes: timing, durations and
+    velocities kept, the permutation seeded by (seed, prompt). Of `draws` permutations that
+    change the pitch order (where the notes hold more than one pitch), the first with the
+    fewest notes overlapping a note of their own pitch is kept: such overlaps would not keep
+    their durations through a MIDI file."""
+    import symusic
+
+    score = symusic.Score(str(pianist_mid))
+    notes = [n for t in score.tracks for n in t.notes]
+    # a canonical order (not the file's track order) so the anchor depends only on the notes
+    notes.sort(key=lambda n: (n.time, n.pitch, n.duration, n.velocity))
+    pitches = [n.pitch for n in notes]
+    rng = random.Random(f"mehldau-anchor:{seed}:{prompt}")
+    best, fewest = list(pitches), None
+    for _ in range(draws):
+        shuffled = rng.sample(pitches, len(pitches))
+        if shuffled == pitches and len(set(pitches)) > 1:
+            continue
+        clashes = _self_overlaps(notes, shuffled)
+        if fewest is None or clashes < fewest:
+            best, fewest = shuffled, clashes
+        if clashes == 0:
+            break
+    for note, pitch in zip(notes, best):
+        note.pitch = pitch
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    score.dump_midi(str(dst))
+
+
+def _render_atomic(mid: Path, wav: Path, font: Path) -> bool:
+    """Render beside `wav` and rename, so an interrupted render never looks like a clip."""
+    from mehldau.evaluation.report import render
+
+    tmp = wav.with_name(f".{wav.stem}.tmp.wav")
+    ok = render(mid, tmp, font)
+    if ok:
+        os.replace(tmp, wav)
+    else:
+        tmp.unlink(missing_ok=True)
+    return ok
+
+
+def write_listening_audio(out: Path, prompts: list[dict], prompt_seconds: float, seed: int,
+                          font: Path, only_missing: bool = False) -> list[tuple[str, str, Path]]:
+    """`audio/prompt/<p>.wav` (the prompt as the branches got it: `prompts/<p>.mid`, else the
+    first `prompt_seconds` of the source) and `audio/anchor/<p>.wav` (from the pianist's
+    excerpt `audio/pianist/<p>.mid`, which must be there). Returns (system, prompt, wav) of
+    what exists afterwards."""
+    from mehldau.evaluation.report import excerpt_midi
+
+    made = []
+    for p in prompts:
+        name = p["name"]
+        mid = out / "audio" / PROMPT / f"{name}.mid"
+        if not (only_missing and mid.with_suffix(".wav").is_file()):
+            cut = out / "prompts" / f"{name}.mid"
+            if cut.is_file():
+                mid.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(cut, mid)
+            else:
+                excerpt_midi(p["source"], 0.0, prompt_seconds, mid)
+            _render_atomic(mid, mid.with_suffix(".wav"), font)
+        if mid.with_suffix(".wav").is_file():
+            made.append((PROMPT, name, mid.with_suffix(".wav")))
+        pianist = out / "audio" / REFERENCE / f"{name}.mid"
+        mid = out / "audio" / ANCHOR / f"{name}.mid"
+        if pianist.is_file() and not (only_missing and mid.with_suffix(".wav").is_file()):
+            anchor_midi(pianist, mid, seed, name)
+            _render_atomic(mid, mid.with_suffix(".wav"), font)
+        if mid.with_suffix(".wav").is_file():
+            made.append((ANCHOR, name, mid.with_suffix(".wav")))
+    return made
+
+
+def _report(compare_dir: Path) -> dict:
+    path = compare_dir / "report.json"
+    if not path.is_file():
+        raise UserError(f"{compare_dir} is not a mehldau-compare output (no report.json)")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {e}") from e
+
+
+def prepare(compare_dir: Path, font: Path | None = None) -> None:
+    """Write what an older compare output lacks for the test: `audio/prompt/*.wav`,
+    `audio/anchor/*.wav`, and the pianist's excerpt where it is missing. Existing clips are
+    kept."""
+    from mehldau.evaluation.report import SOUNDFONTS, excerpt_midi
+
+    compare_dir = Path(compare_dir)
+    report = _report(compare_dir)
+    if shutil.which("fluidsynth") is None:
+        raise UserError("prepare needs the fluidsynth command (Debian: apt-get install "
+                        "fluidsynth fluid-soundfont-gm)")
+    fonts = [Path(font).expanduser()] if font else [Path(f) for f in SOUNDFONTS]
+    font = next((f for f in fonts if f.is_file()), None)
+    if font is None:
+        raise UserError(f"no soundfont: none of {', '.join(map(str, fonts))} exists; pass one "
+                        "(a General MIDI .sf2, Debian: fluid-soundfont-gm)")
+    cfg = report.get("config") or {}
+    ps, seconds = float(cfg.get("prompt_seconds", 5)), float(cfg.get("seconds", 10))
+    seed = int(report.get("seed", cfg.get("seed", 0)))
+    for p in report["prompts"]:
+        mid = compare_dir / "audio" / REFERENCE / f"{p['name']}.mid"
+        if not mid.is_file():
+            if not Path(p["source"]).is_file():
+                print(f"listening: no pianist clip for {p['name']}: {p['source']} is gone",
+                      file=sys.stderr)
+                continue
+            excerpt_midi(p["source"], ps, seconds, mid)
+        if not mid.with_suffix(".wav").is_file():
+            _render_atomic(mid, mid.with_suffix(".wav"), font)
+    write_listening_audio(compare_dir, report["prompts"], ps, seed, font, only_missing=True)
+
+
+# --- the test -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Clip:
+    system: str
+    prompt: str
+    wav: Path
+
+
+@dataclass(frozen=True)
+class Trial:
+    id: str            # the pair, whichever side is shown: "p00:anchor|pianist" (sorted)
+    prompt: str
+    prompt_wav: Path
+    a: Clip            # what this listener hears as A
+    b: Clip            # ... as B
+
+
+def new_listener_id() -> str:
+    """An anonymous random id: 10 hex characters."""
+    return secrets.token_hex(5)
+
+
+def _pair_id(prompt: str, x: str, y: str) -> str:
+    return f"{prompt}:{'|'.join(sorted((x, y)))}"
+
+
+class BlindTest:
+    """The trials of one compare output and the votes cast on them."""
+
+    def __init__(self, compare_dir: Path, systems: list[str], prompts: list[str], seed: int,
+                 git_revision: str | None, pairs: list[tuple[str, str, str]]) -> None:
+        self.dir = compare_dir
+        self.systems = systems        # branches in the report's order, then pianist, anchor
+        self.prompts = prompts
+        self.seed = seed
+        self.git_revision = git_revision
+        self.votes_path = compare_dir / "listening" / "votes.jsonl"
+        self._pairs = pairs           # (prompt, x, y), x and y sorted: the design
+
+    @classmethod
+    def open(cls, compare_dir: str | Path) -> BlindTest:
+        compare_dir = Path(compare_dir).expanduser().resolve()
+        if not compare_dir.is_dir():
+            raise UserError(f"{compare_dir} does not exist")
+        report = _report(compare_dir)
+        audio = compare_dir / "audio"
+        found = sorted(d.name for d in audio.iterdir() if d.is_dir() and d.name != PROMPT
+                       and any(d.glob("*.wav"))) if audio.is_dir() else []
+        if not found:
+            raise UserError(f"no audio in {compare_dir}: rerun mehldau-compare with fluidsynth "
+                            "and a soundfont installed, or run mehldau-listen prepare DIR")
+        table = report.get("table") or {}
+        branches = [n for n in table if n in found and n not in (REFERENCE, ANCHOR)]
+        branches += [n for n in found if n not in (*branches, REFERENCE, ANCHOR)]
+        systems = branches + [s for s in (REFERENCE, ANCHOR) if s in found]
+        if len([s for s in systems if s != ANCHOR]) < 2:
+            raise UserError(f"{compare_dir} has audio of {', '.join(systems)} only: a listening "
+                            "test needs two systems (a run and the pianist) besides the anchor")
+        pairs, prompts = [], []
+        for p in (p["name"] for p in report.get("prompts", [])):
+            if not (audio / PROMPT / f"{p}.wav").is_file():
+                continue
+            have = [s for s in systems if (audio / s / f"{p}.wav").is_file()]
+            design = [*combinations([b for b in branches if b in have], 2)]
+            if REFERENCE in have:
+                design += [(b, REFERENCE) for b in branches if b in have]
+                design += [(ANCHOR, REFERENCE)] if ANCHOR in have else []
+            pairs += [(p, *sorted(xy)) for xy in design]
+            if design:
+                prompts.append(p)
+        if not pairs:
+            raise UserError(f"no prompt audio in {compare_dir} (audio/prompt/*.wav): run "
+                            "mehldau-listen prepare DIR")
+        return cls(compare_dir, systems, prompts, int(report.get("seed", 0)),
+                   report.get("git_revision"), pairs)
+
+    def _clip(self, system: str, prompt: str) -> Clip:
+        return Clip(system, prompt, self.dir / "audio" / system / f"{prompt}.wav")
+
+    def trials(self, listener: str) -> list[Trial]:
+        """Every trial, in an order and with sides drawn from (seed, listener): the same for a
+        listener each time, different between listeners."""
+        rng = random.Random(f"mehldau-listen:{self.seed}:{listener}")
+        order = list(self._pairs)
+        rng.shuffle(order)
+        out = []
+        for prompt, x, y in order:
+            if rng.random() < 0.5:
+                x, y = y, x
+            out.append(Trial(_pair_id(prompt, x, y), prompt,
+                             self.dir / "audio" / PROMPT / f"{prompt}.wav",
+                             self._clip(x, prompt), self._clip(y, prompt)))
+        return out
+
+    def remaining(self, listener: str) -> list[Trial]:
+        """The trials this listener has not voted on, in the same order."""
+        votes, _ = read_votes(self.votes_path)
+        done = {v["trial"] for v in votes if v["listener"] == listener}
+        return [t for t in self.trials(listener) if t.id not in done]
+
+    def record(self, listener: str, trial: Trial, choice: str, rating: int | None,
+               listened: dict[str, float]) -> dict:
+        """Append one vote (one JSON line, under an exclusive lock) and return it. `choice`:
+        "A", "B" or "none"; `rating`: None or 1..5, of the preferred clip (None with "none");
+        `listened`: seconds each of "prompt", "A", "B" was played."""
+        if not isinstance(listener, str) or not listener.strip() or "\n" in listener:
+            raise ValueError(f"bad listener id {listener!r}")
+        if choice not in CHOICES:
+            raise ValueError(f"choice must be one of {', '.join(CHOICES)}, not {choice!r}")
+        if rating is not None and (isinstance(rating, bool) or not isinstance(rating, int)
+                                   or not 1 <= rating <= 5):
+            raise ValueError(f"rating must be a whole number from 1 to 5 or None, not {rating!r}")
+        if rating is not None and choice == "none":
+            raise ValueError("a rating is of the preferred clip: give none with choice 'none'")
+        pair = (trial.prompt, *sorted((trial.a.system, trial.b.system)))
+        if pair not in self._pairs or trial.id != _pair_id(*pair):
+            raise ValueError(f"trial {trial.id!r} is not one of this test's")
+        if set(listened) - {"prompt", "A", "B"}:
+            raise ValueError(f"listened takes prompt, A and B, not {sorted(listened)}")
+        heard = {}
+        for k in ("prompt", "A", "B"):
+            v = listened.get(k, 0.0)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or v < 0:
+                raise ValueError(f"listened[{k!r}] must be seconds >= 0, not {v!r}")
+            heard[k] = float(v)
+        winner = {"A": trial.a.system, "B": trial.b.system}.get(choice)
+        vote = {"listener": listener, "trial": trial.id, "prompt": trial.prompt,
+                "a": trial.a.system, "b": trial.b.system, "choice": choice, "winner": winner,
+                "rating": rating, "listened": heard,
+                "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "git_revision": self.git_revision, "seed": self.seed}
+        _append_once(self.votes_path, vote)
+        return vote
+
+
+def _append_once(path: Path, vote: dict) -> None:
+    """Append `vote` as one line unless its listener already voted on its trial. The check
+    and the write happen under one exclusive flock, so two tabs of one listener cannot both
+    vote; the line goes out in one write and is fsynced before the lock is released."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
+        text = os.pread(fd, size, 0).decode("utf-8", "replace") if size else ""
+        for line in text.splitlines():
+            try:
+                old = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(old, dict) and (old.get("listener"), old.get("trial")) == (
+                    vote["listener"], vote["trial"]):
+                raise UserError(f"{vote['listener']} already voted on {vote['trial']}")
+        data = json.dumps(vote, ensure_ascii=False) + "\n"
+        if text and not text.endswith("\n"):  # a torn line from a crash: keep ours apart
+            data = "\n" + data
+        encoded = data.encode()
+        written = os.write(fd, encoded)
+        while written < len(encoded):  # a regular file takes it whole; be safe anyway
+            written += os.write(fd, encoded[written:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+REQUIRED = ("listener", "trial", "prompt", "a", "b", "choice", "winner")
+
+
+def read_votes(path: Path) -> tuple[list[dict], list[str]]:
+    """The valid votes of a votes file, and one message per line skipped (unparseable, a field
+    missing, a winner that is not one of its pair, a repeated vote). A missing file is no
+    votes."""
+    path = Path(path)
+    if not path.is_file():
+        return [], []
+    votes, skipped, seen = [], [], set()
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for k, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            why = None
+            try:
+                v = json.loads(line)
+            except ValueError:
+                v, why = None, "not JSON (a torn write?)"
+            if why is None and not isinstance(v, dict):
+                why = "not a JSON object"
+            elif why is None and any(key not in v for key in REQUIRED):
+                why = f"missing {', '.join(key for key in REQUIRED if key not in v)}"
+            elif why is None and (v["choice"] not in CHOICES or v["winner"] != {
+                    "A": v["a"], "B": v["b"]}.get(v["choice"])):
+                why = "choice and winner disagree"
+            elif why is None and (v["listener"], v["trial"]) in seen:
+                why = f"a second vote by {v['listener']} on {v['trial']}"
+            if why:
+                skipped.append(f"{path}:{k}: skipped: {why}")
+                continue
+            seen.add((v["listener"], v["trial"]))
+            votes.append(v)
+    return votes, skipped
+
+
+# --- statistics -----------------------------------------------------------------------------
+def wilson(successes: float, n: float, z: float = Z95) -> tuple[float, float] | None:
+    """Wilson's (1927) score interval for a proportion; None without trials. `successes` may
+    be fractional (ties counted as half a win)."""
+    if n <= 0:
+        return None
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bradley_terry(wins: np.ndarray, iters: int = 10000, tol: float = 1e-10) -> np.ndarray:
+    """Strengths for win matrices `wins[..., i, j]` (i's wins over j, ties as half to each),
+    by Hunter's (2004) MM update p_i <- W_i / sum_j n_ij / (p_i + p_j), vectorised over any
+    leading axes (bootstrap replicates). Returned on the scale of geometric mean 1; a
+    `PSEUDO_TIE` between every two systems is added here."""
+    w = np.asarray(wins, float)
+    k = w.shape[-1]
+    off = 1.0 - np.eye(k)
+    w = w + off * PSEUDO_TIE / 2
+    n = w + np.swapaxes(w, -1, -2)
+    total = w.sum(-1)
+    p = np.ones(w.shape[:-1])
+    for _ in range(iters):
+        denom = (n / (p[..., :, None] + p[..., None, :])).sum(-1)
+        new = total / denom
+        new = new / np.exp(np.log(new).mean(-1, keepdims=True))
+        done = np.max(np.abs(np.log(new) - np.log(p))) < tol
+        p = new
+        if done:
+            break
+    return p
+
+
+def _interval(samples: np.ndarray) -> list[float]:
+    lo, hi = np.percentile(samples, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def _figures(votes: list[dict], systems: list[str], bootstrap: int, seed: int) -> dict:
+    """Per system, per pair and Bradley–Terry figures of `votes`."""
+    listeners = sorted({v["listener"] for v in votes})
+    compared = [s for s in systems if any(s in (v["a"], v["b"]) for v in votes)]
+    idx = {s: i for i, s in enumerate(compared)}
+    k = len(compared)
+    # per listener: a win matrix (ties as half a win each) and rating sums and counts
+    wins = np.zeros((len(listeners), k, k))
+    rsum = np.zeros((len(listeners), k))
+    rcnt = np.zeros((len(listeners), k))
+    who = {name: i for i, name in enumerate(listeners)}
+    for v in votes:
+        li, a, b = who[v["listener"]], idx[v["a"]], idx[v["b"]]
+        if v["winner"] is None:
+            wins[li, a, b] += 0.5
+            wins[li, b, a] += 0.5
+        else:
+            w = idx[v["winner"]]
+            wins[li, w, b if w == a else a] += 1
+            if v.get("rating") is not None:
+                rsum[li, w] += v["rating"]
+                rcnt[li, w] += 1
+
+    per_system = {}
+    for s in systems:
+        mine = [v for v in votes if s in (v["a"], v["b"])]
+        won = sum(v["winner"] == s for v in mine)
+        ties = sum(v["winner"] is None for v in mine)
+        n = len(mine)
+        # The Wilson interval is taken on (wins + ties / 2) successes out of n: a tie is half
+        # a win, as in the rate itself and in the Bradley–Terry fit.
+        ratings = [v["rating"] for v in mine if v["winner"] == s and v.get("rating") is not None]
+        per_system[s] = {"comparisons": n, "wins": won, "ties": ties,
+                         "win_rate": (won + ties / 2) / n if n else None,
+                         "win_rate_ci": wilson(won + ties / 2, n),
+                         "ratings": len(ratings),
+                         "mean_rating": float(np.mean(ratings)) if ratings else None,
+                         "mean_rating_ci": None}
+    pairs = []
+    for x, y in combinations(systems, 2):
+        mine = [v for v in votes if {v["a"], v["b"]} == {x, y}]
+        if not mine:
+            continue
+        wx = sum(v["winner"] == x for v in mine)
+        wy = sum(v["winner"] == y for v in mine)
+        ties = len(mine) - wx - wy
+        pairs.append({"first": x, "second": y, "comparisons": len(mine), "first_wins": wx,
+                      "second_wins": wy, "ties": ties,
+                      "first_win_rate": (wx + ties / 2) / len(mine),
+                      "first_win_rate_ci": wilson(wx + ties / 2, len(mine))})
+
+    bt: dict = {}
+    if k >= 2:
+        pianist = idx.get(REFERENCE)
+        def scaled(p: np.ndarray) -> np.ndarray:  # log-strengths, pianist at 0 if present
+            logp = np.log(p)
+            return logp - logp[..., [pianist]] if pianist is not None else logp
+        point = scaled(bradley_terry(wins.sum(0)))
+        boot = None
+        if bootstrap > 0 and len(listeners) >= 2:
+            rng = np.random.default_rng(seed)
+            draws = rng.multinomial(len(listeners), [1 / len(listeners)] * len(listeners),
+                                    size=bootstrap)  # how often each listener is drawn
+            boot = scaled(bradley_terry(np.einsum("rl,lij->rij", draws, wins)))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                means = np.einsum("rl,li->ri", draws, rsum) / np.einsum("rl,li->ri", draws, rcnt)
+            for s, i in idx.items():
+                ok = means[:, i][np.isfinite(means[:, i])]
+                if per_system[s]["ratings"] and len(ok) >= 0.9 * bootstrap:
+                    per_system[s]["mean_rating_ci"] = _interval(ok)
+        for s, i in idx.items():
+            row = {"log_strength": float(point[i]), "strength": float(np.exp(point[i])),
+                   "log_strength_ci": _interval(boot[:, i]) if boot is not None else None}
+            if pianist is not None:
+                row["p_beats_pianist"] = float(1 / (1 + np.exp(-point[i])))
+                row["p_beats_pianist_ci"] = (list(1 / (1 + np.exp(-np.array(
+                    row["log_strength_ci"])))) if boot is not None else None)
+            bt[s] = row
+    return {"votes": len(votes), "listeners": listeners, "systems": per_system,
+            "pairs": pairs, "bradley_terry": bt,
+            "bt_scale": ("log-strength of pianist = 0" if REFERENCE in idx
+                         else "geometric mean of strengths = 1")}
+
+
+def screen(votes: list[dict], threshold: float = 0.5) -> dict[str, dict]:
+    """Per listener with anchor-vs-pianist trials: how often they preferred the anchor (a tie
+    counts half: not hearing the anchor as worse is what the screen looks for) and whether
+    that reaches `threshold`."""
+    out: dict[str, dict] = {}
+    for v in votes:
+        if {v["a"], v["b"]} != {ANCHOR, REFERENCE}:
+            continue
+        row = out.setdefault(v["listener"], {"trials": 0, "anchor_preferred": 0.0})
+        row["trials"] += 1
+        row["anchor_preferred"] += 1.0 if v["winner"] == ANCHOR else (
+            0.5 if v["winner"] is None else 0.0)
+    for row in out.values():
+        row["share"] = row["anchor_preferred"] / row["trials"]
+        row["flagged"] = row["share"] >= threshold
+    return out
+
+
+def summarize(votes: list[dict], bootstrap: int = 1000, seed: int = 0,
+              anchor_threshold: float = 0.5, systems: Iterable[str] | None = None) -> dict:
+    """Win rates, pairs and Bradley–Terry strengths of `votes`, flagged listeners excluded
+    (the main figures), and the counts with them included. `systems` (optional): the test's
+    systems, so a system nobody compared is listed too."""
+    seen = {s for v in votes for s in (v["a"], v["b"])}
+    order = list(systems) if systems is not None else []
+    rest = sorted(seen - set(order) - {REFERENCE, ANCHOR})
+    order += [s for s in (*rest, REFERENCE, ANCHOR) if s in seen and s not in order]
+    screening = screen(votes, anchor_threshold)
+    flagged = sorted(name for name, row in screening.items() if row["flagged"])
+    kept = [v for v in votes if v["listener"] not in flagged]
+    listeners = sorted({v["listener"] for v in votes})
+    notes = []
+    if not votes:
+        notes.append("no votes yet")
+    elif len({v["listener"] for v in kept}) == 1:
+        notes.append("one listener: the Bradley–Terry and rating intervals resample "
+                     "listeners and are not given")
+    if votes and not kept:
+        notes.append("every listener was flagged by the anchor screen")
+    unscreened = [n for n in listeners if n not in screening]
+    if unscreened:
+        notes.append(f"{len(unscreened)} listener(s) had no anchor-vs-pianist trial and "
+                     "were not screened")
+    main = _figures(kept, order, bootstrap, seed)
+    never = [s for s in order if not main["systems"][s]["comparisons"]]
+    if never:
+        notes.append(f"never compared: {', '.join(never)}")
+    return {"votes": len(votes), "listeners": len(listeners), "systems": order,
+            "bootstrap": bootstrap, "seed": seed, "anchor_threshold": anchor_threshold,
+            "pseudo_tie": PSEUDO_TIE, "screening": screening, "flagged": flagged,
+            "main": main,
+            "with_flagged": _figures(votes, order, 0, seed) if flagged else None,
+            "notes": notes}
+
+
+def _pct(v, ci) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{v:.2f}"
+
+
+def format_summary(summary: dict) -> str:
+    """The summary as Markdown tables: per system, Bradley–Terry, per pair, screening."""
+    if not summary["votes"]:
+        return "No votes yet: nothing to summarize.\n"
+    main = summary["main"]
+    kept = len(main["listeners"])
+    lines = [f"# Blind listening test: {summary['votes']} votes by {summary['listeners']} "
+             f"listeners ({kept} kept, {len(summary['flagged'])} set aside by the anchor "
+             "screen)", ""]
+    lines += ["| system | comparisons | wins | ties | win rate [95 % Wilson] | "
+              "mean rating 1-5 [95 % bootstrap] | BT log-strength [95 %] | "
+              "P(beats pianist) [95 %] |", "|---" * 8 + "|"]
+    for s in summary["systems"]:
+        row, bt = main["systems"][s], main["bradley_terry"].get(s, {})
+        rating = (_pct(row["mean_rating"], row["mean_rating_ci"]) + f" (n={row['ratings']})"
+                  if row["ratings"] else "n/a")
+        beats = (_pct(bt.get("p_beats_pianist"), bt.get("p_beats_pianist_ci"))
+                 if "p_beats_pianist" in bt and s != REFERENCE else "n/a")
+        label = f"*{s}*" if s in (REFERENCE, ANCHOR) else s
+        strength = ("0 (the scale's zero)" if s == REFERENCE and bt
+                    else _pct(bt.get("log_strength"), bt.get("log_strength_ci")))
+        lines.append(f"| {label} | {row['comparisons']} | {row['wins']} | {row['ties']} | "
+                     f"{_pct(row['win_rate'], row['win_rate_ci'])} | {rating} | "
+                     f"{strength} | {beats} |")
+    lines += ["", "| pair (first vs second) | comparisons | first wins | second wins | ties | "
+              "first's win rate [95 % Wilson] |", "|---" * 6 + "|"]
+    for p in main["pairs"]:
+        lines.append(f"| {p['first']} vs {p['second']} | {p['comparisons']} | "
+                     f"{p['first_wins']} | {p['second_wins']} | {p['ties']} | "
+                     f"{_pct(p['first_win_rate'], p['first_win_rate_ci'])} |")
+    lines += ["", f"Bradley–Terry scale: {main['bt_scale']}; fitted with a virtual tie of "
+              f"weight {summary['pseudo_tie']} between every two systems, so a system that "
+              f"never wins still gets a finite strength. Intervals: {summary['bootstrap']} "
+              "bootstrap resamples of listeners. A tie counts as half a win everywhere."]
+    if summary["flagged"]:
+        screening = summary["screening"]
+        lines += ["", f"Set aside (preferred the anchor over the pianist in at least "
+                  f"{summary['anchor_threshold']:.0%} of their anchor trials): "
+                  + ", ".join(f"{n} ({screening[n]['share']:.0%} of "
+                              f"{screening[n]['trials']})" for n in summary["flagged"]),
+                  "", "With them included:", "",
+                  "| system | comparisons | wins | ties | win rate [95 % Wilson] |",
+                  "|---" * 5 + "|"]
+        for s in summary["systems"]:
+            row = summary["with_flagged"]["systems"][s]
+            lines.append(f"| {s} | {row['comparisons']} | {row['wins']} | {row['ties']} | "
+                         f"{_pct(row['win_rate'], row['win_rate_ci'])} |")
+    elif summary["screening"]:
+        lines += ["", f"Anchor screen: no listener preferred the anchor in "
+                  f"{summary['anchor_threshold']:.0%} or more of their anchor trials."]
+    lines += [*(["", *(f"Note: {n}." for n in summary["notes"])] if summary["notes"] else [])]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,412 @@
+"""The blind listening test: its design, votes, statistics and CLI, on a fake compare output
+(report.json and tiny WAV files written here), and once on a real compare's audio."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import threading
+import wave
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import MICRO, album_names, scale_notes, write_midi
+
+from mehldau.cli.listen import main as listen
+from mehldau.errors import UserError
+from mehldau.evaluation import listening
+from mehldau.evaluation.listening import (
+    ANCHOR,
+    PROMPT,
+    REFERENCE,
+    BlindTest,
+    read_votes,
+    summarize,
+    wilson,
+)
+from mehldau.evaluation.report import SOUNDFONTS
+
+BRANCHES = ["prod", "perc"]
+HAS_AUDIO = shutil.which("fluidsynth") is not None and any(Path(f).is_file() for f in SOUNDFONTS)
+PROMPTS = ["p00", "p01"]
+
+
+def _wav(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(8000)
+        w.writeframes(b"\0\0" * 80)
+
+
+def fake_compare(root: Path, systems=(*BRANCHES, REFERENCE, ANCHOR, PROMPT),
+                 prompts=PROMPTS) -> Path:
+    table = {b: {"kind": "branch"} for b in BRANCHES}
+    table["human"] = {"kind": "ceiling"}
+    report = {"prompts": [{"name": p, "source": f"/nowhere/{p}.mid"} for p in prompts],
+              "table": table, "seed": 3, "git_revision": "abc123",
+              "config": {"seed": 3, "prompt_seconds": 2, "seconds": 4}}
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "report.json").write_text(json.dumps(report))
+    for s in systems:
+        for p in prompts:
+            _wav(root / "audio" / s / f"{p}.wav")
+    return root
+
+
+@pytest.fixture
+def test(tmp_path) -> BlindTest:
+    return BlindTest.open(fake_compare(tmp_path / "cmp"))
+
+
+def design(branches=BRANCHES, prompts=PROMPTS) -> set[str]:
+    pairs = [*combinations(branches, 2), *((b, REFERENCE) for b in branches),
+             (ANCHOR, REFERENCE)]
+    return {f"{p}:{'|'.join(sorted(xy))}" for p in prompts for xy in pairs}
+
+
+# --- the design -----------------------------------------------------------------------------
+def test_every_pair_of_the_design_is_a_trial_and_only_where_audio_exists(test, tmp_path) -> None:
+    assert test.systems == [*BRANCHES, REFERENCE, ANCHOR] and test.prompts == PROMPTS
+    assert (test.seed, test.git_revision) == (3, "abc123")
+    trials = test.trials("ann")
+    assert len(trials) == len(design()) and {t.id for t in trials} == design()
+    assert "p00:anchor|pianist" in {t.id for t in trials}
+    for t in trials:
+        assert t.prompt_wav == test.dir / "audio" / PROMPT / f"{t.prompt}.wav"
+        assert t.a.system != t.b.system and t.a.prompt == t.b.prompt == t.prompt
+        for clip in (t.a, t.b):
+            assert clip.wav == test.dir / "audio" / clip.system / f"{t.prompt}.wav"
+            assert clip.wav.is_file()
+    # a branch without audio for one prompt: its pairs on that prompt are left out
+    (test.dir / "audio" / "perc" / "p01.wav").unlink()
+    ids = {t.id for t in BlindTest.open(test.dir).trials("ann")}
+    assert ids == design() - {"p01:perc|prod", "p01:perc|pianist"}
+    # without an anchor: no anchor trials, the rest unchanged
+    shutil.rmtree(test.dir / "audio" / ANCHOR)
+    reopened = BlindTest.open(test.dir)
+    assert ANCHOR not in reopened.systems
+    assert {t.id for t in reopened.trials("ann")} == ids - {"p00:anchor|pianist",
+                                                            "p01:anchor|pianist"}
+
+
+def test_trials_are_deterministic_per_listener_and_differ_between_listeners(test) -> None:
+    first = test.trials("ann")
+    assert first == test.trials("ann") == BlindTest.open(test.dir).trials("ann")
+    others = {name: test.trials(name) for name in ("bob", "cyd", "dee", "eve", "fay")}
+    for trials in others.values():  # ids name the pair, not the sides: the same for all
+        assert sorted(t.id for t in trials) == sorted(t.id for t in first)
+    sides = {name: {t.id: t.a.system for t in trials} for name, trials in
+             [("ann", first), *others.items()]}
+    # each pair is heard with A and B both ways by someone; orders differ between listeners
+    assert all(len({s[i] for s in sides.values()}) == 2 for i in design())
+    assert len({tuple(t.id for t in trials) for trials in [first, *others.values()]}) == 6
+
+
+def test_open_refuses_what_is_not_a_test(tmp_path) -> None:
+    def err(path) -> str:
+        with pytest.raises(UserError) as e:
+            BlindTest.open(path)
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    assert "does not exist" in err(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    assert "no report.json" in err(tmp_path / "empty")
+    assert "rerun mehldau-compare" in err(fake_compare(tmp_path / "silent", systems=()))
+    assert "needs two systems" in err(fake_compare(tmp_path / "one",
+                                                   systems=(REFERENCE, ANCHOR, PROMPT)))
+    assert "prepare" in err(fake_compare(tmp_path / "old", systems=(*BRANCHES, REFERENCE)))
+
+
+# --- votes ----------------------------------------------------------------------------------
+def test_record_stores_the_mapping_and_remaining_resumes(test) -> None:
+    trials = test.remaining("ann")
+    assert trials == test.trials("ann")
+    t = trials[0]
+    vote = test.record("ann", t, "B", 4, {"prompt": 2.0, "A": 4.0, "B": 3.5})
+    assert (vote["a"], vote["b"], vote["winner"]) == (t.a.system, t.b.system, t.b.system)
+    assert vote["trial"] == t.id and vote["git_revision"] == "abc123" and vote["seed"] == 3
+    assert vote["listened"] == {"prompt": 2.0, "A": 4.0, "B": 3.5} and vote["time"].endswith(
+        "+00:00")
+    lines = test.votes_path.read_text().splitlines()
+    assert [json.loads(x) for x in lines] == [vote]
+    test.record("ann", trials[1], "none", None, {})
+    # another page (a new BlindTest) resumes where the listener stopped; others unaffected
+    assert BlindTest.open(test.dir).remaining("ann") == trials[2:]
+    assert test.remaining("bob") == test.trials("bob")
+    with pytest.raises(UserError, match="already voted"):
+        test.record("ann", t, "A", None, {})
+    votes, skipped = read_votes(test.votes_path)
+    assert len(votes) == 2 and not skipped and votes[1]["winner"] is None
+
+
+@pytest.mark.parametrize("choice,rating,listened,msg", [
+    ("a", None, {}, "choice must be"), ("A", 0, {}, "rating"), ("A", 6, {}, "rating"),
+    ("A", True, {}, "rating"), ("A", 2.5, {}, "rating"), ("none", 3, {}, "rating is of"),
+    ("A", None, {"C": 1.0}, "listened"), ("A", None, {"A": -1.0}, "seconds >= 0")])
+def test_record_refuses_bad_votes_in_one_line(test, choice, rating, listened, msg) -> None:
+    with pytest.raises(ValueError, match=msg) as e:
+        test.record("ann", test.trials("ann")[0], choice, rating, listened)
+    assert "\n" not in str(e.value) and not test.votes_path.exists()
+
+
+def test_record_refuses_a_trial_of_another_test(test) -> None:
+    t = test.trials("ann")[0]
+    forged = listening.Trial(t.id, "p09", t.prompt_wav, t.a, t.b)
+    with pytest.raises(ValueError, match="not one of this test"):
+        test.record("ann", forged, "A", None, {})
+
+
+def test_concurrent_appends_are_whole_lines(test) -> None:
+    trial = test.trials("x")[0]
+
+    def vote(k: int) -> None:
+        for j in range(20):
+            test.record(f"t{k}-{j}", trial, "AB"[j % 2], 1 + j % 5, {"A": 1.0})
+
+    threads = [threading.Thread(target=vote, args=(k,)) for k in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    lines = test.votes_path.read_text().splitlines()
+    assert len(lines) == 160 and all(json.loads(x)["trial"] == trial.id for x in lines)
+    votes, skipped = read_votes(test.votes_path)
+    assert len(votes) == 160 and not skipped
+    assert len({v["listener"] for v in votes}) == 160
+
+
+def test_read_votes_skips_bad_lines_with_a_reason(test) -> None:
+    t = test.trials("ann")
+    good = test.record("ann", t[0], "A", None, {})
+    with open(test.votes_path, "a") as f:
+        f.write("not json\n")
+        f.write(json.dumps({"listener": "bob"}) + "\n")
+        f.write(json.dumps({**good, "winner": "nobody"}) + "\n")
+        f.write(json.dumps(good) + "\n")  # a second vote pasted in by hand
+        f.write('{"listener": "torn')  # a write cut short: no newline
+    second = test.record("ann", t[1], "B", 2, {})  # starts a line of its own
+    votes, skipped = read_votes(test.votes_path)
+    assert votes == [good, second]
+    assert [s.split("skipped: ")[1][:12] for s in skipped] == [
+        "not JSON (a ", "missing tria", "choice and w", "a second vot", "not JSON (a "]
+    assert read_votes(test.dir / "none.jsonl") == ([], [])
+
+
+# --- statistics -----------------------------------------------------------------------------
+def test_wilson_interval_known_values() -> None:
+    lo, hi = wilson(8, 10)
+    assert (round(lo, 3), round(hi, 3)) == (0.490, 0.943)
+    lo, hi = wilson(50, 100)
+    assert (round(lo, 3), round(hi, 3)) == (0.404, 0.596)
+    assert wilson(0, 10)[0] == pytest.approx(0.0) and wilson(10, 10)[1] == pytest.approx(1.0)
+    assert wilson(0, 0) is None
+
+
+def _vote(listener, prompt, a, b, winner, rating=None) -> dict:
+    choice = "A" if winner == a else "B" if winner == b else "none"
+    return {"listener": listener, "trial": f"{prompt}:{'|'.join(sorted((a, b)))}",
+            "prompt": prompt, "a": a, "b": b, "choice": choice, "winner": winner,
+            "rating": rating}
+
+
+def simulate(truth: dict[str, float], listeners: int, prompts: int, seed: int) -> list[dict]:
+    """Votes by Bradley–Terry listeners with log-strengths `truth` on the test's design."""
+    rng = np.random.default_rng(seed)
+    branches = [s for s in truth if s not in (REFERENCE, ANCHOR)]
+    pairs = [*combinations(branches, 2), *((b, REFERENCE) for b in branches),
+             (ANCHOR, REFERENCE)]
+    votes = []
+    for li in range(listeners):
+        for p in range(prompts):
+            for x, y in pairs:
+                a, b = (x, y) if rng.random() < 0.5 else (y, x)
+                p_a = 1 / (1 + math.exp(truth[b] - truth[a]))
+                winner = a if rng.random() < p_a else b
+                votes.append(_vote(f"l{li}", f"p{p:02d}", a, b, winner,
+                                   int(rng.integers(1, 6))))
+    return votes
+
+
+def test_bradley_terry_recovers_true_strengths_from_simulated_listeners() -> None:
+    truth = {"prod": -0.5, "perc": -1.2, REFERENCE: 0.0, ANCHOR: -3.0}
+    s = summarize(simulate(truth, 30, 10, seed=1), bootstrap=400, seed=0)
+    bt = s["main"]["bradley_terry"]
+    assert s["flagged"] == [] and s["listeners"] == 30
+    assert sorted(bt, key=lambda k: -bt[k]["log_strength"]) == [REFERENCE, "prod", "perc",
+                                                                 ANCHOR]
+    assert bt[REFERENCE]["log_strength"] == 0.0
+    for name, true in truth.items():
+        if name != REFERENCE:
+            lo, hi = bt[name]["log_strength_ci"]
+            assert lo < true < hi, (name, lo, true, hi)
+            p = 1 / (1 + math.exp(-true))
+            lo, hi = bt[name]["p_beats_pianist_ci"]
+            assert lo < p < hi and lo < bt[name]["p_beats_pianist"] < hi
+    for pair in s["main"]["pairs"]:  # each pair's Wilson interval holds its true rate
+        true = 1 / (1 + math.exp(truth[pair["second"]] - truth[pair["first"]]))
+        lo, hi = pair["first_win_rate_ci"]
+        assert lo < true < hi, pair
+    rows = s["main"]["systems"]
+    assert rows[REFERENCE]["win_rate"] > rows["prod"]["win_rate"] > rows[ANCHOR]["win_rate"]
+    lo, hi = rows["prod"]["mean_rating_ci"]  # ratings were uniform on 1..5
+    assert lo < 3 < hi and lo < rows["prod"]["mean_rating"] < hi
+
+
+def test_a_system_that_always_wins_and_one_that_never_wins_stay_finite() -> None:
+    votes = [_vote(f"l{k}", f"p{p}", x, y, x) for k in range(5) for p in range(4)
+             for x, y in (("X", "Y"), ("X", REFERENCE), ("Y", REFERENCE))]
+    votes = [{**v, "winner": REFERENCE, "choice": "B"} if (v["a"], v["b"]) == ("Y", REFERENCE)
+             else v for v in votes]
+    s = summarize(votes, bootstrap=200)
+    rows, bt = s["main"]["systems"], s["main"]["bradley_terry"]
+    assert rows["X"]["win_rate"] == 1.0 and rows["Y"]["win_rate"] == 0.0
+    assert rows["X"]["win_rate_ci"] == pytest.approx(wilson(40, 40))
+    assert rows["Y"]["wins"] == 0 and rows["Y"]["comparisons"] == 40
+    assert bt["X"]["log_strength"] > 0 > bt["Y"]["log_strength"]
+    assert all(math.isfinite(bt[k]["log_strength"]) for k in bt)
+    assert bt["X"]["p_beats_pianist"] > 0.9 > 0.1 > bt["Y"]["p_beats_pianist"]
+
+
+def test_a_listener_who_prefers_the_anchor_is_screened_out() -> None:
+    truth = {"prod": -0.5, "perc": -1.2, REFERENCE: 0.0, ANCHOR: -3.0}
+    honest = simulate(truth, 6, 4, seed=2)
+    # a listener who clicks the worse clip: the anchor over the pianist, perc over prod...
+    worst = {ANCHOR: 0, "perc": 1, "prod": 2, REFERENCE: 3}
+    odd = [{**v, "listener": "odd", "winner": min((v["a"], v["b"]), key=worst.get)}
+           for v in honest if v["listener"] == "l0"]
+    odd = [{**v, "choice": "A" if v["winner"] == v["a"] else "B"} for v in odd]
+    clean = summarize(honest, bootstrap=100)
+    s = summarize(honest + odd, bootstrap=100)
+    assert clean["flagged"] == [] and s["flagged"] == ["odd"]
+    assert s["screening"]["odd"] == {"trials": 4, "anchor_preferred": 4.0, "share": 1.0,
+                                      "flagged": True}
+    assert s["main"] == clean["main"]  # the main figures are the honest listeners'
+    mixed = s["with_flagged"]["systems"]
+    assert mixed[ANCHOR]["wins"] == clean["main"]["systems"][ANCHOR]["wins"] + 4
+    assert mixed[REFERENCE]["comparisons"] == sum(REFERENCE in (v["a"], v["b"])
+                                                  for v in honest + odd)
+    text = listening.format_summary(s)
+    assert "Set aside" in text and "odd (100% of 4)" in text and "With them included" in text
+    # a threshold above what the listener did keeps them
+    assert summarize(honest + odd, bootstrap=0, anchor_threshold=1.01)["flagged"] == []
+
+
+def test_no_votes_one_listener_and_a_system_never_compared() -> None:
+    empty = summarize([], bootstrap=10)
+    assert empty["votes"] == 0 and "no votes yet" in empty["notes"]
+    assert listening.format_summary(empty).startswith("No votes yet")
+    votes = [_vote("solo", "p00", "prod", REFERENCE, REFERENCE, 4),
+             _vote("solo", "p00", ANCHOR, REFERENCE, REFERENCE),
+             _vote("solo", "p01", "prod", REFERENCE, "prod", 2)]
+    s = summarize(votes, bootstrap=50, systems=["prod", "perc", REFERENCE, ANCHOR])
+    bt, rows = s["main"]["bradley_terry"], s["main"]["systems"]
+    assert rows["perc"]["comparisons"] == 0 and rows["perc"]["win_rate"] is None
+    assert "perc" not in bt and "never compared: perc" in s["notes"]
+    assert bt["prod"]["log_strength_ci"] is None and any("one listener" in n for n in s["notes"])
+    assert rows["prod"]["win_rate"] == 0.5 and rows["prod"]["mean_rating"] == 2.0
+    text = listening.format_summary(s)
+    assert "| perc | 0 | 0 | 0 | n/a |" in text and "prod vs pianist" in text
+
+
+# --- the CLI --------------------------------------------------------------------------------
+def test_cli_prints_win_rates_and_bradley_terry_rows(test, capsys) -> None:
+    for name in ("ann", "bob", "cyd"):
+        for t in test.trials(name):
+            good = {REFERENCE: 3, "prod": 2, "perc": 1, ANCHOR: 0}
+            side = "A" if good[t.a.system] > good[t.b.system] else "B"
+            test.record(name, t, side, 5, {"prompt": 2.0, "A": 4.0, "B": 4.0})
+    assert listen(["summarize", str(test.dir), "--bootstrap", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "win rate [95 % Wilson]" in out and "BT log-strength" in out
+    assert "| prod | 12 | 6 | 0 | 0.50 [" in out and "| *pianist* | 18 | 18 | 0 | 1.00 [" in out
+    assert "| perc vs pianist | 6 | 0 | 6 | 0 |" in out
+    saved = json.loads((test.dir / "listening" / "summary.json").read_text())
+    assert saved["votes"] == 24 and saved["git_revision"] == "abc123"
+    assert saved["main"]["bradley_terry"][REFERENCE]["log_strength"] == 0.0
+    assert listen(["summarize", str(test.dir), "--bootstrap", "20", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["votes"] == 24
+    assert listen(["-h"]) == 0 and "mehldau-listen summarize DIR" in capsys.readouterr().out
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys) -> None:
+    def err(args) -> str:
+        assert listen(args) == 2
+        e = capsys.readouterr().err.strip()
+        assert e.startswith("mehldau-listen: error:") and "\n" not in e
+        return e
+
+    assert "does not exist" in err(["summarize", str(tmp_path / "nope")])
+    (tmp_path / "plain").mkdir()
+    assert "not a mehldau-compare output" in err(["summarize", str(tmp_path / "plain")])
+    assert "no votes yet" in err(["summarize", str(fake_compare(tmp_path / "cmp"))])
+    assert "invalid choice" in err(["judge", str(tmp_path)])
+    assert "invalid int" in err(["summarize", str(tmp_path / "cmp"), "--bootstrap", "x"])
+
+
+# --- the clips, rendered --------------------------------------------------------------------
+def _notes(path: Path) -> list[tuple[int, int, int, int]]:
+    import symusic
+
+    score = symusic.Score(str(path))
+    return sorted((n.time, n.duration, n.velocity, n.pitch) for t in score.tracks
+                  for n in t.notes)
+
+
+def test_anchor_keeps_timing_and_shuffles_pitches(tmp_path) -> None:
+    src = write_midi(tmp_path / "pianist.mid", scale_notes(24, step=0.25, seed=5))
+    listening.anchor_midi(src, tmp_path / "a.mid", seed=3, prompt="p00")
+    listening.anchor_midi(src, tmp_path / "b.mid", seed=3, prompt="p00")
+    listening.anchor_midi(src, tmp_path / "c.mid", seed=3, prompt="p01")
+    real, anchor = _notes(src), _notes(tmp_path / "a.mid")
+    timing = [n[:3] for n in real]
+    assert sorted(n[:3] for n in anchor) == timing  # onsets, durations, velocities kept
+    assert sorted(n[3] for n in anchor) == sorted(n[3] for n in real)  # the same pitches
+    assert [n[3] for n in anchor] != [n[3] for n in real]  # ...in another order
+    assert _notes(tmp_path / "b.mid") == anchor != _notes(tmp_path / "c.mid")
+
+
+@pytest.mark.skipif(not HAS_AUDIO, reason="needs fluidsynth and a General MIDI soundfont")
+def test_compare_renders_prompt_and_anchor_and_prepare_fills_an_old_output(tmp_path) -> None:
+    from mehldau.cli.compare import main as compare
+    from mehldau.cli.train import main as train
+
+    data = tmp_path / "data"
+    for a, name in enumerate(album_names(data, 4)):
+        for k in range(2):
+            write_midi(data / name / f"piece {k}.mid",
+                       scale_notes(32, base=50 + 2 * a + k, step=0.2, seed=10 * a + k))
+    run, out = tmp_path / "prod", tmp_path / "report"
+    assert train([f"run_dir={run}", "data=folder", f"data.root={data}", "train.max_steps=2",
+                  *MICRO]) == 0
+    assert compare([f"runs=[{run}]", f"out={out}", "max_prompts=1", "samples_per_prompt=1",
+                    "prompt_seconds=2", "seconds=3", "bootstrap=5", "device=cpu",
+                    "likelihood=false", "copy_check=false"]) == 0
+    name = json.loads((out / "report.json").read_text())["prompts"][0]["name"]
+    for system in ("prod", REFERENCE, PROMPT, ANCHOR):
+        assert (out / "audio" / system / f"{name}.wav").stat().st_size > 1000, system
+    real, anchor = (_notes(out / "audio" / s / f"{name}.mid") for s in (REFERENCE, ANCHOR))
+    assert [n[:3] for n in anchor] == [n[:3] for n in real]
+    assert [n[3] for n in anchor] != [n[3] for n in real]
+    assert _notes(out / "audio" / PROMPT / f"{name}.mid") == _notes(out / "prompts" /
+                                                                   f"{name}.mid")
+    ids = {t.id for t in BlindTest.open(out).trials("ann")}
+    assert ids == {f"{name}:pianist|prod", f"{name}:anchor|pianist"}
+    # an output written before the test: prepare adds the clips, the same ones
+    before = (out / "audio" / ANCHOR / f"{name}.mid").read_bytes()
+    for system in (PROMPT, ANCHOR):
+        shutil.rmtree(out / "audio" / system)
+    with pytest.raises(UserError, match="prepare"):
+        BlindTest.open(out)
+    listening.prepare(out)
+    assert (out / "audio" / ANCHOR / f"{name}.mid").read_bytes() == before
+    assert (out / "audio" / PROMPT / f"{name}.wav").is_file()
+    with pytest.raises(UserError, match="no report.json"):
+        listening.prepare(tmp_path)
+    with pytest.raises(UserError, match="no soundfont"):
+        listening.prepare(out, font=tmp_path / "missing.sf2")
