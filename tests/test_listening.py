@@ -136,13 +136,14 @@ def test_record_stores_the_mapping_and_remaining_resumes(test) -> None:
     lines = test.votes_path.read_text().splitlines()
     assert [json.loads(x) for x in lines] == [vote]
     test.record("ann", trials[1], "none", None, {})
+    assert test.record("ann", trials[2], "A", 2.0, {})["rating"] == 2  # a slider's float
     # another page (a new BlindTest) resumes where the listener stopped; others unaffected
-    assert BlindTest.open(test.dir).remaining("ann") == trials[2:]
+    assert BlindTest.open(test.dir).remaining("ann") == trials[3:]
     assert test.remaining("bob") == test.trials("bob")
     with pytest.raises(UserError, match="already voted"):
         test.record("ann", t, "A", None, {})
     votes, skipped = read_votes(test.votes_path)
-    assert len(votes) == 2 and not skipped and votes[1]["winner"] is None
+    assert len(votes) == 3 and not skipped and votes[1]["winner"] is None
 
 
 @pytest.mark.parametrize("choice,rating,listened,msg", [
@@ -303,13 +304,16 @@ def test_no_votes_one_listener_and_a_system_never_compared() -> None:
     assert listening.format_summary(empty).startswith("No votes yet")
     votes = [_vote("solo", "p00", "prod", REFERENCE, REFERENCE, 4),
              _vote("solo", "p00", ANCHOR, REFERENCE, REFERENCE),
-             _vote("solo", "p01", "prod", REFERENCE, "prod", 2)]
+             _vote("solo", "p01", "prod", REFERENCE, "prod", 2),
+             _vote("solo", "p01", ANCHOR, REFERENCE, None)]  # a tie: half a win each
     s = summarize(votes, bootstrap=50, systems=["prod", "perc", REFERENCE, ANCHOR])
     bt, rows = s["main"]["bradley_terry"], s["main"]["systems"]
     assert rows["perc"]["comparisons"] == 0 and rows["perc"]["win_rate"] is None
     assert "perc" not in bt and "never compared: perc" in s["notes"]
     assert bt["prod"]["log_strength_ci"] is None and any("one listener" in n for n in s["notes"])
     assert rows["prod"]["win_rate"] == 0.5 and rows["prod"]["mean_rating"] == 2.0
+    assert (rows[ANCHOR]["ties"], rows[ANCHOR]["win_rate"]) == (1, 0.25)
+    assert rows[ANCHOR]["win_rate_ci"] == wilson(0.5, 2) and s["flagged"] == []
     text = listening.format_summary(s)
     assert "| perc | 0 | 0 | 0 | n/a |" in text and "prod vs pianist" in text
 

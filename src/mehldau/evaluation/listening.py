@@ -297,11 +297,14 @@ class BlindTest:
                listened: dict[str, float]) -> dict:
         """Append one vote (one JSON line, under an exclusive lock) and return it. `choice`:
         "A", "B" or "none"; `rating`: None or 1..5, of the preferred clip (None with "none");
-        `listened`: seconds each of "prompt", "A", "B" was played."""
+        `listened`: seconds each of "prompt", "A", "B" was played (a key left out: 0).
+        Bad input raises ValueError; a second vote on the trial, UserError."""
         if not isinstance(listener, str) or not listener.strip() or "\n" in listener:
             raise ValueError(f"bad listener id {listener!r}")
         if choice not in CHOICES:
             raise ValueError(f"choice must be one of {', '.join(CHOICES)}, not {choice!r}")
+        if isinstance(rating, float) and rating.is_integer():
+            rating = int(rating)  # a web slider's 4.0
         if rating is not None and (isinstance(rating, bool) or not isinstance(rating, int)
                                    or not 1 <= rating <= 5):
             raise ValueError(f"rating must be a whole number from 1 to 5 or None, not {rating!r}")
@@ -566,7 +569,7 @@ def summarize(votes: list[dict], bootstrap: int = 1000, seed: int = 0,
                      "were not screened")
     main = _figures(kept, order, bootstrap, seed)
     never = [s for s in order if not main["systems"][s]["comparisons"]]
-    if never:
+    if never and kept:
         notes.append(f"never compared: {', '.join(never)}")
     return {"votes": len(votes), "listeners": len(listeners), "systems": order,
             "bootstrap": bootstrap, "seed": seed, "anchor_threshold": anchor_threshold,
