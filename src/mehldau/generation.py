@@ -17,8 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 from mehldau.errors import UserError
 from mehldau.io import atomic_write_midi
 
-# Settings of mehldau-generate every branch uses (where the checkpoint is, where to write).
-EVERY_BRANCH = frozenset({"ckpt", "out", "branch"})
+# Settings of mehldau-generate every branch uses (where the checkpoint is, where to write,
+# whether to draw and render what was written).
+EVERY_BRANCH = frozenset({"ckpt", "out", "branch", "render", "soundfont"})
 
 
 def _leaves(node, prefix: str = "") -> dict[str, object]:

@@ -16,6 +16,7 @@ import torch.nn as nn
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mehldau import jobs
 from mehldau.nn.blocks import KVCache
 
 if TYPE_CHECKING:
@@ -156,6 +157,9 @@ def sample_tokens(
         if seconds_per_id is not None and max_seconds is not None:
             elapsed += seconds_per_id[nxt[:, 0]]
             done |= elapsed >= max_seconds
+        if jobs.active():  # a page is watching: report, and stop when asked (a host sync)
+            jobs.step(float(elapsed.min()) / max_seconds if max_seconds else
+                      (i + 1) / max_new_tokens)
         # One host sync every 16 tokens, not every token, to see whether all rows are done.
         if (i % 16 == 15 or i == max_new_tokens - 1) and bool(done.all()):
             break

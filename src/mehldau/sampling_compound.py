@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mehldau import jobs
 from mehldau.nn.moonbeam import MoonbeamForCausalLM
 from mehldau.sampling import SamplingConfig, filter_logits
 from mehldau.tokenize.compound import NUM_ATTRIBUTES, SOS
@@ -133,7 +134,9 @@ def sample_events(model: MoonbeamForCausalLM, tokenizer, prompt: torch.Tensor,
     onset = prompt[:, -1, ONSET].clamp(min=0)  # directly after a bare SOS the base is 0
     alive = torch.ones(B, dtype=torch.bool, device=device)
     rows, alive_at = [], []
-    for _ in tqdm(range(max_events), desc="sample", unit="event", disable=not progress):
+    for k in tqdm(range(max_events), desc="sample", unit="event", disable=not progress):
+        if jobs.active():  # a page is watching: report, and stop when asked (a host sync)
+            jobs.step(max(k / max_events, float(onset.min()) / max_ticks if max_ticks else 0.0))
         ids = torch.zeros(B, 1, dtype=torch.long, device=device)  # sos_out
         h, raw = None, []
         for a in range(NUM_ATTRIBUTES):

@@ -7,6 +7,7 @@ loads the model and tokenizer saved beside the weights and writes the files.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from mehldau.cli.common import compose, compose_or_show, run_cli
 from mehldau.errors import UserError
@@ -19,6 +20,7 @@ USAGE = """usage: mehldau-generate ckpt=RUN_OR_CHECKPOINT out=FILE.mid [key=valu
 
 Options: prompt=FILE.mid prompt_seconds=S seconds=S temperature=T top_k=K top_p=P seed=N
          num_samples=N use_cache=true|false device=auto|cpu|cuda
+         render=true (also FILE.png piano roll and FILE.wav via fluidsynth; soundfont=FILE.sf2)
 A setting the checkpoint's branch does not use is refused, naming the ones it uses.
 scg_diffusion: rules.reference=FILE.mid rules.offset=S rules.use=[pitch_histogram,...]
          rules.targets=FILE.json scg.candidates=N sampler.steps=N sampler.eta=E
@@ -52,7 +54,21 @@ def _main(args: list[str]) -> int:
         check_settings(cfg, compose("generate", []), str(branch), uses)
     for path in recipe.generate(cfg, ckpt):
         print(f"wrote {path}")
+        if cfg.render:
+            _render(path, cfg)
     return 0
+
+
+def _render(midi: Path, cfg) -> None:
+    from mehldau.evaluation import sample_view as view
+
+    start = float(cfg.prompt_seconds) if cfg.prompt is not None else 0.0
+    view.piano_roll_png(midi, midi.with_suffix(".png"), start, title=midi.name)
+    print(f"wrote {midi.with_suffix('.png')}")
+    if view.render_wav(midi, midi.with_suffix(".wav"), cfg.soundfont):
+        print(f"wrote {midi.with_suffix('.wav')}")
+    else:
+        print(f"mehldau-generate: {view.INSTALL_AUDIO}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

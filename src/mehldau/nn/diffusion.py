@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mehldau import jobs
+
 Denoiser = Callable[[Tensor, Tensor], Tensor]  # (x_t (B, ...), t (B,) long) -> eps (B, ...)
 # (x_t, t, t_prev) -> (x_{t_prev}, x0_pred), or None to let the sampler take its own step.
 StepHook = Callable[[Tensor, int, int], "tuple[Tensor, Tensor] | None"]
@@ -181,7 +183,8 @@ def ddim_sample(denoiser: Denoiser, schedule: NoiseSchedule, shape: tuple[int, .
     ts = schedule.ddim_timesteps(steps)
     if inpaint is not None:
         x = inpaint.hold(x, schedule, ts[0], generator)
-    for t, t_prev in zip(ts, ts[1:] + [-1]):
+    for k, (t, t_prev) in enumerate(zip(ts, ts[1:] + [-1])):
+        jobs.step(k / len(ts), "denoise")
         out = step_hook(x, t, t_prev) if step_hook is not None else None
         if out is None:
             eps = denoiser(x, torch.full((x.size(0),), t, dtype=torch.long, device=x.device))
