@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine with Python >= 3.10:
 #   make demo   install, train the production branch's tiny preset on the embedded demo
-#               corpus, and write a generated MIDI (path printed at the end)
+#               corpus, and write a generated MIDI with its piano roll and audio (paths and
+#               the command that opens the listening room printed at the end)
 #   make test   install with test extras and run the test suite
 # Inside an active virtual environment, that environment is used; otherwise ./.venv is made.
 # torch: if none is installed, torch==2.13.0 is installed first. GPU users: install the CUDA
@@ -31,8 +32,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	rm -rf $(RUN)
 	$(VENV)/bin/mehldau-train run_dir=$(RUN)
-	$(VENV)/bin/mehldau-generate ckpt=$(RUN) out=$(RUN)/generated.mid seconds=30
-	@echo "demo: generated MIDI at $(RUN)/generated.mid (demo corpus, not Mehldau)"
+	$(VENV)/bin/mehldau-generate ckpt=$(RUN) out=$(RUN)/generated.mid seconds=30 render=true
+	@echo "demo: generated MIDI at $(RUN)/generated.mid (demo corpus, not Mehldau);"
+	@echo "      piano roll $(RUN)/generated.png, audio $(RUN)/generated.wav (with fluidsynth)"
+	@echo "demo: hear and play with it in the browser: $(VENV)/bin/mehldau-app app.runs=[$(dir $(RUN))]"
+	@echo "      then open http://127.0.0.1:7860"
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -213,6 +213,25 @@ def test_stop_ends_a_generation_at_its_next_step(world) -> None:
     assert seen == sorted(seen) and seen[-1] > 0.9
 
 
+def test_the_stop_button_ends_a_long_generation_and_writes_nothing(world) -> None:
+    from gradio_client import Client
+
+    client = Client(world["url"], verbose=False)  # its own session: Stop is per session
+    run = world["app"].run("runs/prod")
+    before = _samples(world)
+    job = client.submit("runs/prod", *{**PLAY, "sec": 60, "num": 4}.values(),
+                        api_name="/generate")
+    lock = world["app"].queue.lock(str(run.ckpt))
+    deadline = time.monotonic() + 60
+    while not lock.locked() and time.monotonic() < deadline:  # it is sampling
+        time.sleep(0.05)
+    assert client.predict(api_name="/stop") == "Stopped."
+    assert lock.acquire(timeout=60)  # the sampling thread let go of the model
+    lock.release()
+    assert _samples(world) == before
+    assert not job.done() or "1 sample" not in str(job.outputs())
+
+
 # --- Listen --------------------------------------------------------------------------------
 needs_audio = pytest.mark.skipif(not AUDIO, reason="needs fluidsynth and a GM soundfont "
                                  "(apt-get install fluidsynth fluid-soundfont-gm)")

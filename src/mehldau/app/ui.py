@@ -342,8 +342,11 @@ def build(cfg: AppConfig) -> tuple[gr.Blocks, App]:
         gen_event = go.click(on_generate, play_inputs, [status, command, *slot_outputs],
                              concurrency_limit=8, concurrency_id="generate",
                              api_name="generate")
-        stop.click(lambda request=None: (app.stop(_session(request)), "Stopping...")[1],
-                   None, status, cancels=[gen_event], api_name="stop")
+        def on_stop(request: gr.Request):
+            app.stop(_session(request))  # the sampling loop raises at its next step
+            return "Stopped."
+
+        stop.click(on_stop, None, status, cancels=[gen_event], api_name="stop")
 
         # --- Listen events ----------------------------------------------------------------
         def trial_view(s: ListenSession | None, note: str = ""):
