@@ -98,6 +98,23 @@ def test_generate_writes_piano_midi(trained: Path, tmp_path: Path) -> None:
     assert sum(len(i.notes) for i in pm.instruments) > 0
 
 
+def test_generate_render_draws_and_renders_beside_the_midi(trained: Path, tmp_path: Path,
+                                                            capsys) -> None:
+    """What make demo writes: the piano roll always, the audio where FluidSynth is here."""
+    from mehldau.evaluation import sample_view as view
+
+    out = tmp_path / "generated.mid"
+    assert generate([f"ckpt={trained}", f"out={out}", "seconds=6", "render=true"]) == 0
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    if view.audio_available():
+        wav = out.with_suffix(".wav")
+        end = symusic.Score(str(out)).to("second").end()
+        assert view.wav_seconds(wav) >= end and view.wav_level_dbfs(wav) > -60
+    else:
+        assert not out.with_suffix(".wav").exists()
+        assert "apt-get install fluidsynth" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("tokens", ["duration", "performance"])
 def test_generate_caps_long_notes_and_counts_them(tokens: str, trained: Path, tmp_path: Path,
                                                  capsys) -> None:
