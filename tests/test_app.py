@@ -342,3 +342,17 @@ def test_in_a_real_browser_generate_hear_and_vote_blind_offline(world) -> None:
     assert votes[-1]["choice"] == "A" and votes[-1]["listener"] != "abc123"
     served = "\n".join(listen_bodies)
     assert "pianist" not in served and "anchor" not in served and "/audio/" not in served
+
+
+@pytest.mark.parametrize("args,message", [
+    (["app.runs=[/no/such/folder]"], "is not a folder"),
+    (["app.port=70000"], "app.port must be 1 to 65535"),
+    (["app.max_upload_mb=0"], "max_upload_mb must be positive"),
+    (["app.nope=1"], "unknown option"),
+])
+def test_mehldau_app_bad_settings_are_one_line(args, message, tmp_path, capsys) -> None:
+    from mehldau.cli.app import main as app_main
+
+    assert app_main([f"app.runs=[{tmp_path}]", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mehldau-app: error:") and message in err and "\n" not in err

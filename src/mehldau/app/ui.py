@@ -248,6 +248,8 @@ def build(cfg: AppConfig) -> tuple[gr.Blocks, App]:
 
         with gr.Tab("Listen", id="listen"):
             tests = app.roots.compare_outputs()
+            if cfg.listen and Path(cfg.listen).expanduser().is_dir():  # a path, not a name
+                cfg.listen = app.roots.name_of(Path(cfg.listen).expanduser())
             gr.Markdown("A blind test: hear the prompt, then two continuations of it, A and "
                         "B, and say which you prefer. Names and order are hidden and "
                         "shuffled for each listener. The vote opens once each clip has been "

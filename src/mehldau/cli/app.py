@@ -34,9 +34,18 @@ def _main(args: list[str]) -> int:
     from mehldau.settings import checked
 
     app_cfg = checked(AppConfig, OmegaConf.to_container(cfg.app, resolve=True), "app")
+    if not 0 < app_cfg.port < 65536:
+        raise UserError(f"app.port must be 1 to 65535, got {app_cfg.port}")
     if app_cfg.max_upload_mb <= 0 or app_cfg.min_play_seconds < 0:
         raise UserError("app.max_upload_mb must be positive and app.min_play_seconds >= 0")
-    _, app = launch(app_cfg, block=False)
+    if app_cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"mehldau-app: warning: app.host={app_cfg.host} lets other machines open the page "
+              "and generate on this one", file=sys.stderr)
+    try:
+        _, app = launch(app_cfg, block=False)
+    except OSError as e:
+        raise UserError(f"cannot serve on {app_cfg.host}:{app_cfg.port} (in use, or not an "
+                        "address of this machine); pass another app.port=N or app.host") from e
     runs = app.roots.runs()
     usable = sum(r.usable for r in runs)
     print(f"mehldau-app: serving {usable} usable run(s) of {len(runs)} and "
