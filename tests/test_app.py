@@ -67,6 +67,10 @@ def world(tmp_path_factory):
                     f"audio={str(AUDIO).lower()}"]) == 0
     (root / "half_run").mkdir()
     (root / "half_run" / "metrics.jsonl").write_text('{"step": 1, "split": "val", "loss": 2}\n')
+    alien = root / "alien"  # a run of a branch this installation does not have
+    shutil.copytree(prod, alien)
+    for meta in alien.glob("checkpoints/*/meta.json"):
+        meta.write_text(json.dumps({**json.loads(meta.read_text()), "branch": "zeta"}))
     outside = base / "outside"
     outside.mkdir()
     (root / "link_out").symlink_to(outside, target_is_directory=True)
@@ -100,6 +104,9 @@ def test_runs_are_listed_with_what_they_are_and_unusable_ones_say_why(world) -> 
     assert runs["runs/perc"].branch == "perceiver_mt" and runs["runs/perc"].step == 4
     assert runs["runs/prod"].val_loss is not None and "val loss" in runs["runs/prod"].label
     assert not runs["runs/half_run"].usable and "no checkpoint" in runs["runs/half_run"].reason
+    assert not runs["runs/alien"].usable and "unknown branch 'zeta'" in runs["runs/alien"].reason
+    assert "unusable (unknown branch 'zeta')" in runs["runs/alien"].label
+    assert "cannot generate" in _play(world["client"], "runs/alien")[0]
     assert "link_out" not in " ".join(runs)  # a symlink is not followed while listing
     assert world["app"].roots.compare_outputs() == ["runs/cmp"]
 
