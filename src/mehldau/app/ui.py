@@ -381,24 +381,18 @@ def build(cfg: AppConfig) -> tuple[gr.Blocks, App]:
         begin.click(on_begin, [test_dd, code, stored_id],
                     [session, code, stored_id, listen_status, *listen_outputs])
 
-        def on_play(clip):
+        def timing(clip: str, started: bool):
+            """A player's play (started) or pause/end event, counted on the server."""
             def f(s):
                 if s is not None:
-                    s.play(clip)
-                return s
-            return f
-
-        def on_pause(clip):
-            def f(s):
-                if s is not None:
-                    s.pause(clip)
+                    (s.play if started else s.pause)(clip)
                 return s
             return f
 
         for clip, player in (("prompt", p_audio), ("A", a_audio), ("B", b_audio)):
-            player.play(on_play(clip), session, session, show_progress="hidden")
-            player.pause(on_pause(clip), session, session, show_progress="hidden")
-            player.stop(on_pause(clip), session, session, show_progress="hidden")
+            player.play(timing(clip, True), session, session, show_progress="hidden")
+            player.pause(timing(clip, False), session, session, show_progress="hidden")
+            player.stop(timing(clip, False), session, session, show_progress="hidden")
 
         def on_tick(s):
             if s is None or s.trial is None:
