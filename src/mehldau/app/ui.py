@@ -3,8 +3,8 @@
 
 Gradio is the kept library for a model demo page (SkyTNT's midi-model app uses it too); all
 the page's decisions live in `runs`, `play` and `listen`, so this file only lays out
-components and wires events. Offline by construction: analytics off, a system font instead
-of the theme's web fonts, no share link, bound to loopback unless told otherwise.
+components and wires events. Offline by construction: analytics off, system fonts, no share
+link, bound to loopback unless told otherwise.
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ new MutationObserver(() => document.querySelectorAll('[id^="clip-"] audio').forE
 
 
 def theme() -> gr.themes.Base:
-    # The default theme loads its fonts from a web font service; the page must need no
-    # network, so it uses the system's fonts.
+    # System fonts: Gradio themes can name web fonts (GoogleFont), and the page must need
+    # no network; the browser test fails on any request that leaves loopback.
     return gr.themes.Default(font=[gr.themes.Font("system-ui"), "sans-serif"],
                              font_mono=[gr.themes.Font("ui-monospace"), "monospace"])
 
