@@ -128,7 +128,7 @@ def test_generate_returns_midi_png_and_wav_and_the_command_writes_the_same_bytes
     status, command, title, png, stats, wav, midi = out[:7]
     assert "1 sample(s)" in status and "sample.mid" in title
     assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "notes/s" in stats and "the prompt's piece" in stats
+    assert "notes/s" in stats and "the piece, next 4 s" in stats
     if AUDIO:
         from mehldau.evaluation.sample_view import wav_seconds
 
@@ -249,6 +249,13 @@ def test_a_listener_votes_blind_and_the_results_count_it(world) -> None:
     from mehldau.app.listen import CLIPS, ListenSession
     from mehldau.evaluation.listening import BlindTest
 
+    from mehldau.evaluation.sample_view import wav_seconds
+
+    # every clip as long as every other of its kind: length gives no system away
+    lengths = {d.name: wav_seconds(d / "p00.wav") for d in (world["cmp"] / "audio").iterdir()}
+    assert lengths.pop("prompt") == pytest.approx(2 + 1.0)
+    assert set(lengths) == {"prod", "perc", "pianist", "anchor"}
+    assert all(v == pytest.approx(3 + 1.0) for v in lengths.values())
     test = BlindTest.open(world["cmp"])
     s = ListenSession.start(test, "abc123", world["base"] / "serve", min_play=0.5)
     t = s.trial

@@ -132,7 +132,7 @@ class App:
         ref_files = [prompt] if prompt is not None else list(
             run.test_pieces().values())[: self.cfg.reference_pieces]
         ref_stats = P.reference_stats(ref_files, start, float(s.seconds))
-        ref_name = ("the prompt's piece" if prompt is not None else
+        ref_name = (f"the piece, next {float(s.seconds):g} s" if prompt is not None else
                     f"{len(ref_files)} test pieces")
         shown = [a if not a.startswith("out=") else "out=sample.mid" for a in args]
         return {"samples": samples, "ref": ref_stats, "ref_name": ref_name,
@@ -189,7 +189,7 @@ def build(cfg: AppConfig) -> tuple[gr.Blocks, App]:
             with gr.Row():
                 run_dd = gr.Dropdown(runs, value=first, label="run", scale=4, elem_id="run",
                                      allow_custom_value=True)  # Roots.resolve checks it
-                refresh = gr.Button("Rescan runs", scale=1)
+                refresh = gr.Button("Rescan runs and comparisons", scale=1)
             run_md = gr.Markdown(elem_id="run-info")
             with gr.Row():
                 prompt_mode = gr.Radio(["none", "test piece", "upload"], value="none",
@@ -305,7 +305,12 @@ def build(cfg: AppConfig) -> tuple[gr.Blocks, App]:
         run_outputs = [run_md, piece, token_row, scg_box, style, ref_piece]
         run_dd.change(on_run, run_dd, run_outputs)
         page.load(on_run, run_dd, run_outputs)
-        refresh.click(lambda: gr.update(choices=app.run_choices()), None, run_dd)
+        def rescan():  # runs trained and comparisons written since the page started
+            tests = app.roots.compare_outputs()
+            return (gr.update(choices=app.run_choices()), gr.update(choices=tests),
+                    gr.update(choices=tests))
+
+        refresh.click(rescan, None, [run_dd, test_dd, res_dd])
 
         play_inputs = [run_dd, prompt_mode, upload, piece, ref_mode, ref_upload, ref_piece,
                        seconds, prompt_seconds, temperature, top_k, top_p, seed, n, style,

@@ -106,26 +106,14 @@ def anchor_midi(pianist_mid: Path, dst: Path, seed: int, prompt: str, draws: int
     score.dump_midi(str(dst))
 
 
-def _render_atomic(mid: Path, wav: Path, font: Path) -> bool:
-    """Render beside `wav` and rename, so an interrupted render never looks like a clip."""
-    from mehldau.evaluation.report import render
-
-    tmp = wav.with_name(f".{wav.stem}.tmp.wav")
-    ok = render(mid, tmp, font)
-    if ok:
-        os.replace(tmp, wav)
-    else:
-        tmp.unlink(missing_ok=True)
-    return ok
-
-
-def write_listening_audio(out: Path, prompts: list[dict], prompt_seconds: float, seed: int,
-                          font: Path, only_missing: bool = False) -> list[tuple[str, str, Path]]:
+def write_listening_audio(out: Path, prompts: list[dict], prompt_seconds: float,
+                          seconds: float, seed: int, font: Path, only_missing: bool = False
+                          ) -> list[tuple[str, str, Path]]:
     """`audio/prompt/<p>.wav` (the prompt as the branches got it: `prompts/<p>.mid`, else the
     first `prompt_seconds` of the source) and `audio/anchor/<p>.wav` (from the pianist's
     excerpt `audio/pianist/<p>.mid`, which must be there). Returns (system, prompt, wav) of
     what exists afterwards."""
-    from mehldau.evaluation.report import excerpt_midi
+    from mehldau.evaluation.report import LISTEN_TAIL, excerpt_midi, render
 
     made = []
     for p in prompts:
@@ -138,14 +126,14 @@ def write_listening_audio(out: Path, prompts: list[dict], prompt_seconds: float,
                 shutil.copyfile(cut, mid)
             else:
                 excerpt_midi(p["source"], 0.0, prompt_seconds, mid)
-            _render_atomic(mid, mid.with_suffix(".wav"), font)
+            render(mid, mid.with_suffix(".wav"), font, prompt_seconds + LISTEN_TAIL)
         if mid.with_suffix(".wav").is_file():
             made.append((PROMPT, name, mid.with_suffix(".wav")))
         pianist = out / "audio" / REFERENCE / f"{name}.mid"
         mid = out / "audio" / ANCHOR / f"{name}.mid"
         if pianist.is_file() and not (only_missing and mid.with_suffix(".wav").is_file()):
             anchor_midi(pianist, mid, seed, name)
-            _render_atomic(mid, mid.with_suffix(".wav"), font)
+            render(mid, mid.with_suffix(".wav"), font, seconds + LISTEN_TAIL)
         if mid.with_suffix(".wav").is_file():
             made.append((ANCHOR, name, mid.with_suffix(".wav")))
     return made
@@ -165,7 +153,7 @@ def prepare(compare_dir: Path, font: Path | None = None) -> None:
     """Write what an older compare output lacks for the test: `audio/prompt/*.wav`,
     `audio/anchor/*.wav`, and the pianist's excerpt where it is missing. Existing clips are
     kept."""
-    from mehldau.evaluation.report import SOUNDFONTS, excerpt_midi
+    from mehldau.evaluation.report import LISTEN_TAIL, SOUNDFONTS, excerpt_midi, render
 
     compare_dir = Path(compare_dir)
     report = _report(compare_dir)
@@ -189,8 +177,9 @@ def prepare(compare_dir: Path, font: Path | None = None) -> None:
                 continue
             excerpt_midi(p["source"], ps, seconds, mid)
         if not mid.with_suffix(".wav").is_file():
-            _render_atomic(mid, mid.with_suffix(".wav"), font)
-    write_listening_audio(compare_dir, report["prompts"], ps, seed, font, only_missing=True)
+            render(mid, mid.with_suffix(".wav"), font, seconds + LISTEN_TAIL)
+    write_listening_audio(compare_dir, report["prompts"], ps, seconds, seed, font,
+                          only_missing=True)
 
 
 # --- the test -------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import random
 import shutil
 import subprocess
@@ -376,12 +377,49 @@ def excerpt_midi(src: str | Path, start: float, seconds: float, dst: Path) -> No
     clip.to("tick").dump_midi(str(dst))
 
 
-def render(midi: str | Path, wav: Path, font: Path) -> bool:
+# Every blind-test clip is cut to what was asked plus this much release (a 30 ms fade, no
+# click): held notes and pedal otherwise make one system's clips seconds longer than
+# another's, and a listener could tell them apart by length alone.
+LISTEN_TAIL = 1.0
+
+
+def render(midi: str | Path, wav: Path, font: Path, seconds: float | None = None) -> bool:
+    """MIDI -> 44.1 kHz WAV through FluidSynth, written whole or not at all. `seconds`: cut
+    the render there (or pad it with silence) so clips meant to be alike are."""
+    wav = Path(wav)
     wav.parent.mkdir(parents=True, exist_ok=True)
+    tmp = wav.with_name(f".{wav.stem}.tmp.wav")
     # gain 1.0 instead of FluidSynth's 0.2: renders of soft playing were near -55 dBFS
-    proc = subprocess.run(["fluidsynth", "-ni", "-q", "-g", "1.0", "-F", str(wav), "-r",
+    proc = subprocess.run(["fluidsynth", "-ni", "-q", "-g", "1.0", "-F", str(tmp), "-r",
                            "44100", str(font), str(midi)], capture_output=True, timeout=300)
-    return proc.returncode == 0 and wav.is_file()
+    ok = proc.returncode == 0 and tmp.is_file()
+    if ok and seconds is not None:
+        fit_wav(tmp, float(seconds))
+    if ok:
+        os.replace(tmp, wav)
+    else:
+        tmp.unlink(missing_ok=True)
+    return ok
+
+
+def fit_wav(path: Path, seconds: float) -> None:
+    """Cut a 16-bit WAV to `seconds` with a 30 ms fade, or pad it with silence."""
+    import wave
+
+    with wave.open(str(path)) as w:
+        params = w.getparams()
+        x = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)
+    x = x.reshape(-1, params.nchannels).astype(np.float64)
+    n = int(round(seconds * params.framerate))
+    if len(x) > n:
+        x = x[:n]
+        fade = min(len(x), int(0.03 * params.framerate))
+        x[len(x) - fade:] *= np.linspace(1.0, 0.0, fade)[:, None]
+    else:
+        x = np.concatenate([x, np.zeros((n - len(x), params.nchannels))])
+    with wave.open(str(path), "wb") as w:
+        w.setparams(params)
+        w.writeframes(np.round(x).astype(np.int16).tobytes())
 
 
 def write_listening_kit(out: Path, clips: list[tuple[str, str, Path]], seed: int) -> None:
@@ -443,12 +481,13 @@ def write_all(out: Path, cfg: DictConfig, table: dict, systems, reference, promp
         for system, prompt, midi, start in sources:
             mid = out / "audio" / system / f"{prompt}.mid"
             excerpt_midi(midi, start, float(cfg.seconds), mid)
-            if render(mid, mid.with_suffix(".wav"), font):
+            if render(mid, mid.with_suffix(".wav"), font, float(cfg.seconds) + LISTEN_TAIL):
                 clips.append((system, prompt, mid.with_suffix(".wav")))
         write_listening_kit(out, clips, int(cfg.seed))
         # for `mehldau-listen`: each prompt as heard before its continuations, and a weak
         # anchor (the pianist's excerpt, pitches shuffled) to screen listeners with
-        listening.write_listening_audio(out, prompts, ps, int(cfg.seed), font)
+        listening.write_listening_audio(out, prompts, ps, float(cfg.seconds), int(cfg.seed),
+                                        font)
 
     config = OmegaConf.to_container(cfg, resolve=True)
     report = {"config": config, "git_revision": _git_revision(), "seed": int(cfg.seed),

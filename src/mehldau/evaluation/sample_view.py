@@ -44,33 +44,7 @@ def render_wav(midi: str | Path, wav: str | Path, font: str | Path | None = None
     sf = find_soundfont(font)
     if sf is None or shutil.which("fluidsynth") is None:
         return False
-    wav = Path(wav)
-    tmp = wav.with_name(f".{wav.stem}.tmp.wav")
-    ok = render(midi, tmp, sf)
-    if ok and seconds is not None:
-        _fit(tmp, float(seconds))
-    if ok:
-        tmp.replace(wav)
-    else:
-        tmp.unlink(missing_ok=True)
-    return ok
-
-
-def _fit(path: Path, seconds: float) -> None:
-    with wave.open(str(path)) as w:
-        params = w.getparams()
-        x = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)
-    x = x.reshape(-1, params.nchannels).astype(np.float64)
-    n = int(round(seconds * params.framerate))
-    if len(x) > n:
-        x = x[:n]
-        fade = min(len(x), int(0.03 * params.framerate))
-        x[len(x) - fade:] *= np.linspace(1.0, 0.0, fade)[:, None]
-    else:
-        x = np.concatenate([x, np.zeros((n - len(x), params.nchannels))])
-    with wave.open(str(path), "wb") as w:
-        w.setparams(params)
-        w.writeframes(np.round(x).astype(np.int16).tobytes())
+    return render(midi, Path(wav), sf, seconds)
 
 
 def wav_seconds(path: str | Path) -> float:
