@@ -79,13 +79,18 @@ def world(tmp_path_factory):
 
     from mehldau.app.ui import AppConfig, launch
 
-    cfg = AppConfig(runs=[str(root)], port=_free_port(), samples=str(base / "samples"),
+    # started where a user starts it: in the folder holding runs/, which the page then
+    # shows paths relative to
+    here = os.getcwd()
+    os.chdir(base)
+    cfg = AppConfig(runs=["runs"], port=_free_port(), samples="samples",
                     min_play_seconds=0.5, max_upload_mb=0.05, device="cpu")
     page, app = launch(cfg, block=False)
     client = Client(f"http://127.0.0.1:{cfg.port}/", verbose=False)
     yield {"base": base, "root": root, "prod": prod, "perc": perc, "cmp": cmp, "app": app,
            "cfg": cfg, "client": client, "url": f"http://127.0.0.1:{cfg.port}/"}
     page.close()
+    os.chdir(here)
 
 
 def _play(client, run: str, **over):
@@ -139,9 +144,13 @@ def test_generate_returns_midi_png_and_wav_and_the_command_writes_the_same_bytes
     # the command the page shows regenerates the same bytes from the terminal
     args = shlex.split(command)
     assert args[0] == "mehldau-generate" and "seed=7" in args and "out=sample.mid" in args
-    monkeypatch.chdir(tmp_path)
+    assert "ckpt=runs/prod/checkpoints/step_0000004" in args  # as typed where the page runs
+    copy = tmp_path / "where the page runs"
+    shutil.copytree(world["base"] / "runs" / "prod", copy / "runs" / "prod")
+    shutil.copytree(world["base"] / "data", copy / "data")
+    monkeypatch.chdir(copy)
     assert generate_cli(args[1:]) == 0
-    assert (tmp_path / "sample.mid").read_bytes() == Path(midi).read_bytes()
+    assert (copy / "sample.mid").read_bytes() == Path(midi).read_bytes()
 
 
 @pytest.mark.parametrize("content,reason", [(b"", "empty"), (b"hello, not midi", "not a MIDI"),

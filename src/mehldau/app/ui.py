@@ -134,7 +134,8 @@ class App:
         ref_stats = P.reference_stats(ref_files, start, float(s.seconds))
         ref_name = (f"the piece, next {float(s.seconds):g} s" if prompt is not None else
                     f"{len(ref_files)} test pieces")
-        shown = [a if not a.startswith("out=") else "out=sample.mid" for a in args]
+        # as typed in the folder the page was started from: paths under it are relative
+        shown = ["out=sample.mid" if a.startswith("out=") else _relative_arg(a) for a in args]
         return {"samples": samples, "ref": ref_stats, "ref_name": ref_name,
                 "command": P.command_line(shown), "dir": out_dir}
 
@@ -170,6 +171,18 @@ class App:
         if bad:
             text += "\n\nSkipped lines: " + "; ".join(bad[:5])
         return text
+
+
+def _shown(path: Path) -> str:
+    """A path as the user would type it from the folder the page runs in."""
+    rel = os.path.relpath(path)
+    return str(path) if rel.startswith("..") else rel
+
+
+def _relative_arg(arg: str) -> str:
+    key, _, value = arg.partition("=")
+    return f"{key}={_shown(Path(value))}" if key in ("ckpt", "prompt", "rules.reference") \
+        else arg
 
 
 def _session(request: gr.Request | None) -> str:
@@ -230,7 +243,8 @@ def build(cfg: AppConfig) -> tuple[gr.Blocks, App]:
                 go = gr.Button("Generate", variant="primary", elem_id="generate")
                 stop = gr.Button("Stop", variant="stop", elem_id="stop")
             status = gr.Markdown(audio_line, elem_id="play-status")
-            command = gr.Textbox(label="reproduce from a terminal", interactive=False,
+            command = gr.Textbox(label="reproduce from a terminal (in the folder mehldau-app was "
+                                 "started from)", interactive=False,
                                  elem_id="command", buttons=["copy"])
             slots = []
             for i in range(MAX_SAMPLES):
@@ -295,7 +309,7 @@ def build(cfg: AppConfig) -> tuple[gr.Blocks, App]:
                         gr.update(choices=[]))
             pieces = list(info.test_pieces())
             scg = info.branch == "scg_diffusion"
-            return (f"{info.label}  \ncheckpoint `{info.ckpt}`",
+            return (f"{info.label}  \ncheckpoint `{_shown(info.ckpt)}`",
                     gr.update(choices=pieces, value=pieces[0] if pieces else None),
                     gr.update(visible=not scg), gr.update(visible=scg),
                     gr.update(choices=info.styles, value=info.styles[0] if info.styles
@@ -333,7 +347,7 @@ def build(cfg: AppConfig) -> tuple[gr.Blocks, App]:
                 return ["Stopped.", ""] + empty * MAX_SAMPLES
             except UserError as e:
                 return [f"**{e}**", ""] + empty * MAX_SAMPLES
-            out = [f"{len(res['samples'])} sample(s) written to `{res['dir']}`. "
+            out = [f"{len(res['samples'])} sample(s) written to `{_shown(res['dir'])}`. "
                    + (audio_line or ""), res["command"]]
             for i in range(MAX_SAMPLES):
                 if i >= len(res["samples"]):
