@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MICRO, album_names, scale_notes, write_midi
+from conftest import MICRO, SCG_MICRO, album_names, scale_notes, write_midi
 
 gr = pytest.importorskip("gradio", reason='the page needs gradio: pip install -e ".[app]"')
 
@@ -248,6 +248,31 @@ def test_the_stop_button_ends_a_long_generation_and_writes_nothing(world) -> Non
     assert not job.done() or "1 sample" not in str(job.outputs())
 
 
+def test_scg_diffusion_from_the_page_guided_by_a_reference_piece(world) -> None:
+    """The scg controls: a reference excerpt's rule targets and weights; the page shows the
+    guided sample beside its unguided twin, the rule losses, and the command."""
+    root, data = world["root"], world["base"] / "data"
+    common = ["data=folder", f"data.root={data}", *SCG_MICRO,
+              f"split.manifest={world['prod'] / 'splits.json'}"]
+    assert train([f"run_dir={root / 'scg_ae'}", "stage=autoencoder", *common]) == 0
+    assert train([f"run_dir={root / 'scg'}", "stage=diffusion", f"init={root / 'scg_ae'}",
+                  *common]) == 0
+    app = world["app"]
+    assert "autoencoder stage" in app.roots.runs()[
+        [r.name for r in app.roots.runs()].index("runs/scg_ae")].reason
+    pieces = sorted(app.run("runs/scg").test_pieces())
+    from mehldau.app.play import Settings
+
+    res = app.generate("runs/scg", "test piece", None, pieces[0], "test piece", None,
+                       pieces[-1], Settings(seconds=2, prompt_seconds=1, candidates=2, steps=5,
+                                            rule_weights=(2.0, 1.0, 0.5)), "scg")
+    assert [s.midi.name for s in res["samples"]] == ["sample.mid", "sample.unguided.mid"]
+    assert "| chord |" in res["rules"] and "unguided" in res["rules"]
+    args = shlex.split(res["command"])
+    assert "rules.weights.pitch_histogram=2" in args and "scg.candidates=2" in args
+    assert not any(a.startswith(("temperature", "top_k", "top_p")) for a in args)
+
+
 # --- Listen --------------------------------------------------------------------------------
 needs_audio = pytest.mark.skipif(not AUDIO, reason="needs fluidsynth and a GM soundfont "
                                  "(apt-get install fluidsynth fluid-soundfont-gm)")
@@ -257,7 +282,6 @@ needs_audio = pytest.mark.skipif(not AUDIO, reason="needs fluidsynth and a GM so
 def test_a_listener_votes_blind_and_the_results_count_it(world) -> None:
     from mehldau.app.listen import CLIPS, ListenSession
     from mehldau.evaluation.listening import BlindTest
-
     from mehldau.evaluation.sample_view import wav_seconds
 
     # every clip as long as every other of its kind: length gives no system away

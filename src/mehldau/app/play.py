@@ -133,7 +133,8 @@ def generate(run: RunInfo, args: list[str]) -> list[Path]:
     cfg = compose("generate", hydra_args(args))
     recipe = branch_recipe(run.ckpt, read_meta(run.ckpt))
     check_settings(cfg, compose("generate", []), str(run.branch), recipe.GENERATE_SETTINGS)
-    return list(recipe.generate(cfg, run.ckpt))
+    # scg_diffusion also writes each sample's rule targets as JSON beside it
+    return [p for p in recipe.generate(cfg, run.ckpt) if p.suffix.lower() in (".mid", ".midi")]
 
 
 @dataclass

@@ -137,7 +137,8 @@ class App:
         # as typed in the folder the page was started from: paths under it are relative
         shown = ["out=sample.mid" if a.startswith("out=") else _relative_arg(a) for a in args]
         return {"samples": samples, "ref": ref_stats, "ref_name": ref_name,
-                "command": P.command_line(shown), "dir": out_dir}
+                "command": P.command_line(shown), "dir": out_dir,
+                "rules": _rule_losses(files[0].with_suffix(".json")) if files else ""}
 
     def _source(self, run: RunInfo, mode: str, upload: str | None, piece: str | None,
                 max_bytes: int, what: str) -> Path | None:
@@ -171,6 +172,21 @@ class App:
         if bad:
             text += "\n\nSkipped lines: " + "; ".join(bad[:5])
         return text
+
+
+def _rule_losses(path: Path) -> str:
+    """scg_diffusion's guided sample beside its unguided twin (same seed): each rule's loss
+    against the reference excerpt, from the JSON the branch writes."""
+    import json
+
+    try:
+        d = json.loads(path.read_text())
+        rows = [f"| {r} | {d['guided'][r]:.4g} | {d['unguided'][r]:.4g} |" for r in d["guided"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    return "\n".join(["Rule losses against the reference excerpt (lower is closer; "
+                      "`.unguided` is the same seed without guidance):", "",
+                      "| rule | guided | unguided |", "|---|---|---|", *rows])
 
 
 def _shown(path: Path) -> str:
@@ -348,7 +364,8 @@ def build(cfg: AppConfig) -> tuple[gr.Blocks, App]:
             except UserError as e:
                 return [f"**{e}**", ""] + empty * MAX_SAMPLES
             out = [f"{len(res['samples'])} sample(s) written to `{_shown(res['dir'])}`. "
-                   + (audio_line or ""), res["command"]]
+                   + (audio_line or "") + ("\n\n" + res["rules"] if res["rules"] else ""),
+                   res["command"]]
             for i in range(MAX_SAMPLES):
                 if i >= len(res["samples"]):
                     out += empty
