@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from mehldau import jobs
 from mehldau.nn.blocks import KVCache
+from mehldau.nn.relative_attention import StaticKV
 
 if TYPE_CHECKING:
     from mehldau.nn.perceiver_ar import PerceiverAR
@@ -79,9 +80,12 @@ class KVCacheDecoder:
     """
 
     def __init__(self, model: nn.Module, context_len: int, use_cache: bool = True,
-                 prefix_len: int = 0, keep: int | None = None) -> None:
+                 prefix_len: int = 0, keep: int | None = None, static: bool = True) -> None:
         self.model, self.context_len = model, context_len
         self.use_cache, self.prefix_len = use_cache, prefix_len
+        # static: the cache in buffers of context_len positions written in place (`StaticKV`);
+        # False grows it by concatenation, the reference the static cache is tested against
+        self.static = static
         self.keep = keep if keep is not None else max(context_len - context_len // 8, 1)
         if not max(prefix_len, 1) <= self.keep < max(context_len, 2):
             raise ValueError(f"keep must be in [max(prefix_len, 1), context_len), got "
@@ -106,13 +110,19 @@ class KVCacheDecoder:
     def _next(self) -> torch.Tensor:
         if not self.use_cache:
             return self.model(self._window(self.context_len)).logits[:, -1]
-        if self.past is None or self.past[0][0].size(2) >= self.context_len:
+        if self.past is None or self._cached() >= self.context_len:
             n = self.keep if self.past is not None else self.context_len
             out = self.model(self._window(n), use_cache=True)
+            self.past = ([StaticKV(k, v, self.context_len) for k, v in out.past_key_values]
+                         if self.static else out.past_key_values)
         else:
             out = self.model(self.seqs[:, -1:], past_key_values=self.past, use_cache=True)
-        self.past = out.past_key_values
+            self.past = out.past_key_values
         return out.logits[:, -1]
+
+    def _cached(self) -> int:
+        first = self.past[0]
+        return first.length if isinstance(first, StaticKV) else first[0].size(2)
 
 
 @torch.no_grad()

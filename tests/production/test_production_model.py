@@ -114,3 +114,26 @@ def test_bad_config_values_raise() -> None:
         MusicTransformerConfig(d_model=30, n_heads=4)
     with pytest.raises(ValueError):
         SamplingConfig(temperature=0)
+
+
+def test_the_static_cache_samples_what_the_concatenated_one_does_and_never_reallocates() -> None:
+    """The fast path (buffers written in place) against the plain one (concatenation), past
+    the context so that both rebuild, with a pinned prefix token."""
+    from mehldau.nn.relative_attention import StaticKV
+
+    model = tiny()
+    prompt = torch.randint(3, 40, (3, 4))
+    runs = [sample_tokens(KVCacheDecoder(model, 24, prefix_len=1, static=s), prompt, 70,
+                          SamplingConfig(top_p=0.9), generator=torch.Generator().manual_seed(7))
+            for s in (True, False)]
+    assert torch.equal(runs[0], runs[1])
+    dec = KVCacheDecoder(model, 24)
+    dec.prefill(prompt)
+    first = dec.past[0]
+    assert isinstance(first, StaticKV) and first.length == 4
+    ptr = first.k.data_ptr()
+    for _ in range(10):
+        dec.step(torch.full((3,), 5))
+    assert dec.past[0] is first and first.k.data_ptr() == ptr and first.length == 14
+    with pytest.raises(ValueError, match="rebuild"):
+        first.extend(*(torch.zeros(3, first.k.shape[1], 11, first.k.shape[3]),) * 2)
