@@ -167,13 +167,18 @@ def test_cached_forward_appends_latents() -> None:
         model(x[:, :1], past_key_values=out.past_key_values, num_latents=1)
 
 
+@pytest.mark.parametrize("static,fused", [(True, True), (False, False)])
 @pytest.mark.parametrize("prefix_len", [0, 1])
 @pytest.mark.parametrize("prompt_len,refill", [(3, 0), (30, 0), (2, 6)])
 def test_cached_decoding_equals_uncached_across_refills(prefix_len: int, prompt_len: int,
-                                                        refill: int) -> None:
+                                                        refill: int, static: bool, fused: bool
+                                                        ) -> None:
+    """The plain cache (concatenated, steps through the modules) and the fast one (buffers
+    written in place, `FusedStep`) against the uncached reference."""
     model = tiny(refill=refill)
     fill = refill or 4
-    cached = PerceiverDecoder(model, use_cache=True, prefix_len=prefix_len)
+    cached = PerceiverDecoder(model, use_cache=True, prefix_len=prefix_len, static=static,
+                              fused=fused)
     plain = PerceiverDecoder(model, use_cache=False, prefix_len=prefix_len)
     seq = ids(T=prompt_len + 60, seed=2)
     a, b = cached.prefill(seq[:, :prompt_len]), plain.prefill(seq[:, :prompt_len])
@@ -190,9 +195,10 @@ def test_cached_decoding_equals_uncached_across_refills(prefix_len: int, prompt_
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
         if prefix_len:
             assert torch.equal(cached.window()[:, 0], seq[:, 0])  # the style token stays
-        assert [k.shape[2] for k, _ in cached.past] == [cached.window_len()] + [
-            cached.n_latents] * 2
+        lengths = [kv.length if static else kv[0].shape[2] for kv in cached.past]
+        assert lengths == [cached.window_len()] + [cached.n_latents] * 2
     assert cached.refills == plain.refills
+    assert (cached.fast is not None) == fused
     # latent-full refills while the whole history fits, window-sliding ones past M
     assert any(s == 0 for _, s in cached.refills) or prompt_len > M - (N - fill)
     assert sum(s > 0 for _, s in cached.refills) >= 3

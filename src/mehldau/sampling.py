@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from mehldau import jobs
 from mehldau.nn.blocks import KVCache
+from mehldau.nn.fused_step import FusedStep
 from mehldau.nn.relative_attention import StaticKV
 
 if TYPE_CHECKING:
@@ -73,6 +74,11 @@ class KVCacheDecoder:
     each step, a sliding window: the reference, which `keep = context_len - 1` equals exactly.
     The first `prefix_len` tokens (a style token) stay at the start of every window.
 
+    `static` keeps the cache in buffers written in place (`StaticKV`), and `fused` then runs
+    each one-token step through `FusedStep` (fused weights, the one-query relative term as a
+    table slice); `static=False` (cache grown by concatenation, steps through the modules) is
+    the plain path both are tested against.
+
     Why 7/8 and not half: on the tiny preset trained on real jazz piano, rebuilding from half
     a window made unprompted samples drift to ever shorter notes (median 0.37 s in their first
     10 s, 0.14 s after 20 s), while 7/8 held them (0.40 s, then 0.64 s) as the sliding window
@@ -80,12 +86,13 @@ class KVCacheDecoder:
     """
 
     def __init__(self, model: nn.Module, context_len: int, use_cache: bool = True,
-                 prefix_len: int = 0, keep: int | None = None, static: bool = True) -> None:
+                 prefix_len: int = 0, keep: int | None = None, static: bool = True,
+                 fused: bool = True) -> None:
         self.model, self.context_len = model, context_len
         self.use_cache, self.prefix_len = use_cache, prefix_len
-        # static: the cache in buffers of context_len positions written in place (`StaticKV`);
-        # False grows it by concatenation, the reference the static cache is tested against
         self.static = static
+        self.fused = fused and static and use_cache
+        self.fast: FusedStep | None = None
         self.keep = keep if keep is not None else max(context_len - context_len // 8, 1)
         if not max(prefix_len, 1) <= self.keep < max(context_len, 2):
             raise ValueError(f"keep must be in [max(prefix_len, 1), context_len), got "
@@ -101,6 +108,9 @@ class KVCacheDecoder:
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         self.seqs, self.past = ids, None
+        # weights copied now: the model must not change while this decoder samples
+        self.fast = (FusedStep(self.model, ids.size(0))
+                     if self.fused and FusedStep.supports(self.model) else None)
         return self._next()
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
@@ -115,6 +125,8 @@ class KVCacheDecoder:
             out = self.model(self._window(n), use_cache=True)
             self.past = ([StaticKV(k, v, self.context_len) for k, v in out.past_key_values]
                          if self.static else out.past_key_values)
+        elif self.fast is not None:
+            return self.fast(self.seqs[:, -1], self.past)
         else:
             out = self.model(self.seqs[:, -1:], past_key_values=self.past, use_cache=True)
             self.past = out.past_key_values
@@ -198,12 +210,18 @@ class PerceiverDecoder:
     limit; the window check stays as a guard.)
 
     `use_cache=False` runs the same layout uncached at every step (the reference the cache is
-    tested against). Put the model in eval mode first.
+    tested against). As in `KVCacheDecoder`, `static` keeps the caches in place-written
+    buffers (the window's in layer 0, the latents' above it) and `fused` steps through
+    `FusedStep`; `static=False` is the plain cached path. Put the model in eval mode first.
     """
 
-    def __init__(self, model: PerceiverAR, use_cache: bool = True, prefix_len: int = 0) -> None:
+    def __init__(self, model: PerceiverAR, use_cache: bool = True, prefix_len: int = 0,
+                 static: bool = True, fused: bool = True) -> None:
         cfg = model.config
         self.model, self.use_cache, self.prefix_len = model, use_cache, prefix_len
+        self.static = static and use_cache
+        self.fused = fused and self.static
+        self.fast: FusedStep | None = None
         self.max_len, self.max_latents = cfg.max_seq_len, cfg.num_latents
         self.fill = cfg.refill_latents
         self.refill_len = self.max_len - (self.max_latents - self.fill)  # window after a refill
@@ -236,6 +254,8 @@ class PerceiverDecoder:
             raise ValueError(f"the prompt needs at least max(prefix_len, 1) tokens, "
                              f"got {ids.size(1)}")
         self.history, self.past, self.refills = ids, None, []
+        self.fast = (FusedStep(self.model, ids.size(0))
+                     if self.fused and FusedStep.supports(self.model) else None)
         if ids.size(1) > self.max_latents:
             return self._refill()
         self.window_start, self.n_latents = 0, ids.size(1)  # all latents: a plain Transformer
@@ -250,6 +270,8 @@ class PerceiverDecoder:
         self.n_latents += 1
         if not self.use_cache:
             return self._run()
+        if self.fast is not None:
+            return self.fast(token[:, 0], self.past)
         out = self.model(token, past_key_values=self.past, use_cache=True)
         self.past = out.past_key_values
         return out.logits[:, -1]
@@ -265,6 +287,9 @@ class PerceiverDecoder:
     def _run(self) -> Tensor:  # one full forward over the current layout
         out = self.model(self.window(), num_latents=self.n_latents, use_cache=self.use_cache)
         self.past = out.past_key_values
+        if self.static:  # room for the steps until the next refill, which a check makes first
+            self.past = [StaticKV(k, v, self.max_len if i == 0 else self.max_latents)
+                         for i, (k, v) in enumerate(self.past)]
         return out.logits[:, -1]  # (B, V)
 
 

@@ -116,24 +116,53 @@ def test_bad_config_values_raise() -> None:
         SamplingConfig(temperature=0)
 
 
-def test_the_static_cache_samples_what_the_concatenated_one_does_and_never_reallocates() -> None:
-    """The fast path (buffers written in place) against the plain one (concatenation), past
-    the context so that both rebuild, with a pinned prefix token."""
+@pytest.mark.parametrize("rows,activation", [(1, "gelu"), (3, "gelu"), (1, "swiglu")])
+def test_the_static_cache_and_fused_step_sample_what_the_plain_path_does(rows: int,
+                                                                         activation: str
+                                                                         ) -> None:
+    """The fast paths (buffers written in place; then fused weights, laid out transposed for
+    one row on CPU) against the plain one (concatenation, steps through the modules), past
+    the context so that all rebuild, with a pinned prefix token."""
     from mehldau.nn.relative_attention import StaticKV
 
-    model = tiny()
-    prompt = torch.randint(3, 40, (3, 4))
-    runs = [sample_tokens(KVCacheDecoder(model, 24, prefix_len=1, static=s), prompt, 70,
-                          SamplingConfig(top_p=0.9), generator=torch.Generator().manual_seed(7))
-            for s in (True, False)]
-    assert torch.equal(runs[0], runs[1])
-    dec = KVCacheDecoder(model, 24)
-    dec.prefill(prompt)
+    model = tiny(activation=activation)
+    prompt = torch.randint(3, 40, (rows, 4))
+    runs = [sample_tokens(KVCacheDecoder(model, 24, prefix_len=1, static=s, fused=f), prompt,
+                          70, SamplingConfig(top_p=0.9),
+                          generator=torch.Generator().manual_seed(7))
+            for s, f in ((True, True), (True, False), (False, False))]
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+    dec, plain = KVCacheDecoder(model, 24), KVCacheDecoder(model, 24, static=False)
+    assert dec.fast is None
+    torch.testing.assert_close(dec.prefill(prompt), plain.prefill(prompt))
+    assert dec.fast is not None and dec.fast.transpose == (rows == 1)
     first = dec.past[0]
     assert isinstance(first, StaticKV) and first.length == 4
     ptr = first.k.data_ptr()
-    for _ in range(10):
-        dec.step(torch.full((3,), 5))
+    for t in range(10):
+        tok = torch.full((rows,), 5 + t)
+        torch.testing.assert_close(dec.step(tok), plain.step(tok), atol=1e-5, rtol=1e-5)
     assert dec.past[0] is first and first.k.data_ptr() == ptr and first.length == 14
     with pytest.raises(ValueError, match="rebuild"):
-        first.extend(*(torch.zeros(3, first.k.shape[1], 11, first.k.shape[3]),) * 2)
+        first.extend(*(torch.zeros(rows, first.k.shape[1], 11, first.k.shape[3]),) * 2)
+
+
+def test_the_fused_step_stands_aside_for_models_it_cannot_copy() -> None:
+    """A LoRA-wrapped model (its projections are not plain Linear) or one in training mode
+    samples through the modules, so an unmerged adapter still counts."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny()
+    lora = get_peft_model(tiny(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                             init_lora_weights=False)).eval()
+    dec = KVCacheDecoder(lora.base_model.model, 24)
+    prompt = torch.randint(3, 40, (1, 4))
+    dec.prefill(prompt)
+    assert dec.fast is None
+    merged = KVCacheDecoder(lora.merge_and_unload(), 24)
+    merged.prefill(prompt)
+    assert merged.fast is not None
+    model.train()
+    dec = KVCacheDecoder(model, 24)
+    dec.prefill(prompt)
+    assert dec.fast is None
