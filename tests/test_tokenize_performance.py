@@ -355,3 +355,20 @@ def test_saving_a_tokenizer_does_not_need_miditok(tmp_path, monkeypatch) -> None
     tok.save(tmp_path / "tokenizer.json")
     assert "miditok" not in tok.to_dict()["versions"]
     assert load_tokenizer(tmp_path / "tokenizer.json") == tok
+
+
+def test_the_note_stream_gives_a_note_on_note_off_note_once_the_clock_has_passed_its_end(
+) -> None:
+    """A note still sounding is closed at the current time by `decode`: not final, so the
+    stream holds it back until its note-off is behind the clock, then gives it once."""
+    from mehldau.generation import NoteStream
+
+    tok = PerformanceTokenizer()
+    stream = NoteStream(tok, np.array([[tok.time_shift_id(10)]]))  # a prompt of 0.1 s
+    got = []
+    ids = [tok.velocity_id(20), tok.note_on_id(60), tok.time_shift_id(50), tok.note_on_id(64),
+           tok.note_off_id(60), tok.time_shift_id(25), tok.note_off_id(64),
+           tok.time_shift_id(5)]
+    for i in ids:
+        got.append([(round(n.start, 2), round(n.end, 2), n.pitch) for n in stream.push([i])])
+    assert got == [[], [], [], [], [], [(0.1, 0.6, 60)], [], [(0.6, 0.85, 64)]]

@@ -13,13 +13,14 @@ crops and windows `mehldau.data.perceiver_windows`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
 from mehldau.data.perceiver_windows import PerceiverCropDataset, PerceiverWindowDataset
-from mehldau.generation import device_for
+from mehldau.generation import StreamedNote
 from mehldau.nn.perceiver_ar import PerceiverAR, PerceiverARConfig
 from mehldau.recipes import autoregressive as ar
 from mehldau.sampling import PerceiverDecoder
@@ -62,11 +63,17 @@ GENERATE_SETTINGS = ar.GENERATE_SETTINGS  # what mehldau-generate may set
 def generate(cfg: DictConfig, ckpt: Path) -> list[Path]:
     """Continue the prompt (or start from BOS). The decoder caches the cross-attention
     inputs and the latent stack and refills both with one full forward when either is full."""
-    device = device_for(cfg.device)
-    model, tokenizer = load_model(ckpt, device, bool(cfg.get("force", False)))
-    prompt, prefix_len = ar.id_prompt(tokenizer, cfg)
-    decoder = PerceiverDecoder(model, bool(cfg.use_cache), prefix_len)
-    return ar.sample_ids(decoder, tokenizer, prompt, cfg, device)
+    return ar.sample_ids(*_decoding(cfg, ckpt))
+
+
+def stream(cfg: DictConfig, ckpt: Path) -> Iterator[StreamedNote]:
+    """What `generate` samples, as notes while they are sampled (nothing is written)."""
+    return ar.stream_ids(*_decoding(cfg, ckpt))
+
+
+def _decoding(cfg: DictConfig, ckpt: Path) -> tuple:
+    return ar.decoding(cfg, ckpt, load_model, lambda model, prefix_len: PerceiverDecoder(
+        model, bool(cfg.use_cache), prefix_len))
 
 
 def score(ckpt: Path, files: list, device: torch.device | str = "cpu",

@@ -12,13 +12,14 @@ model is `mehldau.nn.music_transformer`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
 from mehldau.data.dataset import RandomCropDataset, WindowDataset
-from mehldau.generation import device_for
+from mehldau.generation import StreamedNote
 from mehldau.nn.music_transformer import MusicTransformer, MusicTransformerConfig
 from mehldau.recipes import autoregressive as ar
 from mehldau.sampling import KVCacheDecoder
@@ -59,11 +60,17 @@ GENERATE_SETTINGS = ar.GENERATE_SETTINGS  # what mehldau-generate may set
 def generate(cfg: DictConfig, ckpt: Path) -> list[Path]:
     """Continue the prompt (or start from BOS); past the context the decoder slides by
     re-prefilling the last 7/8 of a window into the KV cache."""
-    device = device_for(cfg.device)
-    model, tokenizer = load_model(ckpt, device, bool(cfg.get("force", False)))
-    prompt, prefix_len = ar.id_prompt(tokenizer, cfg)
-    decoder = KVCacheDecoder(model, model.config.max_seq_len, bool(cfg.use_cache), prefix_len)
-    return ar.sample_ids(decoder, tokenizer, prompt, cfg, device)
+    return ar.sample_ids(*_decoding(cfg, ckpt))
+
+
+def stream(cfg: DictConfig, ckpt: Path) -> Iterator[StreamedNote]:
+    """What `generate` samples, as notes while they are sampled (nothing is written)."""
+    return ar.stream_ids(*_decoding(cfg, ckpt))
+
+
+def _decoding(cfg: DictConfig, ckpt: Path) -> tuple:
+    return ar.decoding(cfg, ckpt, load_model, lambda model, prefix_len: KVCacheDecoder(
+        model, model.config.max_seq_len, bool(cfg.use_cache), prefix_len))
 
 
 def score(ckpt: Path, files: list, device: torch.device | str = "cpu",

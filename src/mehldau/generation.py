@@ -8,9 +8,11 @@ use it, so neither imports the other.
 from __future__ import annotations
 
 import sys
-from collections.abc import Collection
+from collections.abc import Collection, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -95,3 +97,67 @@ def write_scores(scores: list, out: str | Path, notes_cut: list[int] | None = No
             line += f", {notes_cut[i]} closed by the max_note_seconds cut"
         print(line, file=sys.stderr)
     return paths
+
+
+@dataclass(frozen=True)
+class StreamedNote:
+    """One note of a sample as it is being generated; times in seconds from the start of
+    the written file (the prompt's start)."""
+
+    row: int  # which sample of the batch
+    start: float
+    end: float
+    pitch: int
+    velocity: int
+
+
+class NoteStream:
+    """The notes of rows of ids that grow one id at a time, each note given once, when no later
+    id can move its onset or drop it (for a page that plays a sample while it is sampled).
+
+    A row is decoded again after each id (0.3 ms for 1,500 duration ids here), so the notes
+    are exactly what `tokenizer.decode` writes, bar one case: for tokenizers that put the
+    duration at the onset (`note_durations`) a note is given as soon as it is complete, and
+    a later note of the same pitch may still end it sooner in the file. For note-on/note-off
+    events a note is given once the clock has passed its end (a note still sounding is closed
+    at the current time by `decode`, so it is not final). Prompt notes are not given."""
+
+    def __init__(self, tokenizer, prompt: np.ndarray) -> None:  # prompt (B, P) ids
+        self.tokenizer = tokenizer
+        self.rows = [list(map(int, row)) for row in np.asarray(prompt)]
+        self.after = [tokenizer.seconds_of(np.asarray(r)) for r in self.rows]  # prompt ends
+        self.given: list[set[tuple[int, int]]] = [set() for _ in self.rows]
+
+    def push(self, ids: Iterable[int]) -> list[StreamedNote]:
+        """Append one id per row; returns the notes that became final, in onset order."""
+        out = []
+        for b, i in enumerate(ids):
+            row = self.rows[b]
+            row.append(int(i))
+            score = self.tokenizer.decode(np.asarray(row, np.int64))
+            seconds = score.to("second")
+            if not seconds.tracks:
+                continue
+            clock = self.tokenizer.seconds_of(np.asarray(row, np.int64))
+            ticks = score.tracks[0].notes.numpy()
+            notes = seconds.tracks[0].notes.numpy()
+            for k in np.argsort(notes["time"], kind="stable"):
+                start = float(notes["time"][k])
+                end = start + float(notes["duration"][k])
+                key = (int(ticks["time"][k]), int(notes["pitch"][k]))
+                if start < self.after[b] - 1e-6 or key in self.given[b]:
+                    continue
+                if not self.tokenizer.note_durations and end >= clock - 1e-6:
+                    continue  # may still be sounding
+                self.given[b].add(key)
+                out.append(StreamedNote(b, start, end, int(notes["pitch"][k]),
+                                        int(notes["velocity"][k])))
+        return sorted(out, key=lambda n: (n.start, n.row, n.pitch))
+
+
+def stream_notes(tokens: Iterable[torch.Tensor], tokenizer, prompt: np.ndarray
+                 ) -> Iterator[StreamedNote]:
+    """Notes as they become final, from a token stream (`mehldau.sampling.stream_tokens`)."""
+    stream = NoteStream(tokenizer, prompt)
+    for ids in tokens:
+        yield from stream.push(ids.tolist())

@@ -8,8 +8,9 @@ mode that re-runs the window, the reference its cached path is tested against.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn as nn
@@ -42,7 +43,9 @@ class SamplingConfig:
 
 def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     """Temperature, then top-k, then top-p (nucleus) on the last axis; masked entries = -inf."""
-    logits = logits.float() / cfg.temperature
+    logits = logits.float()
+    if cfg.temperature != 1.0:
+        logits = logits / cfg.temperature
     if cfg.top_k and cfg.top_k < logits.size(-1):
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -137,8 +140,23 @@ class KVCacheDecoder:
         return first.length if isinstance(first, StaticKV) else first[0].size(2)
 
 
+def _logit_bias(vocab: int, banned_ids: tuple[int, ...], allowed_next: Tensor | None,
+                device: torch.device) -> Tensor | None:
+    """(V or 1, V) additive mask, 0 or -inf: row a = what may follow id a (all rows the same
+    without a grammar), banned ids -inf everywhere. One indexed add per token, where masking
+    the grammar and the banned ids separately took five operators."""
+    if allowed_next is None and not banned_ids:
+        return None
+    allowed = (allowed_next.to(device) if allowed_next is not None
+               else torch.ones(1, vocab, dtype=torch.bool, device=device))
+    bias = torch.zeros(allowed.shape, device=device).masked_fill(~allowed, float("-inf"))
+    if banned_ids:
+        bias[:, list(banned_ids)] = float("-inf")
+    return bias
+
+
 @torch.no_grad()
-def sample_tokens(
+def stream_tokens(
     decoder: Decoder,
     prompt: torch.Tensor,  # (B, P) ids, P >= 1
     max_new_tokens: int,
@@ -147,48 +165,70 @@ def sample_tokens(
     eos_id: int | None = None,
     seconds_per_id: torch.Tensor | None = None,  # (V,) time each id advances, for `max_seconds`
     max_seconds: float | None = None,
-    progress: bool = False,
     banned_ids: tuple[int, ...] = (),
     allowed_next: torch.Tensor | None = None,  # (V, V) bool: row a = ids allowed after id a
-) -> torch.Tensor:
-    """Sample up to `max_new_tokens` after `prompt`; returns (B, P + n) including the prompt.
+) -> Iterator[torch.Tensor]:
+    """Each step's new ids (B,), as they are sampled; `sample_tokens` collects them.
 
     Stops when every row has emitted `eos_id` or covered `max_seconds` of music; a finished
-    row is padded with `eos_id`. `banned_ids` are never sampled (PAD and BOS, style ids, or
+    row gets `eos_id` from then on. `banned_ids` are never sampled (PAD and BOS, style ids, or
     EOS when a duration was asked for). `allowed_next` (a tokenizer's `next_token_mask`)
     keeps every row inside the token grammar: only ids allowed after its last id are drawn.
+    Stopping the iteration early stops the sampling: the decoder steps only when asked for
+    the next ids. Nothing here reads a tensor on the host but the done check every 16 tokens
+    (and the progress of a watching page).
     """
     device = prompt.device
-    seqs = prompt.clone()
     done = torch.zeros(prompt.size(0), dtype=torch.bool, device=device)
     elapsed = torch.zeros(prompt.size(0), device=device)
-    banned = torch.tensor(banned_ids, dtype=torch.long, device=device)
-    bar = tqdm(total=max_new_tokens, desc="sample", unit="tok", disable=not progress, leave=False)
+    last = prompt[:, -1]
     logits = decoder.prefill(prompt)
+    bias = _logit_bias(logits.size(-1), banned_ids, allowed_next, device)
     for i in range(max_new_tokens):
-        if allowed_next is not None:
-            logits = logits.masked_fill(~allowed_next[seqs[:, -1]], float("-inf"))
-        if banned_ids:
-            logits = logits.index_fill(-1, banned, float("-inf"))
+        if bias is not None:
+            logits = logits + (bias[last] if bias.size(0) > 1 else bias)
         nxt = torch.multinomial(filter_logits(logits, cfg).softmax(-1), 1, generator=generator)
         if eos_id is not None:
             nxt = nxt.masked_fill(done[:, None], eos_id)
             done |= nxt[:, 0] == eos_id
-        seqs = torch.cat([seqs, nxt], dim=1)
-        bar.update(1)
+        last = nxt[:, 0]
         if seconds_per_id is not None and max_seconds is not None:
-            elapsed += seconds_per_id[nxt[:, 0]]
+            elapsed += seconds_per_id[last]
             done |= elapsed >= max_seconds
+        yield last
         if jobs.active():  # a page is watching: report, and stop when asked (a host sync)
             jobs.step(float(elapsed.min()) / max_seconds if max_seconds else
                       (i + 1) / max_new_tokens)
         # One host sync every 16 tokens, not every token, to see whether all rows are done.
         if (i % 16 == 15 or i == max_new_tokens - 1) and bool(done.all()):
-            break
+            return
         if i < max_new_tokens - 1:
-            logits = decoder.step(nxt[:, 0])
-    bar.close()
-    return seqs
+            logits = decoder.step(last)
+
+
+def sample_tokens(
+    decoder: Decoder,
+    prompt: torch.Tensor,  # (B, P) ids, P >= 1
+    max_new_tokens: int,
+    cfg: SamplingConfig,
+    generator: torch.Generator | None = None,
+    *,
+    progress: bool = False,
+    **options: Any,  # the rest of `stream_tokens`' settings: eos_id, max_seconds, ...
+) -> torch.Tensor:
+    """Sample up to `max_new_tokens` after `prompt` (`stream_tokens`, whose arguments these
+    are); returns (B, P + n) including the prompt."""
+    B, P = prompt.shape
+    out = prompt.new_empty(B, P + max_new_tokens)  # written in place, not grown by cat
+    out[:, :P] = prompt
+    n = P
+    with tqdm(total=max_new_tokens, desc="sample", unit="tok", disable=not progress,
+              leave=False) as bar:
+        for nxt in stream_tokens(decoder, prompt, max_new_tokens, cfg, generator, **options):
+            out[:, n] = nxt
+            n += 1
+            bar.update(1)
+    return out[:, :n]
 
 
 class PerceiverDecoder:

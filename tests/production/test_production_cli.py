@@ -160,6 +160,55 @@ def test_generate_continues_the_prompt(trained: Path, tmp_path: Path) -> None:
     assert min(n.time for n in notes if n.time > 1.9) >= 2.0 - 1e-3
 
 
+def test_stream_gives_the_notes_generate_writes_as_they_are_sampled(trained: Path,
+                                                                    tmp_path: Path) -> None:
+    """The iterator a page plays from: the same seed gives the notes of the written file
+    (onset, pitch, velocity, and the end decided at the onset), each once, in onset order,
+    none from the prompt; the first arrives after a few ids, not at the end."""
+    import itertools
+
+    from branches.production import recipe
+    from mehldau.cli.common import compose
+    from mehldau.sampling import KVCacheDecoder
+
+    notes = [(60 + i % 7, 0.3 * i, 0.25, 70) for i in range(12)]
+    prompt = write_midi(tmp_path / "prompt.mid", notes)
+    args = [f"ckpt={trained}", f"prompt={prompt}", "prompt_seconds=2", "seconds=6",
+            "num_samples=2", "max_note_seconds=null"]
+    out = tmp_path / "take.mid"
+    assert generate([*args, f"out={out}"]) == 0
+    cfg = compose("generate", [*args, f"out={tmp_path / 'unused.mid'}"])
+    ckpt = trained / "checkpoints" / "step_0000008"  # what the command resolves the run to
+    streamed = list(recipe.stream(cfg, ckpt))
+    assert not (tmp_path / "unused.mid").exists()
+    assert len(streamed) >= 4
+    for row in (0, 1):
+        mine = [n for n in streamed if n.row == row]
+        assert [n.start for n in mine] == sorted(n.start for n in mine)
+        written = symusic.Score(str(out.with_name(f"take_{row + 1}.mid"))).to("second")
+        want = sorted((round(n.time, 3), n.pitch, n.velocity) for n in written.tracks[0].notes
+                      if n.time >= 2.0 - 1e-3)
+        assert sorted((round(n.start, 3), n.pitch, n.velocity) for n in mine) == want
+        ends = {(round(n.time, 3), n.pitch): n.time + n.duration
+                for n in written.tracks[0].notes}
+        # a note re-struck before its end is cut short in the file, never lengthened
+        assert all(ends[(round(n.start, 3), n.pitch)] <= n.end + 1e-3 for n in mine)
+    # lazily: the first note comes after a handful of ids, from a decoder stepped that far
+    steps = []
+    decode_step = KVCacheDecoder.step
+
+    def counting(self, token):
+        steps.append(1)
+        return decode_step(self, token)
+
+    KVCacheDecoder.step = counting
+    try:
+        first = next(itertools.islice(recipe.stream(cfg, ckpt), 1))
+    finally:
+        KVCacheDecoder.step = decode_step
+    assert first.start >= 2.0 - 1e-3 and len(steps) < 40
+
+
 # --- bad input: one line, exit 2, no traceback, nothing half-written -----------------------
 @pytest.mark.parametrize("args, message", [
     (["branch=nope"], "unknown branch 'nope'"),

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -33,11 +33,18 @@ from mehldau.data.dataset import Augmentation, add_bos_eos
 from mehldau.data.sources import Piece
 from mehldau.data.splits import LINEAGE, MANIFEST, lineage_of, write_lineage
 from mehldau.errors import UserError
-from mehldau.generation import cap_durations, generate_seconds, write_scores
+from mehldau.generation import (
+    StreamedNote,
+    cap_durations,
+    device_for,
+    generate_seconds,
+    stream_notes,
+    write_scores,
+)
 from mehldau.io import atomic_dir
 from mehldau.recipes import adapt
 from mehldau.recipes import run as setup
-from mehldau.sampling import Decoder, SamplingConfig, sample_tokens
+from mehldau.sampling import Decoder, SamplingConfig, sample_tokens, stream_tokens
 from mehldau.settings import checked
 from mehldau.tokenize.base import Tokenizer, build_tokenizer, load_tokenizer
 from mehldau.tokenize.notes import cut_prompt
@@ -335,27 +342,50 @@ def sampling_config(cfg: DictConfig) -> SamplingConfig:
     return checked(SamplingConfig, {k: cfg[k] for k in ("temperature", "top_k", "top_p")}, "")
 
 
-def sample_ids(decoder: Decoder, tokenizer: Tokenizer, prompt: np.ndarray, cfg: DictConfig,
-               device: torch.device) -> list[Path]:
-    """`num_samples` continuations of `prompt`, each `seconds` long, written as MIDI."""
-    scfg = sampling_config(cfg)
+def decoding(cfg: DictConfig, ckpt: Path, load: Callable[..., tuple[Any, Tokenizer]],
+             make_decoder: Callable[[Any, int], Decoder]
+             ) -> tuple[Decoder, Tokenizer, np.ndarray, DictConfig, torch.device]:
+    """What `sample_ids` and `stream_ids` take, for a branch's `load_model` and decoder
+    (`make_decoder(model, prefix_len)`)."""
+    device = device_for(cfg.device)
+    model, tokenizer = load(ckpt, device, bool(cfg.get("force", False)))
+    prompt, prefix_len = id_prompt(tokenizer, cfg)
+    return make_decoder(model, prefix_len), tokenizer, prompt, cfg, device
+
+
+def _sampling(tokenizer: Tokenizer, prompt: np.ndarray, cfg: DictConfig, device: torch.device
+              ) -> tuple[torch.Tensor, dict]:
+    """The batch of prompts and `stream_tokens`' arguments that `mehldau-generate` asks for."""
     sp = tokenizer.special_tokens
     seconds = generate_seconds(cfg)
-    gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
     torch.manual_seed(int(cfg.seed))
     batch = torch.as_tensor(prompt, device=device)[None].repeat(int(cfg.num_samples), 1)
     mask = tokenizer.next_token_mask()
-    seqs = sample_tokens(
-        decoder, batch, cfg.max_tokens or int(200 * seconds), scfg,
-        generator=gen, eos_id=sp["eos"],
+    return batch, dict(
+        max_new_tokens=cfg.max_tokens or int(200 * seconds), cfg=sampling_config(cfg),
+        generator=torch.Generator(device=device).manual_seed(int(cfg.seed)), eos_id=sp["eos"],
         seconds_per_id=torch.as_tensor(tokenizer.seconds_per_id(), dtype=torch.float32,
                                        device=device),
-        max_seconds=seconds, progress=True,
+        max_seconds=seconds,
         # The user asked for a duration: never end early, never emit structural tokens.
         banned_ids=(sp["pad"], sp["bos"], sp["eos"], *range(
             tokenizer.vocab_size - len(tokenizer.styles), tokenizer.vocab_size)),
-        allowed_next=None if mask is None else torch.as_tensor(mask, device=device),
-    )
+        allowed_next=None if mask is None else torch.as_tensor(mask, device=device))
+
+
+def stream_ids(decoder: Decoder, tokenizer: Tokenizer, prompt: np.ndarray, cfg: DictConfig,
+               device: torch.device) -> Iterator[StreamedNote]:
+    """The notes `sample_ids` would write (bar `max_note_seconds`), as they are sampled; the
+    same seed samples the same ids."""
+    batch, kw = _sampling(tokenizer, prompt, cfg, device)
+    return stream_notes(stream_tokens(decoder, batch, **kw), tokenizer, batch.cpu().numpy())
+
+
+def sample_ids(decoder: Decoder, tokenizer: Tokenizer, prompt: np.ndarray, cfg: DictConfig,
+               device: torch.device) -> list[Path]:
+    """`num_samples` continuations of `prompt`, each `seconds` long, written as MIDI."""
+    batch, kw = _sampling(tokenizer, prompt, cfg, device)
+    seqs = sample_tokens(decoder, batch, progress=True, **kw)
     capped = [cap_durations(tokenizer.decode(row.cpu().numpy()), cfg.get("max_note_seconds"))
               for row in seqs]
     return write_scores([s for s, _ in capped], cfg.out, [n for _, n in capped])
