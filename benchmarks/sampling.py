@@ -1,29 +1,55 @@
-"""Sampling speed of the token branches against Hugging Face `generate` at the same size, all
-measured in one run (a benchmark: it prints figures and ratios, it asserts nothing).
+"""Sampling speed of every branch, measured in one run (a benchmark: it prints figures and
+ratios, it asserts nothing).
 
-For the production Music Transformer (and, with --perceiver, the Perceiver AR decoder), new
-tokens per second at batch 1 and batch B with the KV cache, against `GPT2LMHeadModel.generate`
-with the same depth, width, heads, feed-forward and vocabulary sampling the same number of
-tokens with its own cache (`do_sample=True`, `top_k=0`, no stop token), and the ratios. With
---profile, where the time of one sampled token goes (torch.profiler, top operators).
+Token branches (production's Music Transformer, perceiver_mt's Perceiver AR), base presets
+with random weights: new tokens per second at batch 1 and batch B for
+- the default sampler (`StaticKV` buffers written in place, one-token steps by `FusedStep`),
+- the plain path (cache grown by concatenation, steps through the modules),
+- `transformers` `GPT2LMHeadModel.generate` with the same depth, width, heads, feed-forward
+  and vocabulary, sampling as many tokens with its own KV cache (`do_sample`, `top_k=0`, no
+  stop token), the anchor a reader knows;
+and the ratios. The real-time factor (seconds of music per second of compute) multiplies
+tokens/s by the seconds of music per token of the embedded demo corpus under the duration
+tokenizer (random weights play no meaningful time). Time to first note: from the call to the
+first complete note out of `mehldau.generation.stream_notes`, at batch 1, with no prompt and
+with a 5 s prompt from the demo corpus, through the grammar mask `mehldau-generate` uses.
+moonbeam_lora and scg_diffusion come from `sampling_moonbeam.py` and `sampling_scg.py`.
+
+Every figure is the best of `--repeats` runs: on a shared machine the fastest run is the one
+least disturbed, and each path gets the same chance.
 
     python benchmarks/sampling.py                      # CPU, fp32, 1,024 tokens
-    python benchmarks/sampling.py --tokens 512 --batch 8 --profile
+    python benchmarks/sampling.py --only production --profile
     python benchmarks/sampling.py --device cuda --dtype bf16
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import sys
+import tempfile
 import time
+from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
 
+from mehldau.generation import stream_notes
 from mehldau.nn.music_transformer import MusicTransformer, MusicTransformerConfig
-from mehldau.sampling import KVCacheDecoder, SamplingConfig, sample_tokens
+from mehldau.nn.perceiver_ar import PerceiverAR, PerceiverARConfig
+from mehldau.sampling import (
+    KVCacheDecoder,
+    PerceiverDecoder,
+    SamplingConfig,
+    sample_tokens,
+    stream_tokens,
+)
+from mehldau.tokenize.duration import DurationTokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-VOCAB = 453  # the duration tokenizer's vocabulary (the production default)
+TOKENIZER = DurationTokenizer()  # the production and perceiver_mt default (453 ids)
 
 
 def sync(device: str) -> None:
@@ -31,72 +57,160 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def ours(cfg: MusicTransformerConfig, batch: int, n: int, device: str, dtype: torch.dtype,
-         static: bool = True) -> float:
-    """New tokens per second (all rows counted) of our sampler with its KV cache (static:
-    written in place; False: grown by concatenation, the plain path)."""
+def best_rate(run: Callable[[], object], units: int, device: str, repeats: int) -> float:
+    """`units` per second of the fastest of `repeats` calls of `run` (after one warm-up)."""
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        run()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return units / best
+
+
+def base_model(branch: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = MusicTransformer(cfg).to(device=device, dtype=dtype).eval()
+    if branch == "production":  # configs/model/base.yaml
+        model = MusicTransformer(MusicTransformerConfig(
+            vocab_size=TOKENIZER.vocab_size, n_layers=6, d_model=512, n_heads=8, d_ff=2048,
+            max_seq_len=2048, max_relative_position=1024, dropout=0.0))
+    else:  # configs/model/perceiver_base.yaml
+        model = PerceiverAR(PerceiverARConfig(
+            vocab_size=TOKENIZER.vocab_size, n_layers=8, d_model=512, n_heads=8, d_ff=2048,
+            max_seq_len=8192, num_latents=1024, max_relative_position=1024, dropout=0.0,
+            prefix_dropout=0.0))
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def decoder(model: torch.nn.Module, fast: bool):
+    if isinstance(model, PerceiverAR):
+        return PerceiverDecoder(model, static=fast, fused=fast)
+    return KVCacheDecoder(model, model.config.max_seq_len, static=fast, fused=fast)
+
+
+def ours(model: torch.nn.Module, batch: int, n: int, device: str, fast: bool, repeats: int
+         ) -> float:
+    """New tokens per second, all rows counted."""
     prompt = torch.ones(batch, 1, dtype=torch.long, device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
 
-    def run(k: int) -> torch.Tensor:
-        return sample_tokens(KVCacheDecoder(model, cfg.max_seq_len, True, static=static),
-                             prompt, k, SamplingConfig(), generator=gen)
+    def run() -> None:
+        gen = torch.Generator(device=device).manual_seed(0)
+        out = sample_tokens(decoder(model, fast), prompt, n, SamplingConfig(), gen)
+        assert out.shape == (batch, n + 1)
 
-    run(8)  # warm-up
-    sync(device)
-    t0 = time.perf_counter()
-    out = run(n)
-    sync(device)
-    assert out.shape == (batch, n + 1)
-    return batch * n / (time.perf_counter() - t0)
+    return best_rate(run, batch * n, device, repeats)
 
 
-def hf(cfg: MusicTransformerConfig, batch: int, n: int, device: str, dtype: torch.dtype
-       ) -> float:
-    """The same for GPT-2 of the same shape through `generate` (absolute positions: the
-    anchor a reader knows; it does no relative-attention work)."""
+def hf(model: torch.nn.Module, batch: int, n: int, device: str, dtype: torch.dtype,
+       repeats: int) -> float:
+    """The same for GPT-2 of the same shape through `generate` (absolute positions; it does
+    no relative-attention work)."""
     from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging
 
+    logging.set_verbosity_error()
+    c = model.config
     torch.manual_seed(0)
-    g = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.d_model,
-                   n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.d_ff,
+    g = GPT2Config(vocab_size=c.vocab_size, n_positions=c.max_seq_len, n_embd=c.d_model,
+                   n_layer=c.n_layers, n_head=c.n_heads, n_inner=c.d_ff,
                    bos_token_id=1, eos_token_id=None, pad_token_id=0)
-    model = GPT2LMHeadModel(g).to(device=device, dtype=dtype).eval()
+    gpt = GPT2LMHeadModel(g).to(device=device, dtype=dtype).eval()
     prompt = torch.ones(batch, 1, dtype=torch.long, device=device)
 
-    def run(k: int) -> torch.Tensor:
+    def run() -> None:
         with torch.no_grad():
-            return model.generate(prompt, attention_mask=torch.ones_like(prompt),
-                                  do_sample=True, top_k=0, top_p=1.0, max_new_tokens=k,
-                                  min_new_tokens=k, use_cache=True, pad_token_id=0)
+            out = gpt.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
+                               top_k=0, top_p=1.0, max_new_tokens=n, min_new_tokens=n,
+                               use_cache=True, pad_token_id=0)
+        assert out.shape == (batch, n + 1)
 
-    run(8)
-    sync(device)
-    t0 = time.perf_counter()
-    out = run(n)
-    sync(device)
-    assert out.shape == (batch, n + 1)
-    return batch * n / (time.perf_counter() - t0)
+    return best_rate(run, batch * n, device, repeats)
 
 
-def profile(cfg: MusicTransformerConfig, batch: int, n: int, device: str, dtype: torch.dtype,
-            rows: int = 15) -> None:
-    """Where the time of sampling `n` tokens goes, by operator (self time)."""
+def demo_ids() -> list[np.ndarray]:
+    """The embedded demo corpus under the duration tokenizer, one array per piece."""
+    from mehldau.data.demo import write_demo_corpus
+
+    with tempfile.TemporaryDirectory() as d:
+        return [TOKENIZER.encode_file(p) for p in write_demo_corpus(Path(d))]
+
+
+def first_note_seconds(model: torch.nn.Module, prompt: np.ndarray, device: str, repeats: int
+                       ) -> float:
+    """Seconds from the call to the first note out of the stream, at batch 1 (best of)."""
+    ids = torch.as_tensor(prompt, device=device)[None]
+    mask = torch.as_tensor(TOKENIZER.next_token_mask(), device=device)
+    sp = TOKENIZER.special_tokens
+    best = float("inf")
+    for r in range(repeats + 1):  # the first is a warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        tokens = stream_tokens(decoder(model, True), ids, 2000, SamplingConfig(),
+                               torch.Generator(device=device).manual_seed(r),
+                               banned_ids=(sp["pad"], sp["bos"], sp["eos"]), allowed_next=mask)
+        next(stream_notes(tokens, TOKENIZER, ids.cpu().numpy()))
+        if r:
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def token_branch(branch: str, a: argparse.Namespace, per_token: float, prompt: np.ndarray
+                 ) -> dict:
+    dtype = DTYPES[a.dtype]
+    model = base_model(branch, a.device, dtype)
+    c = model.config
+    print(f"\n{branch}: {c.n_layers} x {c.d_model}, {c.n_heads} heads, d_ff {c.d_ff}, "
+          f"vocab {c.vocab_size}, context {c.max_seq_len}")
+    row: dict = {"branch": branch}
+    for batch, n in ((1, a.tokens), (a.batch, a.tokens // 2)):
+        fast = ours(model, batch, n, a.device, True, a.repeats)
+        plain = ours(model, batch, n, a.device, False, a.repeats)
+        anchor = hf(model, batch, n, a.device, dtype, a.repeats)
+        row[batch] = (fast, plain, anchor)
+        print(f"  batch {batch:2d}, {n} tokens: {fast:7.1f} tok/s (plain path {plain:7.1f}, "
+              f"fast/plain {fast / plain:.2f}x), HF GPT-2 generate {anchor:7.1f} tok/s, "
+              f"ours/HF {fast / anchor:.2f}x")
+    (f1, _, h1), (fb, _, hb) = row[1], row[a.batch]
+    print(f"  batch {a.batch} / batch 1 throughput: ours {fb / f1:.2f}x, HF {hb / h1:.2f}x")
+    row["rtf"] = f1 * per_token
+    print(f"  real-time factor at batch 1: {row['rtf']:.2f} s of music per s "
+          f"({per_token * 1000:.1f} ms of music per token)")
+    row["ttfn"] = first_note_seconds(model, np.array([1]), a.device, a.repeats)
+    row["ttfn_prompt"] = first_note_seconds(model, prompt, a.device, a.repeats)
+    print(f"  time to first note, batch 1: {row['ttfn']:.3f} s without a prompt, "
+          f"{row['ttfn_prompt']:.3f} s after a {len(prompt)}-token (5 s) prompt")
+    return row
+
+
+def profile(branch: str, device: str, dtype: torch.dtype, n: int = 256, rows: int = 15
+            ) -> None:
+    """Where the time of sampling `n` tokens at batch 1 goes, by operator (self time)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    torch.manual_seed(0)
-    model = MusicTransformer(cfg).to(device=device, dtype=dtype).eval()
-    prompt = torch.ones(batch, 1, dtype=torch.long, device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
+    model = base_model(branch, device, dtype)
+    prompt = torch.ones(1, 1, dtype=torch.long, device=device)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with torch_profile(activities=acts) as prof:
-        sample_tokens(KVCacheDecoder(model, cfg.max_seq_len, True), prompt, n,
-                      SamplingConfig(), generator=gen)
+        sample_tokens(decoder(model, True), prompt, n, SamplingConfig(),
+                      torch.Generator(device=device).manual_seed(0))
     key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    print(f"\nprofile: {branch}, batch 1, {n} tokens")
     print(prof.key_averages().table(sort_by=key, row_limit=rows))
+
+
+def other_branch(name: str, a: argparse.Namespace) -> None:
+    """moonbeam_lora / scg_diffusion: their own modules' `measure`, printed as they say."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        module = importlib.import_module(f"sampling_{name}")
+    except ImportError as e:
+        print(f"\n{name}: skipped ({e})")
+        return
+    print(f"\n{name}:")
+    module.measure(a.device, DTYPES[a.dtype])
 
 
 def main() -> None:
@@ -105,29 +219,36 @@ def main() -> None:
     ap.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--only", choices=["production", "perceiver_mt", "moonbeam", "scg"],
+                    action="append")
     ap.add_argument("--profile", action="store_true")
     a = ap.parse_args()
-    dtype = DTYPES[a.dtype]
-    # the production base preset's shape (6 x 512, 8 heads, d_ff 2048), context 2,048
-    cfg = MusicTransformerConfig(vocab_size=VOCAB, n_layers=6, d_model=512, n_heads=8,
-                                 d_ff=2048, max_seq_len=2048, max_relative_position=1024,
-                                 dropout=0.0)
-    print(f"device {a.device}, {a.dtype}, torch threads {torch.get_num_threads()}; "
-          f"{cfg.n_layers} x {cfg.d_model}, {cfg.n_heads} heads, d_ff {cfg.d_ff}, "
-          f"vocab {cfg.vocab_size}")
-    rows = []
-    for batch, n in ((1, a.tokens), (a.batch, a.tokens // 2)):
-        o, h = ours(cfg, batch, n, a.device, dtype), hf(cfg, batch, n, a.device, dtype)
-        c = ours(cfg, batch, n, a.device, dtype, static=False)
-        rows.append((batch, n, o, h))
-        print(f"batch {batch:2d}, {n} tokens: production {o:7.1f} tok/s (concatenated cache "
-              f"{c:7.1f}, static {o / c:.2f}x), HF GPT-2 generate {h:7.1f} tok/s, "
-              f"ratio {o / h:.2f}x")
-    (b1, _, o1, h1), (bb, _, ob, hb) = rows
-    print(f"batch {bb} / batch 1 throughput: production {ob / o1:.2f}x, HF {hb / h1:.2f}x")
+    which = a.only or ["production", "perceiver_mt", "moonbeam", "scg"]
+    pieces = demo_ids()
+    per_token = sum(TOKENIZER.seconds_of(p) for p in pieces) / sum(len(p) for p in pieces)
+    first = pieces[0]
+    cut = int(np.searchsorted(np.cumsum(TOKENIZER.seconds_per_id()[first]), 5.0))
+    print(f"device {a.device}, {a.dtype}, torch threads {torch.get_num_threads()}, "
+          f"best of {a.repeats}")
+    rows = [token_branch(b, a, per_token, first[:cut]) for b in ("production", "perceiver_mt")
+            if b in which]
+    for name in ("moonbeam", "scg"):
+        if name in which:
+            other_branch(name, a)
+    if rows:
+        print("\n| branch | batch 1 tok/s (ours / HF) | batch 8 tok/s (ours / HF) | "
+              "batch 8 / batch 1 | real-time factor | first note (no prompt / 5 s prompt) |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            (f1, _, h1), (fb, _, hb) = r[1], r[a.batch]
+            print(f"| {r['branch']} | {f1:.0f} / {h1:.0f} = {f1 / h1:.2f}x | {fb:.0f} / {hb:.0f}"
+                  f" = {fb / hb:.2f}x | {fb / f1:.2f}x | {r['rtf']:.2f} | "
+                  f"{r['ttfn']:.3f} / {r['ttfn_prompt']:.3f} s |")
     if a.profile:
-        print(f"\nprofile: production, batch 1, {min(a.tokens, 256)} tokens")
-        profile(cfg, 1, min(a.tokens, 256), a.device, dtype)
+        for b in ("production", "perceiver_mt"):
+            if b in which:
+                profile(b, a.device, DTYPES[a.dtype])
 
 
 if __name__ == "__main__":

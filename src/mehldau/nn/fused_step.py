@@ -76,7 +76,10 @@ class _Layer:
             # reach (the last min(S, R)) read the table's last rows in order: a slice.
             S, R = k.shape[2], self.rel.shape[1]
             n = min(S, R)
-            scores[..., S - n:] += q @ self.rel[:, R - n:].mT  # (B, H, 1, n)
+            # heads as the batch of one product: broadcasting q (B, H, 1, Dh) against the
+            # table (H, Dh, n) would copy the table B times
+            rel = torch.bmm(q.view(B, H, Dh).transpose(0, 1), self.rel[:, R - n:].mT)
+            scores[..., S - n:] += rel.transpose(0, 1).unsqueeze(2)  # (B, H, 1, n)
         y = scores.softmax(-1) @ v  # (B, H, 1, Dh)
         x = x + self.linear(y.view(B, C), self.o)
         h = F.layer_norm(x, (C,), *self.ln2[:2], self.ln2[2])
