@@ -5,6 +5,8 @@ Token branches (production's Music Transformer, perceiver_mt's Perceiver AR), ba
 with random weights: new tokens per second at batch 1 and batch B for
 - the default sampler (`StaticKV` buffers written in place, one-token steps by `FusedStep`),
 - the plain path (cache grown by concatenation, steps through the modules),
+- the step's matrix products alone (the weights read once per token, nothing else): the
+  ceiling for this model at this batch on this machine,
 - `transformers` `GPT2LMHeadModel.generate` with the same depth, width, heads, feed-forward
   and vocabulary, sampling as many tokens with its own KV cache (`do_sample`, `top_k=0`, no
   stop token), the anchor a reader knows;
@@ -129,6 +131,30 @@ def hf(model: torch.nn.Module, batch: int, n: int, device: str, dtype: torch.dty
     return best_rate(run, batch * n, device, repeats)
 
 
+def weights_floor(model: torch.nn.Module, batch: int, n: int, device: str, repeats: int
+                  ) -> float:
+    """Tokens/s of the step's matrix products alone (fused layout, no attention, no
+    sampling): what reading the weights costs, a ceiling no sampler of this model passes."""
+    from mehldau.nn.fused_step import FusedStep, _linear
+
+    step = FusedStep(model, batch)
+    dtype = step.embed.dtype
+    x = {k: torch.randn(batch, k, device=device, dtype=dtype)
+         for k in (model.config.d_model, model.config.d_ff)}
+
+    def run() -> None:
+        with torch.no_grad():
+            for _ in range(n):
+                for layer in step.layers:
+                    for wb in (layer.qkv, layer.o, layer.up, layer.down):
+                        w = wb[0]
+                        _linear(x[w.shape[0] if step.transpose else w.shape[1]], wb,
+                                step.transpose)
+                _linear(x[model.config.d_model], step.head, step.transpose)
+
+    return best_rate(run, batch * n, device, repeats)
+
+
 def demo_ids() -> list[np.ndarray]:
     """The embedded demo corpus under the duration tokenizer, one array per piece."""
     from mehldau.data.demo import write_demo_corpus
@@ -168,10 +194,12 @@ def token_branch(branch: str, a: argparse.Namespace, per_token: float, prompt: n
         fast = ours(model, batch, n, a.device, True, a.repeats)
         plain = ours(model, batch, n, a.device, False, a.repeats)
         anchor = hf(model, batch, n, a.device, dtype, a.repeats)
+        floor = weights_floor(model, batch, n, a.device, a.repeats)
         row[batch] = (fast, plain, anchor)
         print(f"  batch {batch:2d}, {n} tokens: {fast:7.1f} tok/s (plain path {plain:7.1f}, "
               f"fast/plain {fast / plain:.2f}x), HF GPT-2 generate {anchor:7.1f} tok/s, "
-              f"ours/HF {fast / anchor:.2f}x")
+              f"ours/HF {fast / anchor:.2f}x; the weights' matrix products alone "
+              f"{floor:7.1f} tok/s (ours at {fast / floor:.0%} of it)")
     (f1, _, h1), (fb, _, hb) = row[1], row[a.batch]
     print(f"  batch {a.batch} / batch 1 throughput: ours {fb / f1:.2f}x, HF {hb / h1:.2f}x")
     row["rtf"] = f1 * per_token

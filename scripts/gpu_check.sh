@@ -35,6 +35,6 @@ log=${OUT:-/tmp}/gpu_check.log
   python3 benchmarks/memory.py --device cuda --size 839M --batch 3 --variants qlora_ckpt --step
   echo "== style judge: ResNet-18 step on 32 clips of 30 s (bf16), plan vs peak, PiJAMA estimate"
   python3 benchmarks/style_judge.py --device cuda --dtype bf16 --batch 32 --steps 10
-  echo "== sampling: production vs HF GPT-2 generate at the same size, batch 1 and 8 (bf16)"
+  echo "== sampling: every branch; production and perceiver_mt vs HF GPT-2 generate at the same size, batch 1 and 8 (bf16)"
   python3 benchmarks/sampling.py --device cuda --dtype bf16 --tokens 1024 --batch 8
 } 2>&1 | tee "$log"

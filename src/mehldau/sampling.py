@@ -111,8 +111,7 @@ class KVCacheDecoder:
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         self.seqs, self.past = ids, None
-        # weights copied now: the model must not change while this decoder samples
-        self.fast = (FusedStep(self.model, ids.size(0))
+        self.fast = (FusedStep.for_model(self.model, ids.size(0))
                      if self.fused and FusedStep.supports(self.model) else None)
         return self._next()
 
@@ -294,7 +293,7 @@ class PerceiverDecoder:
             raise ValueError(f"the prompt needs at least max(prefix_len, 1) tokens, "
                              f"got {ids.size(1)}")
         self.history, self.past, self.refills = ids, None, []
-        self.fast = (FusedStep(self.model, ids.size(0))
+        self.fast = (FusedStep.for_model(self.model, ids.size(0))
                      if self.fused and FusedStep.supports(self.model) else None)
         if ids.size(1) > self.max_latents:
             return self._refill()

@@ -147,6 +147,31 @@ def test_the_static_cache_and_fused_step_sample_what_the_plain_path_does(rows: i
         first.extend(*(torch.zeros(rows, first.k.shape[1], 11, first.k.shape[3]),) * 2)
 
 
+def test_the_fused_step_is_kept_on_the_model_until_a_weight_changes() -> None:
+    """Built once per layout (the copy would delay every first note), never stale: a weight
+    changed in place or replaced makes the next decoder copy the weights again."""
+    model = tiny()
+    prompt = torch.randint(3, 40, (1, 4))
+
+    def fresh_logits() -> tuple[torch.Tensor, torch.Tensor, object]:
+        dec, plain = KVCacheDecoder(model, 24), KVCacheDecoder(model, 24, static=False)
+        dec.prefill(prompt), plain.prefill(prompt)
+        return dec.step(torch.tensor([7])), plain.step(torch.tensor([7])), dec.fast
+
+    a, b, first = fresh_logits()
+    torch.testing.assert_close(a, b)
+    assert fresh_logits()[2] is first
+    with torch.no_grad():
+        model.layers[1].mlp.up_proj.weight.mul_(3.0)
+    a, b, second = fresh_logits()
+    assert second is not first
+    torch.testing.assert_close(a, b)
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach() * 2)
+    a, b, third = fresh_logits()
+    assert third is not second
+    torch.testing.assert_close(a, b)
+
+
 def test_the_fused_step_stands_aside_for_models_it_cannot_copy() -> None:
     """A LoRA-wrapped model (its projections are not plain Linear) or one in training mode
     samples through the modules, so an unmerged adapter still counts."""
