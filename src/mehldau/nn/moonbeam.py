@@ -43,6 +43,7 @@ from mehldau.constants import IGNORE_INDEX
 from mehldau.errors import UserError
 from mehldau.nn import checkpointing
 from mehldau.nn.blocks import KV
+from mehldau.nn.relative_attention import StaticKV
 
 # Input columns: onset, duration, octave, pitch class, instrument, velocity; all but the
 # instrument go through a Fundamental Music Embedding (docs/moonbeam.md §3.2).
@@ -230,7 +231,7 @@ class MoonbeamOutput:
     # kept when training with activation checkpointing: only the losses are)
     loss: torch.Tensor | None = None  # nats per event: the sum of attribute_loss
     attribute_loss: torch.Tensor | None = None  # (6,) mean cross-entropy of each attribute
-    past_key_values: list[KV] | None = None
+    past_key_values: list[KV | StaticKV] | None = None
 
 
 def fme_encoding(x: torch.Tensor, d: int, base: float) -> torch.Tensor:
@@ -362,7 +363,8 @@ class MRAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, H, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, past: KV | None = None) -> tuple[torch.Tensor, KV]:
+                mask: torch.Tensor | None, past: KV | StaticKV | None = None
+                ) -> tuple[torch.Tensor, KV | StaticKV]:
         B, L, _ = x.shape
         rep = self.n_heads // self.n_kv
         q = self.q_proj(x).view(B, L, self.n_kv, rep, self.head_dim).permute(0, 2, 3, 1, 4)
@@ -371,9 +373,16 @@ class MRAttention(nn.Module):
         # Q heads {2g, 2g+1} and KV head g share group g's rotation.
         q = apply_rotary(q, cos[:, :, None], sin[:, :, None]).reshape(B, self.n_heads, L, -1)
         k = apply_rotary(k, cos, sin)
-        if past is not None:  # the cache holds rotated keys
-            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
-        present = (k, v)
+        # The cache holds rotated keys: written in place into a `StaticKV`, or (the plain
+        # path the static one is tested against) grown by concatenation.
+        present: KV | StaticKV
+        if isinstance(past, StaticKV):
+            k, v = past.extend(k, v)
+            present = past
+        else:
+            if past is not None:
+                k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
+            present = (k, v)
         k = k.repeat_interleave(rep, dim=1)  # KV head g serves Q heads 2g, 2g+1
         v = v.repeat_interleave(rep, dim=1)
         if mask is None:
@@ -381,6 +390,11 @@ class MRAttention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, L, -1)), present  # (B, L, H)
+
+
+def cached_length(past: KV | StaticKV) -> int:
+    """Positions one layer's cache holds."""
+    return past.length if isinstance(past, StaticKV) else past[0].shape[2]
 
 
 class MLP(nn.Module):
@@ -403,7 +417,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, past: KV | None = None) -> tuple[torch.Tensor, KV]:
+                mask: torch.Tensor | None, past: KV | StaticKV | None = None
+                ) -> tuple[torch.Tensor, KV | StaticKV]:
         a, present = self.self_attn(self.input_layernorm(x), cos, sin, mask, past)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), present
@@ -459,13 +474,13 @@ class MoonbeamModel(nn.Module):
         return self.supplementary_MLP(x)  # every position, specials included; no residual
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                past_key_values: list[KV] | None = None,
-                ) -> tuple[torch.Tensor, list[KV]]:
+                past_key_values: list[KV | StaticKV] | None = None,
+                ) -> tuple[torch.Tensor, list[KV | StaticKV]]:
         B, L, _ = input_ids.shape
         x = self.embed_tokens(input_ids)
         cos, sin = mra_rotary(rotary_positions(input_ids), self.config.head_dim,
                               self.config.rope_bases, self.reference_dtype())
-        past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        past_len = 0 if past_key_values is None else cached_length(past_key_values[0])
         mask = None
         if attention_mask is not None:
             if past_len:
@@ -556,7 +571,7 @@ class MoonbeamForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,
-                past_key_values: list[KV] | None = None,
+                past_key_values: list[KV | StaticKV] | None = None,
                 use_cache: bool = False) -> MoonbeamOutput:
         """input_ids (B, L, 6) raw values (also the MRA positions); labels (B, L, 7) flat ids
         [0, Δonset, dur, oct, pc, instr, vel], rows of IGNORE_INDEX (-100) have no target
