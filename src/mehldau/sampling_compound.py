@@ -125,6 +125,18 @@ def _allowed(tokenizer, a: int, opts: EventSampling, octave: torch.Tensor | None
     return (ok | eos).expand(batch, vocab)
 
 
+def _blocked_tables(tokenizer, opts: EventSampling, vocab: int, device: torch.device
+                    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The ids each attribute may not take, built once per call rather than per attribute
+    and event: per attribute a (1, V) mask, and for pitch class an (octaves, V) table
+    indexed by the sampled octave's raw value (every value it can take has a row)."""
+    blocked = [~_allowed(tokenizer, a, opts, None, vocab, 1, device)
+               for a in range(NUM_ATTRIBUTES)]
+    octaves = torch.arange(int(tokenizer.sizes[OCTAVE]), device=device)
+    pitch = ~_allowed(tokenizer, PITCH, opts, octaves, vocab, len(octaves), device)
+    return blocked, pitch
+
+
 @torch.no_grad()
 def sample_events(model: MoonbeamForCausalLM, tokenizer, prompt: torch.Tensor,
                   max_events: int, opts: EventSampling, context_len: int,
@@ -139,6 +151,7 @@ def sample_events(model: MoonbeamForCausalLM, tokenizer, prompt: torch.Tensor,
     offsets = torch.as_tensor(tokenizer.offsets, device=device)
     eos = torch.as_tensor(tokenizer.eos_classes, device=device)
     decoder = EventDecoder(model, context_len, use_cache, static)
+    blocked, blocked_pitch = _blocked_tables(tokenizer, opts, V, device)
     summary = decoder.prefill(prompt)
     onset = prompt[:, -1, ONSET].clamp(min=0)  # directly after a bare SOS the base is 0
     alive = torch.ones(B, dtype=torch.bool, device=device)
@@ -150,9 +163,8 @@ def sample_events(model: MoonbeamForCausalLM, tokenizer, prompt: torch.Tensor,
         h, raw = None, []
         for a in range(NUM_ATTRIBUTES):
             logits, h = model.decode(summary, ids, h)  # (B, 1, V)
-            ok = _allowed(tokenizer, a, opts, raw[OCTAVE] if a == PITCH else None, V, B,
-                          device)
-            logits = logits[:, -1].float().masked_fill(~ok, float("-inf"))
+            no = blocked_pitch[raw[OCTAVE]] if a == PITCH else blocked[a]  # (B or 1, V)
+            logits = logits[:, -1].float().masked_fill(no, float("-inf"))
             probs = filter_logits(logits, opts.config(a)).softmax(-1)
             ids = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
             raw.append(ids[:, 0] - offsets[a])
@@ -167,11 +179,13 @@ def sample_events(model: MoonbeamForCausalLM, tokenizer, prompt: torch.Tensor,
         if not alive.any():
             break
         summary = decoder.step(row)
-    out = []
-    for b in range(B):
-        keep = [r[b] for r, ok in zip(rows, alive_at) if ok[b]]
-        if max_ticks is not None:
-            keep = [r for r in keep if r[ONSET] < max_ticks]
-        tail = torch.stack(keep).cpu().numpy() if keep else np.zeros((0, 6), np.int64)
-        out.append(np.concatenate([prompt[b].cpu().numpy(), tail]))
-    return out
+    # One copy to the host for all rows, then numpy masks: indexing the tensors per sample
+    # and event cost a host sync each on a GPU.
+    head = prompt.cpu().numpy()
+    if not rows:  # max_events 0
+        return list(head)
+    new = torch.stack(rows, 1).cpu().numpy()  # (B, N, 6)
+    keep = torch.stack(alive_at, 1).cpu().numpy()  # (B, N)
+    if max_ticks is not None:
+        keep &= new[..., ONSET] < max_ticks
+    return [np.concatenate([head[b], new[b][keep[b]]]) for b in range(B)]

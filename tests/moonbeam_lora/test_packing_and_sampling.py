@@ -164,3 +164,24 @@ def test_static_cache_samples_what_the_concatenated_one_does_and_never_reallocat
     assert [(p.k.data_ptr(), p.v.data_ptr()) for p in dec.past] == ptrs
     dec.step(row)  # the 17th row restarts the window: SOS + the last 8 rows, in new buffers
     assert dec.past[0] is not first and dec.past[0].length == 9
+
+
+@pytest.mark.parametrize("opts", [
+    EventSampling(SamplingConfig()),
+    EventSampling(SamplingConfig(), pitch_range=(40, 80), instrument=None, allow_eos=True),
+])
+def test_masks_built_once_are_the_per_event_masks(opts: EventSampling) -> None:
+    """The sampler builds its masks once per call; each must be the one `_allowed` gives
+    for that attribute (and, for pitch class, for every octave that can be sampled)."""
+    from mehldau.sampling_compound import OCTAVE, PITCH, _allowed, _blocked_tables
+
+    V = 357
+    blocked, pitch = _blocked_tables(TOK, opts, V, torch.device("cpu"))
+    for a in range(6):
+        assert torch.equal(blocked[a], ~_allowed(TOK, a, opts, None, V, 1, "cpu"))
+    assert pitch.shape == (int(TOK.sizes[OCTAVE]), V)
+    for o in range(int(TOK.sizes[OCTAVE])):
+        assert torch.equal(pitch[o], ~_allowed(TOK, PITCH, opts, torch.tensor([o]), V, 1,
+                                               "cpu")[0])
+    assert sample_events(tiny_model(), TOK, torch.full((2, 1, 6), -1), 0, opts, 16)[1].shape \
+        == (1, 6)
