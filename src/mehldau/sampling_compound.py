@@ -13,7 +13,10 @@ The backbone keeps a window of at most `context_len` rows. When it is full the w
 restarts as SOS + its last half, re-based to onset 0 as the training crops are, and is
 prefilled once (Moonbeam has no sequence positions, only onset-relative rotations, so the
 re-based window means what it meant in training). `use_cache=False` re-runs the window every
-step: the reference the cached path is tested against.
+step: the reference the cached path is tested against. The cache lives in buffers of
+`context_len` positions written in place (`StaticKV`, `static=True`); `static=False` grows it
+by concatenation, which copies the whole cache every event: the plain path the static one is
+tested against, event for event.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from tqdm.auto import tqdm
 
 from mehldau import jobs
 from mehldau.nn.moonbeam import MoonbeamForCausalLM
+from mehldau.nn.relative_attention import StaticKV
 from mehldau.sampling import SamplingConfig, filter_logits
 from mehldau.tokenize.compound import NUM_ATTRIBUTES, SOS
 
@@ -37,11 +41,12 @@ class EventDecoder:
     returning the summary vector (B, G) that starts the GRU for the next event. Rows come in
     with absolute onsets; the window holds them re-based to its first event."""
 
-    def __init__(self, model: MoonbeamForCausalLM, context_len: int, use_cache: bool = True
-                 ) -> None:
+    def __init__(self, model: MoonbeamForCausalLM, context_len: int, use_cache: bool = True,
+                 static: bool = True) -> None:
         if context_len < 4:
             raise ValueError(f"context_len must be >= 4, got {context_len}")
         self.model, self.context_len, self.use_cache = model, context_len, use_cache
+        self.static = static  # the cache in buffers written in place; False: concatenated
         self.rows = torch.zeros(0)  # (B, n, 6): SOS first, then events re-based by `base`
         self.base = torch.zeros(0)  # (B,) absolute onset of the window's onset 0
         self.past = None
@@ -80,6 +85,9 @@ class EventDecoder:
     def _forward(self) -> torch.Tensor:
         out = self.model(self.rows, use_cache=self.use_cache)
         self.past = out.past_key_values
+        if self.use_cache and self.static:
+            # the window never outgrows context_len rows (step restarts it first)
+            self.past = [StaticKV(k, v, self.context_len) for k, v in self.past]
         return out.summary[:, -1]
 
 
@@ -117,19 +125,33 @@ def _allowed(tokenizer, a: int, opts: EventSampling, octave: torch.Tensor | None
     return (ok | eos).expand(batch, vocab)
 
 
+def _blocked_tables(tokenizer, opts: EventSampling, vocab: int, device: torch.device
+                    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The ids each attribute may not take, built once per call rather than per attribute
+    and event: per attribute a (1, V) mask, and for pitch class an (octaves, V) table
+    indexed by the sampled octave's raw value (every value it can take has a row)."""
+    blocked = [~_allowed(tokenizer, a, opts, None, vocab, 1, device)
+               for a in range(NUM_ATTRIBUTES)]
+    octaves = torch.arange(int(tokenizer.sizes[OCTAVE]), device=device)
+    pitch = ~_allowed(tokenizer, PITCH, opts, octaves, vocab, len(octaves), device)
+    return blocked, pitch
+
+
 @torch.no_grad()
 def sample_events(model: MoonbeamForCausalLM, tokenizer, prompt: torch.Tensor,
                   max_events: int, opts: EventSampling, context_len: int,
                   generator: torch.Generator | None = None, max_ticks: int | None = None,
-                  use_cache: bool = True, progress: bool = False) -> list[np.ndarray]:
+                  use_cache: bool = True, progress: bool = False, static: bool = True
+                  ) -> list[np.ndarray]:
     """Continue `prompt` (B, n, 6): SOS first, absolute onsets. Returns per sample the prompt
     plus its new rows, absolute onsets, stopped at EOS (not included), `max_events` new rows,
-    or the first row whose onset reaches `max_ticks`."""
+    or the first row whose onset reaches `max_ticks`. `static`: see `EventDecoder`."""
     B, device = prompt.shape[0], prompt.device
     V = model.config.decode_vocab_size
     offsets = torch.as_tensor(tokenizer.offsets, device=device)
     eos = torch.as_tensor(tokenizer.eos_classes, device=device)
-    decoder = EventDecoder(model, context_len, use_cache)
+    decoder = EventDecoder(model, context_len, use_cache, static)
+    blocked, blocked_pitch = _blocked_tables(tokenizer, opts, V, device)
     summary = decoder.prefill(prompt)
     onset = prompt[:, -1, ONSET].clamp(min=0)  # directly after a bare SOS the base is 0
     alive = torch.ones(B, dtype=torch.bool, device=device)
@@ -141,9 +163,8 @@ def sample_events(model: MoonbeamForCausalLM, tokenizer, prompt: torch.Tensor,
         h, raw = None, []
         for a in range(NUM_ATTRIBUTES):
             logits, h = model.decode(summary, ids, h)  # (B, 1, V)
-            ok = _allowed(tokenizer, a, opts, raw[OCTAVE] if a == PITCH else None, V, B,
-                          device)
-            logits = logits[:, -1].float().masked_fill(~ok, float("-inf"))
+            no = blocked_pitch[raw[OCTAVE]] if a == PITCH else blocked[a]  # (B or 1, V)
+            logits = logits[:, -1].float().masked_fill(no, float("-inf"))
             probs = filter_logits(logits, opts.config(a)).softmax(-1)
             ids = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
             raw.append(ids[:, 0] - offsets[a])
@@ -158,11 +179,13 @@ def sample_events(model: MoonbeamForCausalLM, tokenizer, prompt: torch.Tensor,
         if not alive.any():
             break
         summary = decoder.step(row)
-    out = []
-    for b in range(B):
-        keep = [r[b] for r, ok in zip(rows, alive_at) if ok[b]]
-        if max_ticks is not None:
-            keep = [r for r in keep if r[ONSET] < max_ticks]
-        tail = torch.stack(keep).cpu().numpy() if keep else np.zeros((0, 6), np.int64)
-        out.append(np.concatenate([prompt[b].cpu().numpy(), tail]))
-    return out
+    # One copy to the host for all rows, then numpy masks: indexing the tensors per sample
+    # and event cost a host sync each on a GPU.
+    head = prompt.cpu().numpy()
+    if not rows:  # max_events 0
+        return list(head)
+    new = torch.stack(rows, 1).cpu().numpy()  # (B, N, 6)
+    keep = torch.stack(alive_at, 1).cpu().numpy()  # (B, N)
+    if max_ticks is not None:
+        keep &= new[..., ONSET] < max_ticks
+    return [np.concatenate([head[b], new[b][keep[b]]]) for b in range(B)]

@@ -135,3 +135,53 @@ def test_sampling_stops_at_max_ticks_and_at_eos() -> None:
     go = sample_events(model, TOK, prompt, 50, EventSampling(SamplingConfig()), 32,
                        generator=torch.Generator().manual_seed(0))
     assert all(len(r) == 51 for r in go)
+
+
+def test_static_cache_samples_what_the_concatenated_one_does_and_never_reallocates() -> None:
+    """The fast path (buffers written in place) against the plain one (concatenation), past
+    the context so that both restart the window, and uncached as a third witness."""
+    from mehldau.nn.relative_attention import StaticKV
+    from mehldau.sampling_compound import EventDecoder
+
+    model = tiny_model()
+    prompt = torch.tensor([[[-1] * 6, [0, 10, 5, 0, 0, 80], [5, 10, 5, 4, 0, 80]]]).repeat(3, 1, 1)
+    opts = EventSampling(SamplingConfig(temperature=1.0, top_p=0.95))
+    out = [sample_events(model, TOK, prompt, 50, opts, 16, use_cache=c, static=s,
+                         generator=torch.Generator().manual_seed(4))
+           for c, s in ((True, True), (True, False), (False, True))]
+    for a, b, c in zip(*out):
+        assert a.shape == (53, 6) and np.array_equal(a, b) and np.array_equal(a, c)
+    dec = EventDecoder(model, 16)
+    dec.prefill(prompt)
+    first = dec.past[0]
+    assert isinstance(first, StaticKV) and first.length == 3 and first.k.shape[2] == 16
+    ptrs = [(p.k.data_ptr(), p.v.data_ptr()) for p in dec.past]
+    row = torch.tensor([[9, 10, 5, 2, 0, 70]]).repeat(3, 1)
+    for _ in range(13):  # fills the window to 16 rows: no restart yet
+        row[:, 0] += 3
+        dec.step(row)
+    assert dec.past[0] is first and first.length == 16
+    assert [(p.k.data_ptr(), p.v.data_ptr()) for p in dec.past] == ptrs
+    dec.step(row)  # the 17th row restarts the window: SOS + the last 8 rows, in new buffers
+    assert dec.past[0] is not first and dec.past[0].length == 9
+
+
+@pytest.mark.parametrize("opts", [
+    EventSampling(SamplingConfig()),
+    EventSampling(SamplingConfig(), pitch_range=(40, 80), instrument=None, allow_eos=True),
+])
+def test_masks_built_once_are_the_per_event_masks(opts: EventSampling) -> None:
+    """The sampler builds its masks once per call; each must be the one `_allowed` gives
+    for that attribute (and, for pitch class, for every octave that can be sampled)."""
+    from mehldau.sampling_compound import OCTAVE, PITCH, _allowed, _blocked_tables
+
+    V = 357
+    blocked, pitch = _blocked_tables(TOK, opts, V, torch.device("cpu"))
+    for a in range(6):
+        assert torch.equal(blocked[a], ~_allowed(TOK, a, opts, None, V, 1, "cpu"))
+    assert pitch.shape == (int(TOK.sizes[OCTAVE]), V)
+    for o in range(int(TOK.sizes[OCTAVE])):
+        assert torch.equal(pitch[o], ~_allowed(TOK, PITCH, opts, torch.tensor([o]), V, 1,
+                                               "cpu")[0])
+    assert sample_events(tiny_model(), TOK, torch.full((2, 1, 6), -1), 0, opts, 16)[1].shape \
+        == (1, 6)

@@ -31,6 +31,7 @@ preset, trained from scratch, to false (docs/moonbeam.md §3.7 says why).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import asdict, dataclass, fields
@@ -43,6 +44,7 @@ from mehldau.constants import IGNORE_INDEX
 from mehldau.errors import UserError
 from mehldau.nn import checkpointing
 from mehldau.nn.blocks import KV
+from mehldau.nn.relative_attention import StaticKV
 
 # Input columns: onset, duration, octave, pitch class, instrument, velocity; all but the
 # instrument go through a Fundamental Music Embedding (docs/moonbeam.md §3.2).
@@ -230,17 +232,40 @@ class MoonbeamOutput:
     # kept when training with activation checkpointing: only the losses are)
     loss: torch.Tensor | None = None  # nats per event: the sum of attribute_loss
     attribute_loss: torch.Tensor | None = None  # (6,) mean cross-entropy of each attribute
-    past_key_values: list[KV] | None = None
+    past_key_values: list[KV | StaticKV] | None = None
+
+
+# The rate and frequency tables below depend only on sizes, bases, device and dtype; computed
+# once per combination rather than at every call (a sampled event made 15 float64 `pow`s and
+# as many `arange`s for them). Callers must not modify the tables they get.
+@functools.lru_cache(maxsize=64)
+def _fme_table(d: int, base: float, device: torch.device, dtype: torch.dtype | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rate (d,), even (d,) bool): fp32 from float64 when dtype is None, else the
+    reference's fp32 CPU expression rounded to `dtype`."""
+    with torch.inference_mode(False):  # a table made while sampling serves training too
+        return _make_fme_table(d, base, device, dtype)
+
+
+def _make_fme_table(d: int, base: float, device: torch.device, dtype: torch.dtype | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    if dtype is None:
+        j = torch.arange(d, device=device)
+        rate = torch.pow(torch.tensor(float(base), dtype=torch.float64, device=device),
+                         -(2 * (j // 2)).double() / d).float()
+    else:
+        j = torch.arange(d)  # the reference's table: its expression, in fp32, on the CPU
+        rate = (1 / torch.pow(base, (2 * (j // 2)) / d)).to(device, dtype)
+        j = j.to(device)
+    return rate, j % 2 == 0
 
 
 def fme_encoding(x: torch.Tensor, d: int, base: float) -> torch.Tensor:
     """The FME's sinusoid in fp32: (...,) integers -> (..., d), with sin at even and cos at
     odd j (interleaved, unlike RoPE's halves) and rate_j = base^(-2*floor(j/2)/d)."""
-    j = torch.arange(d, device=x.device)
-    rate = torch.pow(torch.tensor(float(base), dtype=torch.float64, device=x.device),
-                     -(2 * (j // 2)).double() / d).float()  # (d,)
+    rate, even = _fme_table(d, float(base), x.device, None)  # (d,)
     angle = x.float()[..., None] * rate  # (..., d)
-    return torch.where(j % 2 == 0, torch.sin(angle), torch.cos(angle))
+    return torch.where(even, torch.sin(angle), torch.cos(angle))
 
 
 def reference_fme_encoding(x: torch.Tensor, d: int, base: float,
@@ -248,10 +273,9 @@ def reference_fme_encoding(x: torch.Tensor, d: int, base: float,
     """The FME's sinusoid as the reference computes it in `dtype` (§3.7): its fp32 rate
     table rounded to `dtype`, the integers cast to `dtype` before the product, sin/cos of
     those angles in `dtype`. (...,) -> (..., d)."""
-    j = torch.arange(d)  # the reference's table: its expression, in fp32, on the CPU
-    rate = (1 / torch.pow(base, (2 * (j // 2)) / d)).to(x.device, dtype)  # (d,)
+    rate, even = _fme_table(d, float(base), x.device, dtype)  # (d,)
     angle = x.to(dtype)[..., None] * rate  # in bf16, 1001 * rate is 1000 * rate
-    return torch.where(j.to(x.device) % 2 == 0, torch.sin(angle), torch.cos(angle))
+    return torch.where(even, torch.sin(angle), torch.cos(angle))
 
 
 def compute_dtype(linear: nn.Module) -> torch.dtype:
@@ -320,20 +344,32 @@ def mra_rotary(positions: torch.Tensor, head_dim: int, bases: tuple[float, ...],
     (0, 1, 2, 3, 0, 5)[g] with base bases[g]; HF rotate-half layout. In fp32 from exact
     rates; with `reference` (a 16-bit dtype), as the reference computes them there: its fp32
     `inv_freq` rounded to that dtype, the product in fp32, cos/sin cast to it."""
-    device = positions.device
     cols = positions[..., [0, 1, 2, 3, 0, 5]].float()  # (B, L, 6); exact below 2^24
-    if reference is None:
-        base = torch.tensor(bases, dtype=torch.float64, device=device)  # (6,)
-        exps = torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim
-        inv_freq = base[:, None].pow(-exps).float()  # (6, hd/2)
-    else:  # the reference's buffer, 1 / base^(2i/hd) in fp32 on the CPU, cast with the model
-        exps = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
-        inv_freq = torch.stack([1.0 / (b ** exps) for b in bases]).to(device, reference).float()
+    inv_freq = _inv_freq(head_dim, tuple(bases), positions.device, reference)  # (6, hd/2)
     freqs = cols.transpose(1, 2)[..., None] * inv_freq[None, :, None, :]  # (B,6,L,hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (B, 6, L, hd)
     if reference is None:
         return emb.cos(), emb.sin()
     return emb.cos().to(reference), emb.sin().to(reference)
+
+
+@functools.lru_cache(maxsize=64)
+def _inv_freq(head_dim: int, bases: tuple[float, ...], device: torch.device,
+              reference: torch.dtype | None) -> torch.Tensor:
+    """mra_rotary's (6, hd/2) fp32 frequencies, computed once per combination."""
+    with torch.inference_mode(False):  # a table made while sampling serves training too
+        return _make_inv_freq(head_dim, bases, device, reference)
+
+
+def _make_inv_freq(head_dim: int, bases: tuple[float, ...], device: torch.device,
+                   reference: torch.dtype | None) -> torch.Tensor:
+    if reference is None:
+        base = torch.tensor(bases, dtype=torch.float64, device=device)  # (6,)
+        exps = torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim
+        return base[:, None].pow(-exps).float()  # (6, hd/2)
+    # the reference's buffer, 1 / base^(2i/hd) in fp32 on the CPU, cast with the model
+    exps = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    return torch.stack([1.0 / (b ** exps) for b in bases]).to(device, reference).float()
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -362,7 +398,8 @@ class MRAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, H, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, past: KV | None = None) -> tuple[torch.Tensor, KV]:
+                mask: torch.Tensor | None, past: KV | StaticKV | None = None
+                ) -> tuple[torch.Tensor, KV | StaticKV]:
         B, L, _ = x.shape
         rep = self.n_heads // self.n_kv
         q = self.q_proj(x).view(B, L, self.n_kv, rep, self.head_dim).permute(0, 2, 3, 1, 4)
@@ -371,9 +408,23 @@ class MRAttention(nn.Module):
         # Q heads {2g, 2g+1} and KV head g share group g's rotation.
         q = apply_rotary(q, cos[:, :, None], sin[:, :, None]).reshape(B, self.n_heads, L, -1)
         k = apply_rotary(k, cos, sin)
-        if past is not None:  # the cache holds rotated keys
-            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
-        present = (k, v)
+        # The cache holds rotated keys: written in place into a `StaticKV`, or (the plain
+        # path the static one is tested against) grown by concatenation.
+        present: KV | StaticKV
+        if isinstance(past, StaticKV):
+            k, v = past.extend(k, v)
+            present = past
+        else:
+            if past is not None:
+                k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
+            present = (k, v)
+        if isinstance(past, StaticKV) and L == 1 and mask is None:
+            # One event against the cache: SDPA's grouped-query mode reads KV head g for Q
+            # heads 2g, 2g+1 without the copies below, which write twice the whole cache per
+            # layer and event (4x slower attention at 2,048 positions, hd 256, on the CPU);
+            # the same numbers on the CPU (tested against the plain path event for event).
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+            return self.o_proj(y.transpose(1, 2).reshape(B, L, -1)), present
         k = k.repeat_interleave(rep, dim=1)  # KV head g serves Q heads 2g, 2g+1
         v = v.repeat_interleave(rep, dim=1)
         if mask is None:
@@ -381,6 +432,11 @@ class MRAttention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, L, -1)), present  # (B, L, H)
+
+
+def cached_length(past: KV | StaticKV) -> int:
+    """Positions one layer's cache holds."""
+    return past.length if isinstance(past, StaticKV) else past[0].shape[2]
 
 
 class MLP(nn.Module):
@@ -403,7 +459,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, past: KV | None = None) -> tuple[torch.Tensor, KV]:
+                mask: torch.Tensor | None, past: KV | StaticKV | None = None
+                ) -> tuple[torch.Tensor, KV | StaticKV]:
         a, present = self.self_attn(self.input_layernorm(x), cos, sin, mask, past)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), present
@@ -459,13 +516,13 @@ class MoonbeamModel(nn.Module):
         return self.supplementary_MLP(x)  # every position, specials included; no residual
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                past_key_values: list[KV] | None = None,
-                ) -> tuple[torch.Tensor, list[KV]]:
+                past_key_values: list[KV | StaticKV] | None = None,
+                ) -> tuple[torch.Tensor, list[KV | StaticKV]]:
         B, L, _ = input_ids.shape
         x = self.embed_tokens(input_ids)
         cos, sin = mra_rotary(rotary_positions(input_ids), self.config.head_dim,
                               self.config.rope_bases, self.reference_dtype())
-        past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        past_len = 0 if past_key_values is None else cached_length(past_key_values[0])
         mask = None
         if attention_mask is not None:
             if past_len:
@@ -556,7 +613,7 @@ class MoonbeamForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,
-                past_key_values: list[KV] | None = None,
+                past_key_values: list[KV | StaticKV] | None = None,
                 use_cache: bool = False) -> MoonbeamOutput:
         """input_ids (B, L, 6) raw values (also the MRA positions); labels (B, L, 7) flat ids
         [0, Δonset, dur, oct, pc, instr, vel], rows of IGNORE_INDEX (-100) have no target
