@@ -229,16 +229,20 @@ def profile(branch: str, device: str, dtype: torch.dtype, n: int = 256, rows: in
     print(prof.key_averages().table(sort_by=key, row_limit=rows))
 
 
-def other_branch(name: str, a: argparse.Namespace) -> None:
-    """moonbeam_lora / scg_diffusion: their own modules' `measure`, printed as they say."""
+def other_branch(name: str, a: argparse.Namespace) -> list[dict]:
+    """moonbeam_lora / scg_diffusion: the rows of their own modules' `measure`, printed."""
     sys.path.insert(0, str(Path(__file__).parent))
     try:
         module = importlib.import_module(f"sampling_{name}")
     except ImportError as e:
         print(f"\n{name}: skipped ({e})")
-        return
+        return []
     print(f"\n{name}:")
-    module.measure(a.device, DTYPES[a.dtype])
+    rows = module.measure(a.device, DTYPES[a.dtype])
+    for r in rows:
+        print("  " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                               for k, v in r.items()))
+    return rows
 
 
 def main() -> None:
