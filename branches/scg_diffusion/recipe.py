@@ -389,13 +389,15 @@ def generate(cfg: DictConfig, ckpt: Path) -> list[Path]:
     names = _rule_names(cfg)
     weights = {k: float(v) for k, v in (cfg.rules.get("weights") or {}).items()}
     solver_name, eta = str(cfg.sampler.get("name") or "ddim"), float(cfg.sampler.eta)
+    spacing = str(cfg.sampler.get("spacing") or "uniform")
     try:
-        stochastic = Solver(model.schedule, solver_name, eta).stochastic
+        stochastic = Solver(model.schedule, solver_name, eta, spacing).stochastic
         # SCG chooses among a step's random draws: a deterministic sampler can only go unguided
         guiding = any(cfg.rules.get(k) is not None for k in ("reference", "targets"))
         scg = (SCGConfig(candidates=int(cfg.scg.candidates), t_start=int(cfg.scg.t_start),
                          t_end=int(cfg.scg.t_end), every=int(cfg.scg.every), eta=eta,
-                         solver=solver_name) if stochastic or guiding else None)
+                         solver=solver_name, spacing=spacing)
+               if stochastic or guiding else None)
     except ValueError as e:
         raise UserError(f"bad scg/sampler option: {e}") from e
     steps = int(cfg.sampler.steps)
@@ -419,7 +421,7 @@ def generate(cfg: DictConfig, ckpt: Path) -> list[Path]:
 
     def window(loss_fn, gen: torch.Generator, inpaint) -> torch.Tensor:
         if loss_fn is None:  # scg_sample without a loss, with or without an SCGConfig
-            return sample(model.dit, Solver(model.schedule, solver_name, eta),
+            return sample(model.dit, Solver(model.schedule, solver_name, eta, spacing),
                           inpaint.known.shape, steps, gen, device=device, inpaint=inpaint)
         return scg_sample(model.dit, model.decode, loss_fn, model.schedule,
                           inpaint.known.shape, steps, scg, gen, device=device, inpaint=inpaint)
@@ -470,6 +472,7 @@ def generate(cfg: DictConfig, ckpt: Path) -> list[Path]:
             "unguided_midi": str(extra[b]), "seed": int(cfg.seed),
             "normalize": normalize,
             "scg": scg.to_dict(), "sampler_steps": steps, "sampler": solver_name,
+            "sampler_spacing": spacing,
             # the losses above are over the first window: these seconds of the output
             "scored_seconds": [start * tf / fps, (start + w) * tf / fps],
             "windows": len(windows),

@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from mehldau.nn.diffusion import SOLVERS, Denoiser, Inpaint, NoiseSchedule, Solver, sample
+from mehldau.nn.diffusion import SOLVERS, SPACINGS, Denoiser, Inpaint, NoiseSchedule, Solver, sample
 
 Decode = Callable[[Tensor], Tensor]  # latents (N, C, H, W) -> rolls (N, 2, T, 88)
 LossFn = Callable[[Tensor], Tensor]  # rolls (N, 2, T, 88) -> (N,), lower is better
@@ -59,11 +59,15 @@ class SCGConfig:
     every: int = 1  # guide every k-th step inside the window (the reference's interval)
     eta: float = 1.0  # DDIM eta: SCG needs a stochastic step
     solver: str = "ddim"  # or dpmpp_2m_sde (`mehldau.nn.diffusion.SOLVERS`; eta is DDIM's)
+    spacing: str = "uniform"  # timesteps even in t, or in log-SNR (`diffusion.SPACINGS`)
 
     def __post_init__(self) -> None:
         if self.candidates < 1 or self.every < 1:
             raise ValueError(f"candidates and every must be >= 1, got {self.candidates}, "
                              f"{self.every}")
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"unknown spacing '{self.spacing}'; choose from "
+                             f"{', '.join(SPACINGS)}")
         if self.solver not in SOLVERS:
             raise ValueError(f"unknown solver '{self.solver}'; choose from {', '.join(SOLVERS)}")
         if self.solver == "dpmpp_2m":
@@ -75,7 +79,7 @@ class SCGConfig:
             raise ValueError(f"need 0 <= t_end <= t_start, got {self.t_end}, {self.t_start}")
 
     def make_solver(self, schedule: NoiseSchedule) -> Solver:
-        return Solver(schedule, self.solver, self.eta)
+        return Solver(schedule, self.solver, self.eta, self.spacing)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -91,6 +91,24 @@ class NoiseSchedule:
         ts = torch.linspace(self.steps - 1, 0, steps, dtype=torch.float64).round().long()
         return ts.tolist()
 
+    def logsnr_timesteps(self, steps: int) -> list[int]:
+        """`steps` timesteps from T-1 down to 0, evenly spaced in log-SNR (DPM-Solver's
+        spacing for few steps: the step lengths its error bounds are stated in) and rounded;
+        where rounding would repeat a timestep (the low-noise end), they move apart to stay
+        distinct (steps = T gives every timestep)."""
+        if not 1 <= steps <= self.steps:
+            raise ValueError(f"steps must be in [1, {self.steps}], got {steps}")
+        a = self.alphas_cumprod
+        lam = 0.5 * torch.log(a / (1 - a))  # (T,), decreasing in t
+        want = torch.linspace(float(lam[-1]), float(lam[0]), steps, dtype=torch.float64)
+        ts = [int((lam - w).abs().argmin()) for w in want]
+        for k in range(steps - 2, -1, -1):  # from the clean end up: strictly decreasing
+            ts[k] = max(ts[k], ts[k + 1] + 1)
+        ts[0] = min(ts[0], self.steps - 1)
+        for k in range(1, steps):  # and from the noisy end down, inside 0..T-1
+            ts[k] = min(ts[k], ts[k - 1] - 1)
+        return ts
+
     def ddim_mean_std(self, x_t: Tensor, eps: Tensor, t: int, t_prev: int, eta: float
                       ) -> tuple[Tensor, float, Tensor]:
         """DDIM's p(x_{t_prev} | x_t) = N(mean, sigma^2 I) (arXiv 2010.02502 eq. 12, 16), and the
@@ -112,6 +130,7 @@ class NoiseSchedule:
 
 
 SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_2m_sde")
+SPACINGS = ("uniform", "logsnr")  # timesteps even in t (`ddim_timesteps`) or in log-SNR
 
 
 class Solver:
@@ -121,13 +140,21 @@ class Solver:
     trajectory; a step that does not continue the last one (a new run from T-1) starts over at
     first order."""
 
-    def __init__(self, schedule: NoiseSchedule, name: str = "ddim", eta: float = 0.0) -> None:
+    def __init__(self, schedule: NoiseSchedule, name: str = "ddim", eta: float = 0.0,
+                 spacing: str = "uniform") -> None:
         if name not in SOLVERS:
             raise ValueError(f"unknown solver '{name}'; choose from {', '.join(SOLVERS)}")
+        if spacing not in SPACINGS:
+            raise ValueError(f"unknown spacing '{spacing}'; choose from {', '.join(SPACINGS)}")
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
-        self.schedule, self.name, self.eta = schedule, name, eta
+        self.schedule, self.name, self.eta, self.spacing = schedule, name, eta, spacing
         self.reset()
+
+    def timesteps(self, steps: int) -> list[int]:
+        if self.spacing == "logsnr":
+            return self.schedule.logsnr_timesteps(steps)
+        return self.schedule.ddim_timesteps(steps)
 
     def reset(self) -> None:
         self._last: tuple[Tensor, int, int] | None = None  # (x0, t, t_prev) of the last step
@@ -257,7 +284,7 @@ def sample(denoiser: Denoiser, solver: Solver, shape: tuple[int, ...], steps: in
            generator: torch.Generator | None = None, x_T: Tensor | None = None,
            device: torch.device | str | None = None, step_hook: StepHook | None = None,
            inpaint: Inpaint | None = None) -> Tensor:
-    """Sample x_0 of `shape` in `steps` steps of `solver`, at `ddim_timesteps(steps)`.
+    """Sample x_0 of `shape` in `steps` steps of `solver`, at its `timesteps(steps)`.
 
     x_T is drawn from `generator` unless given. `step_hook(x_t, t, t_prev)` may take any step
     itself (SCG does) by returning (x_{t_prev}, x0_pred); returning None runs the plain step.
@@ -267,7 +294,7 @@ def sample(denoiser: Denoiser, solver: Solver, shape: tuple[int, ...], steps: in
     schedule = solver.schedule
     solver.reset()
     x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T
-    ts = schedule.ddim_timesteps(steps)
+    ts = solver.timesteps(steps)
     if inpaint is not None:
         x = inpaint.hold(x, schedule, ts[0], generator)
     for k, (t, t_prev) in enumerate(zip(ts, ts[1:] + [-1])):
