@@ -9,8 +9,8 @@ Random weights (speed does not depend on training). The sampler settings are
 mehldau-generate's defaults (configs/generate.yaml: sampler.*, scg.*), so a changed default
 is what gets measured; "guided" is one SCG draw with every rule on, against a synthetic
 reference roll's features (generate also draws the unguided twin, which costs one
-"unguided" more). Each case runs once after one warm-up. `measure` is what
-benchmarks/sampling.py calls.
+"unguided" more); on the CPU only at batch 1. Each case runs once after a warm-up of the DiT
+and the decoder. `measure` is what benchmarks/sampling.py calls.
 """
 
 from __future__ import annotations
@@ -39,10 +39,13 @@ def _sync(device: str) -> None:
 
 def measure(device: str = "cpu", dtype: torch.dtype = torch.float32, *,
             preset: str = "scg_base", batches: tuple[int, ...] = (1, 8),
-            steps: int | None = None) -> list[dict]:
-    """One row per (batch, unguided | guided): seconds, real-time factor (music seconds of
-    the whole batch per compute second) and reverse steps per second. `steps` overrides the
-    default sampler.steps (for a quick CPU run)."""
+            guided_batches: tuple[int, ...] | None = None, steps: int | None = None
+            ) -> list[dict]:
+    """One row per (batch, unguided | guided), printed as a table and returned: seconds,
+    real-time factor (music seconds of the whole batch per compute second) and reverse steps
+    per second. `steps` overrides the default sampler.steps (for a quick CPU run);
+    `guided_batches` defaults to `batches` on a GPU and to batch 1 on the CPU, where a guided
+    base-preset batch of 8 decodes 64 candidate rolls per step (tens of minutes)."""
     # the synthetic reference roll of benchmarks/scg.py (benchmarks/ is no package)
     spec = importlib.util.spec_from_file_location("_bench_scg", Path(__file__).with_name("scg.py"))
     bench_scg = importlib.util.module_from_spec(spec)
@@ -75,10 +78,16 @@ def measure(device: str = "cpu", dtype: torch.dtype = torch.float32, *,
         _sync(device)
         return time.perf_counter() - t0
 
-    draw(1, True)  # warm-up: kernels, allocator
+    if guided_batches is None:
+        guided_batches = batches if device.startswith("cuda") else (1,)
+    with torch.no_grad():  # warm-up: kernels, allocator (the DiT and a candidates' decode)
+        model.dit(torch.zeros(cfg.candidates, *dcfg.latent_shape(), device=device, dtype=dtype),
+                  torch.zeros(cfg.candidates, dtype=torch.long, device=device))
+        model.decode(torch.zeros(cfg.candidates, *dcfg.latent_shape(), device=device,
+                                 dtype=dtype))
     rows = []
     for batch in batches:
-        for guided in (False, True):
+        for guided in (False, True)[:1 + (batch in guided_batches)]:
             seconds = draw(batch, guided)
             rows.append({"preset": preset, "device": device, "dtype": str(dtype).split(".")[-1],
                          "batch": batch, "mode": "guided" if guided else "unguided",
@@ -87,6 +96,12 @@ def measure(device: str = "cpu", dtype: torch.dtype = torch.float32, *,
                          "seconds": round(seconds, 3),
                          "realtime_factor": round(batch * music / seconds, 3),
                          "steps_per_s": round(steps / seconds, 2)})
+    print(f"{preset}, {device} {rows[0]['dtype']}, {cfg.solver} {steps} steps, "
+          f"{cfg.candidates} candidates guided, {music:.2f} s per sample")
+    print(f"{'batch':>5} {'mode':<9} {'s':>8} {'music s / s':>11} {'steps/s':>8}")
+    for r in rows:
+        print(f"{r['batch']:>5} {r['mode']:<9} {r['seconds']:8.2f} {r['realtime_factor']:11.2f} "
+              f"{r['steps_per_s']:8.2f}")
     return rows
 
 
@@ -100,10 +115,6 @@ def main() -> None:
     a = ap.parse_args()
     rows = measure(a.device, DTYPES[a.dtype], preset=a.preset, steps=a.steps,
                    batches=tuple(int(b) for b in a.batches.split(",")))
-    print(f"{'batch':>5} {'mode':<9} {'s':>8} {'music s / s':>11} {'steps/s':>8}")
-    for r in rows:
-        print(f"{r['batch']:>5} {r['mode']:<9} {r['seconds']:8.2f} {r['realtime_factor']:11.2f} "
-              f"{r['steps_per_s']:8.2f}")
     print(json.dumps(rows))
 
 
