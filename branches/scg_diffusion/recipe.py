@@ -420,7 +420,7 @@ def generate(cfg: DictConfig, ckpt: Path) -> list[Path]:
         return rule_losses(rolls, targets_at(rolls.size(2)), names, fps=fps)
 
     def window(loss_fn, gen: torch.Generator, inpaint) -> torch.Tensor:
-        if loss_fn is None:  # scg_sample without a loss, with or without an SCGConfig
+        if loss_fn is None:  # scg_sample(None)'s draws, also for dpmpp_2m (SCGConfig refuses it)
             return sample(model.dit, Solver(model.schedule, solver_name, eta, spacing),
                           inpaint.known.shape, steps, gen, device=device, inpaint=inpaint)
         return scg_sample(model.dit, model.decode, loss_fn, model.schedule,
