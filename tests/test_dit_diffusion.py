@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from mehldau.nn.diffusion import NoiseSchedule, conditional, ddim_sample, ddpm_loss
+from mehldau.nn.diffusion import (
+    NoiseSchedule,
+    Solver,
+    conditional,
+    ddim_sample,
+    ddpm_loss,
+    sample,
+)
 from mehldau.nn.dit import DiT, DiTConfig
 
 TINY_DIT = dict(in_channels=4, patch_size=(2, 2), hidden_size=32, depth=2, num_heads=2)
@@ -108,6 +115,70 @@ def test_step_hook_replaces_steps():
     x = ddim_sample(_toy_denoiser, s, (1, 4, 8, 6), 5, generator=gen(0), step_hook=hook)
     assert seen == [(999, 749), (749, 500), (500, 250), (250, 0), (0, -1)]
     assert torch.equal(x, torch.zeros_like(x))
+
+
+MU, SD = 1.5, 0.5  # data ~ N(MU, SD^2) per element: the exact eps is known in closed form
+
+
+def _gaussian_eps(s: NoiseSchedule):
+    def eps(x, t):
+        a = s.alphas_cumprod[t].float().view(-1, *([1] * (x.dim() - 1)))
+        return (1 - a).sqrt() * (x - a.sqrt() * MU) / (a * SD**2 + 1 - a)
+    return eps
+
+
+def test_dpmpp_2m_follows_the_exact_ode_closer_than_ddim():
+    # For Gaussian data the probability-flow ODE keeps each point's z-score, so x_T maps to
+    # MU + SD * (x_T - sqrt(abar_T) MU) / sqrt(var_T) exactly. DDIM (eta = 0) is DPM-Solver's
+    # first order; the second-order multistep term must cut its error many times over.
+    s = NoiseSchedule()
+    x_T = torch.randn(4000, 1, generator=gen(0))
+    a = s.abar(999)
+    exact = MU + SD * (x_T - math.sqrt(a) * MU) / math.sqrt(a * SD**2 + 1 - a)
+    err = {name: float((sample(_gaussian_eps(s), Solver(s, name), x_T.shape, 50, x_T=x_T)
+                        - exact).abs().max()) for name in ("ddim", "dpmpp_2m")}
+    assert err["dpmpp_2m"] < 0.02 and err["dpmpp_2m"] < err["ddim"] / 5, err  # 0.006 vs 0.12
+
+
+def test_logsnr_spacing_cuts_dpmpp_2m_error_at_few_steps():
+    # The linear schedule's last uniform step (t 111 -> 0 of 10) spans most of the log-SNR
+    # range; even log-SNR steps are what the solver's error is small in.
+    s = NoiseSchedule()
+    x_T = torch.randn(4000, 1, generator=gen(0))
+    a = s.abar(999)
+    exact = MU + SD * (x_T - math.sqrt(a) * MU) / math.sqrt(a * SD**2 + 1 - a)
+    err = {sp: float((sample(_gaussian_eps(s), Solver(s, "dpmpp_2m", spacing=sp), x_T.shape, 10,
+                             x_T=x_T) - exact).abs().max()) for sp in ("uniform", "logsnr")}
+    assert err["logsnr"] < 0.05 and err["logsnr"] < err["uniform"] / 5, err  # 0.03 vs 0.47
+    for steps in (1, 2, 10, 50, 1000):
+        ts = s.logsnr_timesteps(steps)
+        assert len(ts) == steps and ts[0] == 999 and all(a > b for a, b in zip(ts, ts[1:]))
+        assert steps == 1 or ts[-1] == 0
+
+
+def test_dpmpp_2m_sde_reaches_the_data_distribution_where_ddim_eta1_does_not():
+    s = NoiseSchedule()
+    stats = {}
+    for name, eta in (("dpmpp_2m_sde", 0.0), ("ddim", 1.0)):
+        x = sample(_gaussian_eps(s), Solver(s, name, eta), (20000, 1), 50, gen(1))
+        stats[name] = float(x.mean()), float(x.std())
+    mean, std = stats["dpmpp_2m_sde"]
+    assert abs(mean - MU) < 0.01 and abs(std - SD) < 0.025, stats  # 1.497, 0.511
+    assert abs(stats["ddim"][1] - SD) > 0.04, stats  # 50 first-order steps shrink it: 0.44
+
+
+def test_dpmpp_2m_sde_first_order_step_is_ddim_eta1():
+    # With 2 steps (999 -> 0 -> clean) both steps are first order: DDIM eta = 1, draw for
+    # draw. With more, the second-order term must change the result.
+    s = NoiseSchedule()
+    sde, ddim = Solver(s, "dpmpp_2m_sde"), Solver(s, "ddim", 1.0)
+    for steps, same in ((2, True), (10, False)):
+        a = sample(_toy_denoiser, sde, (2, 4, 8, 6), steps, gen(3))
+        b = sample(_toy_denoiser, ddim, (2, 4, 8, 6), steps, gen(3))
+        assert torch.allclose(a, b, atol=1e-5) == same
+    assert sde.stochastic and ddim.stochastic and not Solver(s, "dpmpp_2m").stochastic
+    with pytest.raises(ValueError):
+        Solver(s, "euler")
 
 
 def test_dit_adaln_zero_init():

@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from mehldau.guidance.stochastic_control_guidance import SCGConfig, scg_sample, scg_step
-from mehldau.nn.diffusion import Inpaint, NoiseSchedule, conditional, ddim_sample
+from mehldau.nn.diffusion import (
+    Inpaint,
+    NoiseSchedule,
+    Solver,
+    conditional,
+    ddim_sample,
+    sample,
+)
 from mehldau.nn.dit import DiT, DiTConfig
 from mehldau.nn.latent_diffusion import stitch
 from mehldau.nn.vqvae import VQVAE, VQVAEConfig
@@ -54,6 +61,8 @@ def test_config_validation():
         SCGConfig(candidates=0)
     with pytest.raises(ValueError):
         SCGConfig(t_start=100, t_end=200)
+    with pytest.raises(ValueError):  # deterministic: every candidate would be the same
+        SCGConfig(solver="dpmpp_2m")
 
 
 def test_candidates_are_evaluated_in_one_batched_call_per_step(tiny):
@@ -78,17 +87,20 @@ def test_candidates_are_evaluated_in_one_batched_call_per_step(tiny):
     assert denoiser.batches == [B, B, B, n * B, B, n * B] and len(decode.batches) == 2
 
 
-def test_scg_with_one_candidate_equals_unguided_sampling(tiny):
+@pytest.mark.parametrize("solver", ["ddim", "dpmpp_2m_sde"])
+def test_scg_with_one_candidate_equals_unguided_sampling(tiny, solver):
     dit, vae, shape = tiny
     denoiser = conditional(dit, torch.tensor([0, 1]))
-    s, cfg = NoiseSchedule(), SCGConfig(candidates=1, t_start=999, eta=1.0)
-    plain = ddim_sample(denoiser, s, shape, 8, eta=1.0, generator=gen(3))
+    s, cfg = NoiseSchedule(), SCGConfig(candidates=1, t_start=999, eta=1.0, solver=solver)
+    plain = sample(denoiser, Solver(s, solver, 1.0), shape, 8, gen(3))
+    if solver == "ddim":
+        assert torch.equal(plain, ddim_sample(denoiser, s, shape, 8, eta=1.0, generator=gen(3)))
     off = scg_sample(denoiser, vae.decode, None, s, shape, 8, cfg, gen(3))
     one = scg_sample(denoiser, vae.decode, density_loss, s, shape, 8, cfg, gen(3))
     assert torch.equal(plain, off)
     assert torch.allclose(plain, one, atol=1e-6)
     many = scg_sample(denoiser, vae.decode, density_loss, s, shape, 8,
-                      SCGConfig(candidates=4, t_start=999), gen(3))
+                      SCGConfig(candidates=4, t_start=999, solver=solver), gen(3))
     assert (many - plain).abs().max() > 1e-2  # n > 1 does choose differently
 
 

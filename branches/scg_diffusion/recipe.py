@@ -55,6 +55,7 @@ from mehldau.guidance.rules import (
 )
 from mehldau.guidance.stochastic_control_guidance import SCGConfig, scg_sample
 from mehldau.io import atomic_file, atomic_write_midi
+from mehldau.nn.diffusion import Solver, sample
 from mehldau.nn.latent_diffusion import LatentDiffusion, LatentDiffusionConfig, stitch
 from mehldau.nn.vqvae import VQVAE, VQVAEConfig, reconstruction_report
 from mehldau.recipes.run import (
@@ -387,10 +388,16 @@ def generate(cfg: DictConfig, ckpt: Path) -> list[Path]:
     tf = VQVAEConfig(**dcfg.autoencoder).time_factor
     names = _rule_names(cfg)
     weights = {k: float(v) for k, v in (cfg.rules.get("weights") or {}).items()}
+    solver_name, eta = str(cfg.sampler.get("name") or "ddim"), float(cfg.sampler.eta)
+    spacing = str(cfg.sampler.get("spacing") or "uniform")
     try:
-        scg = SCGConfig(candidates=int(cfg.scg.candidates), t_start=int(cfg.scg.t_start),
-                        t_end=int(cfg.scg.t_end), every=int(cfg.scg.every),
-                        eta=float(cfg.sampler.eta))
+        stochastic = Solver(model.schedule, solver_name, eta, spacing).stochastic
+        # SCG chooses among a step's random draws: a deterministic sampler can only go unguided
+        guiding = any(cfg.rules.get(k) is not None for k in ("reference", "targets"))
+        scg = (SCGConfig(candidates=int(cfg.scg.candidates), t_start=int(cfg.scg.t_start),
+                         t_end=int(cfg.scg.t_end), every=int(cfg.scg.every), eta=eta,
+                         solver=solver_name, spacing=spacing)
+               if stochastic or guiding else None)
     except ValueError as e:
         raise UserError(f"bad scg/sampler option: {e}") from e
     steps = int(cfg.sampler.steps)
@@ -412,11 +419,16 @@ def generate(cfg: DictConfig, ckpt: Path) -> list[Path]:
     def losses(rolls: torch.Tensor) -> dict[str, torch.Tensor]:
         return rule_losses(rolls, targets_at(rolls.size(2)), names, fps=fps)
 
+    def window(loss_fn, gen: torch.Generator, inpaint) -> torch.Tensor:
+        if loss_fn is None:  # scg_sample(None)'s draws, also for dpmpp_2m (SCGConfig refuses it)
+            return sample(model.dit, Solver(model.schedule, solver_name, eta, spacing),
+                          inpaint.known.shape, steps, gen, device=device, inpaint=inpaint)
+        return scg_sample(model.dit, model.decode, loss_fn, model.schedule,
+                          inpaint.known.shape, steps, scg, gen, device=device, inpaint=inpaint)
+
     def draw(loss_fn) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
-        z, windows = stitch(lambda inpaint, _: scg_sample(
-            model.dit, model.decode, loss_fn, model.schedule, inpaint.known.shape, steps, scg,
-            gen, device=device, inpaint=inpaint), **plan)
+        z, windows = stitch(lambda inpaint, _: window(loss_fn, gen, inpaint), **plan)
         return model.decode(z).float().clamp(0, 1), windows
 
     with torch.no_grad():
@@ -459,7 +471,8 @@ def generate(cfg: DictConfig, ckpt: Path) -> list[Path]:
             "scales": scales,  # each rule's loss was divided by this (unguided mean)
             "unguided_midi": str(extra[b]), "seed": int(cfg.seed),
             "normalize": normalize,
-            "scg": scg.to_dict(), "sampler_steps": steps,
+            "scg": scg.to_dict(), "sampler_steps": steps, "sampler": solver_name,
+            "sampler_spacing": spacing,
             # the losses above are over the first window: these seconds of the output
             "scored_seconds": [start * tf / fps, (start + w) * tf / fps],
             "windows": len(windows),

@@ -94,6 +94,21 @@ def test_without_rules_it_samples_unguided(runs, tmp_path: Path) -> None:
     assert out.is_file() and not out.with_suffix(".json").exists()
 
 
+def test_solvers_sample_unguided_and_guided(runs, tmp_path: Path) -> None:
+    # The deterministic DPM-Solver++ samples without rules; its SDE variant guides (that its
+    # unguided draw is the plain sampler's, seed for seed, is tested on latents in test_scg).
+    ref = next(runs["data"].rglob("*.mid"))
+    out = tmp_path / "ode.mid"
+    assert generate([f"ckpt={runs['dit']}", f"out={out}", "sampler.steps=4",
+                     "sampler.name=dpmpp_2m"]) == 0
+    assert out.is_file()
+    guided = tmp_path / "g.mid"
+    common = [f"ckpt={runs['dit']}", "sampler.steps=4", "sampler.name=dpmpp_2m_sde", "seed=3"]
+    assert generate([*common, f"out={guided}", f"rules.reference={ref}",
+                     "scg.candidates=3"]) == 0
+    assert json.loads(guided.with_suffix(".json").read_text())["sampler"] == "dpmpp_2m_sde"
+
+
 def test_stage_defaults_fill_only_null_train_keys() -> None:
     full = OmegaConf.load(Path(__file__).parents[2] / "configs/train/default.yaml")
     full.merge_with({"max_steps": None, "lr": 0.5,
@@ -128,6 +143,8 @@ def test_diffusion_init_must_be_an_autoencoder_run(runs, tmp_path: Path, capsys)
     (["rules.use=[tempo]", "rules.reference=REF"], "unknown rule 'tempo'"),
     (["rules.reference=/no/such.mid"], "rules.reference not found"),
     (["rules.reference=REF", "sampler.eta=0"], "stochastic sampler"),
+    (["rules.reference=REF", "sampler.name=dpmpp_2m"], "stochastic sampler"),
+    (["sampler.name=euler"], "unknown solver 'euler'"),
     (["rules.reference=REF", "sampler.steps=5000"], "sampler.steps"),
     (["rules.targets=BADJSON"], "has no 'pitch_histogram' target"),
 ])

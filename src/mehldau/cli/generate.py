@@ -24,6 +24,7 @@ Options: prompt=FILE.mid prompt_seconds=S seconds=S temperature=T top_k=K top_p=
 A setting the checkpoint's branch does not use is refused, naming the ones it uses.
 scg_diffusion: rules.reference=FILE.mid rules.offset=S rules.use=[pitch_histogram,...]
          rules.targets=FILE.json scg.candidates=N sampler.steps=N sampler.eta=E
+         sampler.name=ddim|dpmpp_2m_sde|dpmpp_2m sampler.spacing=uniform|logsnr
 --cfg prints the composed configuration and exits."""
 
 

@@ -1,7 +1,8 @@
 """Stochastic Control Guidance (SCG; Huang et al., ICML 2024, arXiv 2402.14285): steer a latent
 diffusion sampler toward a non-differentiable rule by choosing among its own random steps.
 
-At each guided reverse step t -> t_prev of a stochastic sampler (DDIM with eta > 0):
+At each guided reverse step t -> t_prev of a stochastic sampler (DDIM with eta > 0, or
+SDE-DPM-Solver++(2M), `mehldau.nn.diffusion.Solver`):
   1. from the unguided eps(x_t, t) take the step's mean mu and std sigma;
   2. draw n candidates x_prev^i = mu + sigma eps_i, eps_i ~ N(0, I);
   3. predict each candidate's clean latent x0^i (Tweedie, from one batched denoiser call over
@@ -16,7 +17,11 @@ Differences from the reference code (`scg_sample` in `guided_diffusion/gaussian_
   step costs one denoiser call (batch n*B) instead of two;
 - the sampler is DDIM with eta > 0 (eta = 1 with all T steps is DDPM with the posterior
   variance; the reference's tables use DDPM's "fixed large" variance);
-- the last step (t_prev = -1) has sigma = 0, so all candidates coincide: it is not guided.
+- the last step (t_prev = -1) has sigma = 0, so all candidates coincide: it is not guided;
+- `solver=dpmpp_2m_sde` draws the candidates around DPM-Solver++'s second-order mean with the
+  same sigma as DDIM eta = 1 (its first-order step is that DDIM step); the step's x0, from
+  which the next step's second-order term comes, is x_t's, shared by all candidates. The
+  deterministic `dpmpp_2m` has nothing to choose among and is refused.
 Hand-written because no library implements SCG; it needs only a denoiser, a decoder and a loss.
 
 Seeds: `generator` first draws x_T (B, ...), then each step draws its noise in step order:
@@ -40,7 +45,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from mehldau.nn.diffusion import Denoiser, Inpaint, NoiseSchedule, ddim_sample
+from mehldau.nn.diffusion import SOLVERS, SPACINGS, Denoiser, Inpaint, NoiseSchedule, Solver, sample
 
 Decode = Callable[[Tensor], Tensor]  # latents (N, C, H, W) -> rolls (N, 2, T, 88)
 LossFn = Callable[[Tensor], Tensor]  # rolls (N, 2, T, 88) -> (N,), lower is better
@@ -53,15 +58,28 @@ class SCGConfig:
     t_end: int = 0
     every: int = 1  # guide every k-th step inside the window (the reference's interval)
     eta: float = 1.0  # DDIM eta: SCG needs a stochastic step
+    solver: str = "ddim"  # or dpmpp_2m_sde (`mehldau.nn.diffusion.SOLVERS`; eta is DDIM's)
+    spacing: str = "uniform"  # timesteps even in t, or in log-SNR (`diffusion.SPACINGS`)
 
     def __post_init__(self) -> None:
         if self.candidates < 1 or self.every < 1:
             raise ValueError(f"candidates and every must be >= 1, got {self.candidates}, "
                              f"{self.every}")
-        if self.eta <= 0:
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"unknown spacing '{self.spacing}'; choose from "
+                             f"{', '.join(SPACINGS)}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"unknown solver '{self.solver}'; choose from {', '.join(SOLVERS)}")
+        if self.solver == "dpmpp_2m":
+            raise ValueError("SCG needs a stochastic sampler; dpmpp_2m is deterministic (use "
+                             "dpmpp_2m_sde, or ddim with eta > 0)")
+        if self.solver == "ddim" and self.eta <= 0:
             raise ValueError(f"SCG needs a stochastic sampler (eta > 0), got eta={self.eta}")
         if not 0 <= self.t_end <= self.t_start:
             raise ValueError(f"need 0 <= t_end <= t_start, got {self.t_end}, {self.t_start}")
+
+    def make_solver(self, schedule: NoiseSchedule) -> Solver:
+        return Solver(schedule, self.solver, self.eta, self.spacing)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,16 +100,19 @@ def _ts(t: int, n: int, device: torch.device) -> Tensor:
 @torch.no_grad()
 def scg_step(denoiser: Denoiser, decode: Decode, loss_fn: LossFn, schedule: NoiseSchedule,
              x_t: Tensor, eps: Tensor, t: int, t_prev: int, candidates: int, eta: float,
-             generator: torch.Generator | None = None, inpaint: Inpaint | None = None
-             ) -> SCGStep:
+             generator: torch.Generator | None = None, inpaint: Inpaint | None = None,
+             solver: Solver | None = None) -> SCGStep:
     """One guided step from x_t (B, ...) whose eps = denoiser(x_t, t) is already known;
-    `inpaint`'s rows are held in every candidate."""
-    if eta <= 0:
-        raise ValueError(f"SCG needs a stochastic sampler (eta > 0), got eta={eta}")
+    `inpaint`'s rows are held in every candidate. `solver` (default DDIM with `eta`, which
+    is then all `eta` sets) gives the step's mean and sigma."""
+    solver = solver or Solver(schedule, "ddim", eta)
+    if not solver.stochastic:
+        raise ValueError(f"SCG needs a stochastic sampler (eta > 0 or dpmpp_2m_sde), got "
+                         f"{solver.name} with eta={solver.eta}")
     if t_prev < 0:
         raise ValueError("the last step (t_prev = -1) has sigma = 0: nothing to choose")
     n, B = candidates, x_t.size(0)
-    mean, sigma, _ = schedule.ddim_mean_std(x_t, eps, t, t_prev, eta)
+    mean, sigma, _ = solver.mean_std(x_t, eps, t, t_prev)
     noise = torch.randn((n, *x_t.shape), generator=generator, device=x_t.device,
                         dtype=x_t.dtype)  # (n, B, ...)
     cand = (mean + sigma * noise).flatten(0, 1)  # (n*B, ...), candidate-major
@@ -114,10 +135,11 @@ class _SCGHook:
     reusing the winner's eps so each step calls the denoiser once."""
 
     def __init__(self, denoiser: Denoiser, decode: Decode, loss_fn: LossFn,
-                 schedule: NoiseSchedule, cfg: SCGConfig, generator: torch.Generator | None,
+                 solver: Solver, cfg: SCGConfig, generator: torch.Generator | None,
                  inpaint: Inpaint | None = None):
         self.denoiser, self.decode, self.loss_fn = denoiser, decode, loss_fn
-        self.schedule, self.cfg, self.generator = schedule, cfg, generator
+        self.solver, self.schedule = solver, solver.schedule
+        self.cfg, self.generator = cfg, generator
         self.inpaint = inpaint
         self.eps: Tensor | None = None  # denoiser(x_t, t) when the last step computed it
         self.in_window = 0  # steps seen inside the window, for `every`
@@ -131,12 +153,13 @@ class _SCGHook:
             guided = self.in_window % cfg.every == 0 and t_prev >= 0
             self.in_window += 1
         if not guided:
-            x_prev, x0 = self.schedule.ddim_step(x, eps, t, t_prev, cfg.eta, self.generator)
+            x_prev, x0 = self.solver.step(x, eps, t, t_prev, self.generator)
             if self.inpaint is not None:
                 x_prev = self.inpaint.hold(x_prev, self.schedule, t_prev, self.generator)
             return x_prev, x0
         out = scg_step(self.denoiser, self.decode, self.loss_fn, self.schedule, x, eps, t,
-                       t_prev, cfg.candidates, cfg.eta, self.generator, self.inpaint)
+                       t_prev, cfg.candidates, cfg.eta, self.generator, self.inpaint,
+                       self.solver)
         self.eps = out.eps
         return out.x_prev, out.x0
 
@@ -147,11 +170,11 @@ def scg_sample(denoiser: Denoiser, decode: Decode, loss_fn: LossFn | None,
                cfg: SCGConfig | None = None, generator: torch.Generator | None = None,
                x_T: Tensor | None = None, device: torch.device | str | None = None,
                inpaint: Inpaint | None = None) -> Tensor:
-    """Sample latents x_0 of `shape` with SCG; `loss_fn=None` samples without guidance (plain
-    DDIM with cfg.eta, the same seed mapping). `inpaint`: rows held to known latents (prompt
-    continuation). Decode the result with `decode` for rolls."""
+    """Sample latents x_0 of `shape` with SCG; `loss_fn=None` samples without guidance (the
+    plain sampler of cfg.solver and cfg.eta, the same seed mapping). `inpaint`: rows held to
+    known latents (prompt continuation). Decode the result with `decode` for rolls."""
     cfg = cfg or SCGConfig()
-    hook = None if loss_fn is None else _SCGHook(denoiser, decode, loss_fn, schedule, cfg,
+    solver = cfg.make_solver(schedule)
+    hook = None if loss_fn is None else _SCGHook(denoiser, decode, loss_fn, solver, cfg,
                                                  generator, inpaint)
-    return ddim_sample(denoiser, schedule, shape, steps, cfg.eta, generator, x_T, device, hook,
-                       inpaint)
+    return sample(denoiser, solver, shape, steps, generator, x_T, device, hook, inpaint)

@@ -1,5 +1,6 @@
-"""Gaussian diffusion on latents: DDPM training (Ho et al. 2020, arXiv 2006.11239) and DDIM
-sampling (Song et al. 2020, arXiv 2010.02502).
+"""Gaussian diffusion on latents: DDPM training (Ho et al. 2020, arXiv 2006.11239), DDIM
+sampling (Song et al. 2020, arXiv 2010.02502) and DPM-Solver++(2M) (Lu et al. 2022, arXiv
+2211.01095), deterministic or its SDE variant.
 
 Conventions: t indexes the schedule's steps 0..T-1 (t = 0 is the least noisy); x_t =
 sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps; the model predicts eps (the reference's objective:
@@ -12,6 +13,15 @@ the reference's DDPM tables use the "fixed large" variance beta_t, which only di
 Randomness: `ddim_sample` draws x_T from `generator` first, then one normal tensor of the
 sample's shape per step whose sigma is > 0 (none when eta = 0, and none on the last step,
 whose sigma is always 0), so a seed fixes the whole trajectory.
+
+Solvers (`Solver`, `SOLVERS`): every reverse step t -> t_prev is a Gaussian N(mean, sigma^2 I)
+given eps(x_t, t), so one sampling loop (`sample`) and SCG serve them all. `ddim` (eta);
+`dpmpp_2m`: DPM-Solver++'s multistep second-order update of the data prediction x0 (the
+probability-flow ODE, sigma = 0: fewer steps for the same error); `dpmpp_2m_sde`: its SDE
+variant, whose first-order step *is* DDIM with eta = 1 (same mean, same sigma), plus the
+second-order correction from the previous step's x0. Both take first-order steps at the start
+and on the last step (to t = -1, where the log-SNR is infinite), as the paper's solver does.
+They draw noise exactly as DDIM does (one tensor per step whose sigma > 0).
 
 Inpainting (RePaint, Lugmayr et al. 2022, arXiv 2201.09865, without its resampling jumps):
 `Inpaint` holds known clean latents on some time rows; after every step those rows of
@@ -81,6 +91,24 @@ class NoiseSchedule:
         ts = torch.linspace(self.steps - 1, 0, steps, dtype=torch.float64).round().long()
         return ts.tolist()
 
+    def logsnr_timesteps(self, steps: int) -> list[int]:
+        """`steps` timesteps from T-1 down to 0, evenly spaced in log-SNR (DPM-Solver's
+        spacing for few steps: the step lengths its error bounds are stated in) and rounded;
+        where rounding would repeat a timestep (the low-noise end), they move apart to stay
+        distinct (steps = T gives every timestep)."""
+        if not 1 <= steps <= self.steps:
+            raise ValueError(f"steps must be in [1, {self.steps}], got {steps}")
+        a = self.alphas_cumprod
+        lam = 0.5 * torch.log(a / (1 - a))  # (T,), decreasing in t
+        want = torch.linspace(float(lam[-1]), float(lam[0]), steps, dtype=torch.float64)
+        ts = [int((lam - w).abs().argmin()) for w in want]
+        for k in range(steps - 2, -1, -1):  # from the clean end up: strictly decreasing
+            ts[k] = max(ts[k], ts[k + 1] + 1)
+        ts[0] = min(ts[0], self.steps - 1)
+        for k in range(1, steps):  # and from the noisy end down, inside 0..T-1
+            ts[k] = min(ts[k], ts[k - 1] - 1)
+        return ts
+
     def ddim_mean_std(self, x_t: Tensor, eps: Tensor, t: int, t_prev: int, eta: float
                       ) -> tuple[Tensor, float, Tensor]:
         """DDIM's p(x_{t_prev} | x_t) = N(mean, sigma^2 I) (arXiv 2010.02502 eq. 12, 16), and the
@@ -95,6 +123,79 @@ class NoiseSchedule:
                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """One DDIM step -> (x_{t_prev}, x0_pred). Draws noise only when sigma > 0."""
         mean, sigma, x0 = self.ddim_mean_std(x_t, eps, t, t_prev, eta)
+        if sigma == 0.0:
+            return mean, x0
+        noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        return mean + sigma * noise, x0
+
+
+SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_2m_sde")
+SPACINGS = ("uniform", "logsnr")  # timesteps even in t (`ddim_timesteps`) or in log-SNR
+
+
+class Solver:
+    """The reverse-step rule of one sampling run: `ddim` with `eta`, `dpmpp_2m` (ODE) or
+    `dpmpp_2m_sde`. The DPM-Solver++ ones are multistep: each step remembers its x0 (data
+    prediction) for the next step's second-order term, so use a fresh Solver (or `reset`) per
+    trajectory; a step that does not continue the last one (a new run from T-1) starts over at
+    first order."""
+
+    def __init__(self, schedule: NoiseSchedule, name: str = "ddim", eta: float = 0.0,
+                 spacing: str = "uniform") -> None:
+        if name not in SOLVERS:
+            raise ValueError(f"unknown solver '{name}'; choose from {', '.join(SOLVERS)}")
+        if spacing not in SPACINGS:
+            raise ValueError(f"unknown spacing '{spacing}'; choose from {', '.join(SPACINGS)}")
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        self.schedule, self.name, self.eta, self.spacing = schedule, name, eta, spacing
+        self.reset()
+
+    def timesteps(self, steps: int) -> list[int]:
+        if self.spacing == "logsnr":
+            return self.schedule.logsnr_timesteps(steps)
+        return self.schedule.ddim_timesteps(steps)
+
+    def reset(self) -> None:
+        self._last: tuple[Tensor, int, int] | None = None  # (x0, t, t_prev) of the last step
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether a step (other than the last) draws noise: what SCG chooses among."""
+        return self.name == "dpmpp_2m_sde" or (self.name == "ddim" and self.eta > 0)
+
+    def _lambda(self, t: int) -> float:  # log-SNR: log(alpha_t / sigma_t)
+        a = self.schedule.abar(t)
+        return 0.5 * math.log(a / (1 - a))
+
+    def mean_std(self, x_t: Tensor, eps: Tensor, t: int, t_prev: int
+                 ) -> tuple[Tensor, float, Tensor]:
+        """p(x_{t_prev} | x_t) = N(mean, sigma^2 I) and x0_pred, from eps = eps(x_t, t). Call
+        once per step, in order: the multistep solvers record this step's x0."""
+        if self.name == "ddim":
+            return self.schedule.ddim_mean_std(x_t, eps, t, t_prev, self.eta)
+        a = self.schedule.abar(t)
+        x0 = (x_t - math.sqrt(1 - a) * eps) / math.sqrt(a)
+        last, self._last = self._last, (x0, t, t_prev)
+        if t_prev < 0:  # the last step, first order: x_{-1} = x0 (both solvers)
+            return x0, 0.0, x0
+        a_prev = self.schedule.abar(t_prev)
+        alpha_p, sigma_p, sigma_t = math.sqrt(a_prev), math.sqrt(1 - a_prev), math.sqrt(1 - a)
+        h = self._lambda(t_prev) - self._lambda(t)
+        d = x0  # first order; second order (paper's Alg. 2, midpoint): x0 + (x0 - x0_last) / 2r
+        if last is not None and last[2] == t and t_prev > 0:
+            r = (self._lambda(t) - self._lambda(last[1])) / h
+            d = x0 + (x0 - last[0]) / (2 * r)
+        if self.name == "dpmpp_2m":
+            return sigma_p / sigma_t * x_t - alpha_p * math.expm1(-h) * d, 0.0, x0
+        # SDE-DPM-Solver++(2M): sigma_p^2 (1 - e^{-2h}) is DDIM eta = 1's variance
+        mean = sigma_p / sigma_t * math.exp(-h) * x_t - alpha_p * math.expm1(-2 * h) * d
+        return mean, sigma_p * math.sqrt(-math.expm1(-2 * h)), x0
+
+    def step(self, x_t: Tensor, eps: Tensor, t: int, t_prev: int,
+             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """One step -> (x_{t_prev}, x0_pred). Draws noise only when sigma > 0."""
+        mean, sigma, x0 = self.mean_std(x_t, eps, t, t_prev)
         if sigma == 0.0:
             return mean, x0
         noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
@@ -172,15 +273,28 @@ def ddim_sample(denoiser: Denoiser, schedule: NoiseSchedule, shape: tuple[int, .
                 steps: int = 50, eta: float = 0.0, generator: torch.Generator | None = None,
                 x_T: Tensor | None = None, device: torch.device | str | None = None,
                 step_hook: StepHook | None = None, inpaint: Inpaint | None = None) -> Tensor:
-    """Sample x_0 of `shape` in `steps` DDIM steps (steps = T and eta = 1: ancestral DDPM).
+    """Sample x_0 of `shape` in `steps` DDIM steps (steps = T and eta = 1: ancestral DDPM);
+    `sample` with `Solver(schedule, "ddim", eta)`."""
+    return sample(denoiser, Solver(schedule, "ddim", eta), shape, steps, generator, x_T, device,
+                  step_hook, inpaint)
+
+
+@torch.no_grad()
+def sample(denoiser: Denoiser, solver: Solver, shape: tuple[int, ...], steps: int = 50,
+           generator: torch.Generator | None = None, x_T: Tensor | None = None,
+           device: torch.device | str | None = None, step_hook: StepHook | None = None,
+           inpaint: Inpaint | None = None) -> Tensor:
+    """Sample x_0 of `shape` in `steps` steps of `solver`, at its `timesteps(steps)`.
 
     x_T is drawn from `generator` unless given. `step_hook(x_t, t, t_prev)` may take any step
     itself (SCG does) by returning (x_{t_prev}, x0_pred); returning None runs the plain step.
     `inpaint`: rows held to known latents (see `Inpaint`); a hook that takes a step must
     hold them itself (its x_{t_prev} is used as returned).
     """
+    schedule = solver.schedule
+    solver.reset()
     x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T
-    ts = schedule.ddim_timesteps(steps)
+    ts = solver.timesteps(steps)
     if inpaint is not None:
         x = inpaint.hold(x, schedule, ts[0], generator)
     for k, (t, t_prev) in enumerate(zip(ts, ts[1:] + [-1])):
@@ -188,7 +302,7 @@ def ddim_sample(denoiser: Denoiser, schedule: NoiseSchedule, shape: tuple[int, .
         out = step_hook(x, t, t_prev) if step_hook is not None else None
         if out is None:
             eps = denoiser(x, torch.full((x.size(0),), t, dtype=torch.long, device=x.device))
-            out = schedule.ddim_step(x, eps, t, t_prev, eta, generator)
+            out = solver.step(x, eps, t, t_prev, generator)
             if inpaint is not None:
                 out = (inpaint.hold(out[0], schedule, t_prev, generator), out[1])
         x = out[0]
