@@ -230,7 +230,7 @@ def profile(branch: str, device: str, dtype: torch.dtype, n: int = 256, rows: in
 
 
 def other_branch(name: str, a: argparse.Namespace) -> list[dict]:
-    """moonbeam_lora / scg_diffusion: the rows of their own modules' `measure`, printed."""
+    """moonbeam_lora / scg_diffusion: their own modules' `measure`, its rows printed."""
     sys.path.insert(0, str(Path(__file__).parent))
     try:
         module = importlib.import_module(f"sampling_{name}")
@@ -239,9 +239,8 @@ def other_branch(name: str, a: argparse.Namespace) -> list[dict]:
         return []
     print(f"\n{name}:")
     rows = module.measure(a.device, DTYPES[a.dtype])
-    for r in rows:
-        print("  " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                               for k, v in r.items()))
+    if hasattr(module, "print_rows"):  # scg's measure prints its own table
+        module.print_rows(rows)
     return rows
 
 

@@ -159,7 +159,16 @@ def main() -> None:
           f"{cfg.decoder_num_hidden_layers} x {cfg.decoder_hidden_size}, vocab "
           f"{cfg.decode_vocab_size}, window {cfg.max_len}; {a.device}, {a.dtype}, torch threads "
           f"{torch.get_num_threads()}; {a.events} events; music at {NOTES_PER_SECOND} notes/s")
-    rows = measure(a.device, DTYPES[a.dtype], a.events, a.preset, repeats=a.repeats)
+    print_rows(measure(a.device, DTYPES[a.dtype], a.events, a.preset, repeats=a.repeats))
+    if a.profile:
+        n = min(a.events, 300)
+        for static in (False, True):
+            print(f"\nprofile: batch 1, {n} events, {'static' if static else 'plain'} cache")
+            print(profile(a.preset, 1, n, a.device, DTYPES[a.dtype], static))
+
+
+def print_rows(rows: list[dict]) -> None:
+    """`measure`'s rows as lines, with static / plain and batch 8 / batch 1 ratios."""
     for r in rows:
         first = f", first note {r['first_note_s'] * 1e3:6.1f} ms" if "first_note_s" in r else ""
         print(f"batch {r['batch']:2d} {r['cache']:6s}: {r['events_per_s']:8.1f} events/s, "
@@ -172,11 +181,6 @@ def main() -> None:
     b1, b8 = by[1, "static"], by[max(by)[0], "static"]
     print(f"batch {b8['batch']} / batch 1 throughput (static): "
           f"{b8['events_per_s'] / b1['events_per_s']:.2f}x")
-    if a.profile:
-        n = min(a.events, 300)
-        for static in (False, True):
-            print(f"\nprofile: batch 1, {n} events, {'static' if static else 'plain'} cache")
-            print(profile(a.preset, 1, n, a.device, DTYPES[a.dtype], static))
 
 
 if __name__ == "__main__":
