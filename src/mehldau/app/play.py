@@ -40,7 +40,7 @@ class Settings:
     rule_offset: float = 0.0
     rule_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # in the order of RULES
     candidates: int = 8
-    steps: int = 50
+    steps: int = 20  # configs/generate.yaml sampler.steps (docs/scg_sampling_speed.md)
 
 
 def overrides(run: RunInfo, s: Settings, out: Path, prompt: Path | None = None,

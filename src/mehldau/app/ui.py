@@ -254,7 +254,7 @@ def build(cfg: AppConfig) -> tuple[gr.Blocks, App]:
                     w_density = gr.Slider(0, 5, value=1, step=0.1, label="note density weight")
                     w_chord = gr.Slider(0, 5, value=1, step=0.1, label="chord weight")
                     candidates = gr.Slider(1, 16, value=8, step=1, label="candidates")
-                    steps = gr.Slider(5, 200, value=50, step=5, label="DDIM steps")
+                    steps = gr.Slider(5, 200, value=P.Settings.steps, step=5, label="DDIM steps")
             with gr.Row():
                 go = gr.Button("Generate", variant="primary", elem_id="generate")
                 stop = gr.Button("Stop", variant="stop", elem_id="stop")
