@@ -18,7 +18,8 @@ with a 5 s prompt from the demo corpus, through the grammar mask `mehldau-genera
 moonbeam_lora and scg_diffusion come from `sampling_moonbeam.py` and `sampling_scg.py`.
 
 Every figure is the best of `--repeats` runs: on a shared machine the fastest run is the one
-least disturbed, and each path gets the same chance.
+least disturbed. A branch's paths and batch sizes take turns within each round, so each gets
+the same chance and the same slow spells.
 
     python benchmarks/sampling.py                      # CPU, fp32, 1,024 tokens
     python benchmarks/sampling.py --only production --profile
@@ -59,17 +60,25 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def best_rate(run: Callable[[], object], units: int, device: str, repeats: int) -> float:
-    """`units` per second of the fastest of `repeats` calls of `run` (after one warm-up)."""
-    run()
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
+Runner = tuple[Callable[[], object], int]  # a call, and the units (tokens) it produces
+
+
+def best_rates(runners: dict[str, Runner], device: str, repeats: int) -> dict[str, float]:
+    """Units per second of each runner: the fastest of `repeats` calls after one warm-up.
+    The runners take turns, round after round, so that a slow spell of a shared machine
+    (memory bandwidth here moves by 20 % over tens of seconds) falls on all of them and the
+    ratios between them hold."""
+    for run, _ in runners.values():
         run()
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return units / best
+    best = dict.fromkeys(runners, float("inf"))
+    for _ in range(repeats):
+        for key, (run, _) in runners.items():
+            sync(device)
+            t0 = time.perf_counter()
+            run()
+            sync(device)
+            best[key] = min(best[key], time.perf_counter() - t0)
+    return {key: units / best[key] for key, (_, units) in runners.items()}
 
 
 def base_model(branch: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -92,9 +101,8 @@ def decoder(model: torch.nn.Module, fast: bool):
     return KVCacheDecoder(model, model.config.max_seq_len, static=fast, fused=fast)
 
 
-def ours(model: torch.nn.Module, batch: int, n: int, device: str, fast: bool, repeats: int
-         ) -> float:
-    """New tokens per second, all rows counted."""
+def ours(model: torch.nn.Module, batch: int, n: int, device: str, fast: bool) -> Runner:
+    """Sampling `n` new tokens per row (all rows counted)."""
     prompt = torch.ones(batch, 1, dtype=torch.long, device=device)
 
     def run() -> None:
@@ -102,11 +110,10 @@ def ours(model: torch.nn.Module, batch: int, n: int, device: str, fast: bool, re
         out = sample_tokens(decoder(model, fast), prompt, n, SamplingConfig(), gen)
         assert out.shape == (batch, n + 1)
 
-    return best_rate(run, batch * n, device, repeats)
+    return run, batch * n
 
 
-def hf(model: torch.nn.Module, batch: int, n: int, device: str, dtype: torch.dtype,
-       repeats: int) -> float:
+def hf(model: torch.nn.Module, batch: int, n: int, device: str, dtype: torch.dtype) -> Runner:
     """The same for GPT-2 of the same shape through `generate` (absolute positions; it does
     no relative-attention work)."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -128,12 +135,11 @@ def hf(model: torch.nn.Module, batch: int, n: int, device: str, dtype: torch.dty
                                use_cache=True, pad_token_id=0)
         assert out.shape == (batch, n + 1)
 
-    return best_rate(run, batch * n, device, repeats)
+    return run, batch * n
 
 
-def weights_floor(model: torch.nn.Module, batch: int, n: int, device: str, repeats: int
-                  ) -> float:
-    """Tokens/s of the step's matrix products alone (fused layout, no attention, no
+def weights_floor(model: torch.nn.Module, batch: int, n: int, device: str) -> Runner:
+    """The step's matrix products alone (fused layout, no attention, no
     sampling): what reading the weights costs, a ceiling no sampler of this model passes."""
     from mehldau.nn.fused_step import FusedStep, _linear
 
@@ -147,12 +153,10 @@ def weights_floor(model: torch.nn.Module, batch: int, n: int, device: str, repea
             for _ in range(n):
                 for layer in step.layers:
                     for wb in (layer.qkv, layer.o, layer.up, layer.down):
-                        w = wb[0]
-                        _linear(x[w.shape[0] if step.transpose else w.shape[1]], wb,
-                                step.transpose)
-                _linear(x[model.config.d_model], step.head, step.transpose)
+                        _linear(x[wb[0].shape[1]], wb, step.packed)  # w: (out, in)
+                _linear(x[model.config.d_model], step.head, step.packed)
 
-    return best_rate(run, batch * n, device, repeats)
+    return run, batch * n
 
 
 def demo_ids() -> list[np.ndarray]:
@@ -190,11 +194,17 @@ def token_branch(branch: str, a: argparse.Namespace, per_token: float, prompt: n
     print(f"\n{branch}: {c.n_layers} x {c.d_model}, {c.n_heads} heads, d_ff {c.d_ff}, "
           f"vocab {c.vocab_size}, context {c.max_seq_len}")
     row: dict = {"branch": branch}
-    for batch, n in ((1, a.tokens), (a.batch, a.tokens // 2)):
-        fast = ours(model, batch, n, a.device, True, a.repeats)
-        plain = ours(model, batch, n, a.device, False, a.repeats)
-        anchor = hf(model, batch, n, a.device, dtype, a.repeats)
-        floor = weights_floor(model, batch, n, a.device, a.repeats)
+    sizes = ((1, a.tokens), (a.batch, a.tokens // 2))
+    runners: dict[str, Runner] = {}
+    for batch, n in sizes:
+        runners |= {f"fast{batch}": ours(model, batch, n, a.device, True),
+                    f"plain{batch}": ours(model, batch, n, a.device, False),
+                    f"hf{batch}": hf(model, batch, n, a.device, dtype),
+                    f"floor{batch}": weights_floor(model, batch, n, a.device)}
+    rate = best_rates(runners, a.device, a.repeats)
+    for batch, n in sizes:
+        fast, plain, anchor, floor = (rate[f"{k}{batch}"] for k in ("fast", "plain", "hf",
+                                                                     "floor"))
         row[batch] = (fast, plain, anchor)
         print(f"  batch {batch:2d}, {n} tokens: {fast:7.1f} tok/s (plain path {plain:7.1f}, "
               f"fast/plain {fast / plain:.2f}x), HF GPT-2 generate {anchor:7.1f} tok/s, "

@@ -116,15 +116,20 @@ def test_bad_config_values_raise() -> None:
         SamplingConfig(temperature=0)
 
 
-@pytest.mark.parametrize("rows,activation", [(1, "gelu"), (3, "gelu"), (1, "swiglu")])
-def test_the_static_cache_and_fused_step_sample_what_the_plain_path_does(rows: int,
-                                                                         activation: str
-                                                                         ) -> None:
-    """The fast paths (buffers written in place; then fused weights, laid out transposed for
-    one row on CPU) against the plain one (concatenation, steps through the modules), past
-    the context so that all rebuild, with a pinned prefix token."""
+@pytest.mark.parametrize("rows,activation,packed", [(1, "gelu", True), (3, "gelu", True),
+                                                    (1, "swiglu", True), (3, "gelu", False)])
+def test_the_static_cache_and_fused_step_sample_what_the_plain_path_does(
+        rows: int, activation: str, packed: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast paths (buffers written in place; then fused weights, oneDNN-packed on CPU or
+    dense where oneDNN is missing) against the plain one (concatenation, steps through the
+    modules), past the context so that all rebuild, with a pinned prefix token."""
+    from mehldau.nn import fused_step
     from mehldau.nn.relative_attention import StaticKV
 
+    if packed and not fused_step.onednn_available(torch.zeros(1)):
+        pytest.skip("this torch has no oneDNN")
+    if not packed:
+        monkeypatch.setattr(fused_step, "onednn_available", lambda weight: False)
     model = tiny(activation=activation)
     prompt = torch.randint(3, 40, (rows, 4))
     runs = [sample_tokens(KVCacheDecoder(model, 24, prefix_len=1, static=s, fused=f), prompt,
@@ -135,7 +140,7 @@ def test_the_static_cache_and_fused_step_sample_what_the_plain_path_does(rows: i
     dec, plain = KVCacheDecoder(model, 24), KVCacheDecoder(model, 24, static=False)
     assert dec.fast is None
     torch.testing.assert_close(dec.prefill(prompt), plain.prefill(prompt))
-    assert dec.fast is not None and dec.fast.transpose == (rows == 1)
+    assert dec.fast is not None and dec.fast.packed == packed and dec.fast.rows == rows
     first = dec.past[0]
     assert isinstance(first, StaticKV) and first.length == 4
     ptr = first.k.data_ptr()
@@ -148,8 +153,8 @@ def test_the_static_cache_and_fused_step_sample_what_the_plain_path_does(rows: i
 
 
 def test_the_fused_step_is_kept_on_the_model_until_a_weight_changes() -> None:
-    """Built once per layout (the copy would delay every first note), never stale: a weight
-    changed in place or replaced makes the next decoder copy the weights again."""
+    """Built once per batch size (the copy would delay every first note), never stale: a
+    weight changed in place or replaced makes the next decoder copy the weights again."""
     model = tiny()
     prompt = torch.randint(3, 40, (1, 4))
 
@@ -170,6 +175,16 @@ def test_the_fused_step_is_kept_on_the_model_until_a_weight_changes() -> None:
     a, b, third = fresh_logits()
     assert third is not second
     torch.testing.assert_close(a, b)
+    # the packed copies live beside the model: one that has sampled still deep-copies and saves
+    import copy
+    import io
+
+    twin = copy.deepcopy(model)
+    torch.save(model, io.BytesIO())
+    dec = KVCacheDecoder(twin, 24)
+    dec.prefill(prompt)
+    torch.testing.assert_close(dec.step(torch.tensor([7])), a)
+    assert dec.fast is not third
 
 
 def test_the_fused_step_stands_aside_for_models_it_cannot_copy() -> None:

@@ -6,12 +6,15 @@ relative term for the single new query as a contiguous slice of the table, and s
 query at the end of the cache does not need (the causal mask: it may see every cached key;
 the index gather of `relative_logits_gather`; dropout).
 
-Why hand-written: no library we keep decodes Music Transformer relative attention, and the
-layout of the weights matters on CPU. At batch 1 a step is matrix-vector products, bound by
-reading the weights: with MKL on this project's 2-core CPU, `x @ W^T` stored transposed
-(GPT-2's `Conv1D` layout) ran 1.3-1.5x faster than `F.linear(x, W)` for the base preset's
-shapes, while at batch 8 `F.linear` was 1.5x faster (measured in one run each; see
-`benchmarks/sampling.py`). So the fused weights are laid out by the batch they serve.
+Why hand-written: no library we keep decodes Music Transformer relative attention, and how
+the weights are stored matters on CPU. A step is a few products of a handful of rows with
+every weight matrix, bound by reading the weights. On CPU (fp32) the fused weights are
+reordered once into oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, the
+form torch.compile's CPU backend freezes weights into) and multiplied by
+`torch.ops.mkldnn._linear_pointwise`. On this project's 2-core CPU the base preset's 25
+products per token took 3.8 ms that way against 6.4 ms through `F.linear` at batch 1, and
+3.9 against 7.8 ms at batch 8 (one run; `benchmarks/sampling.py` prints the whole step). Where
+those ops are missing (a torch built without oneDNN) or on other devices and dtypes, `F.linear`.
 
 The weights are copied from the model when the step is built, kept on the model for the
 next sample, and copied again once any parameter has changed: LoRA must be merged first (the
@@ -22,6 +25,8 @@ path.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -29,39 +34,79 @@ from torch import Tensor, nn
 from mehldau.nn.relative_attention import StaticKV
 
 
-def _linear(x: Tensor, wb: tuple[Tensor, Tensor | None], transposed: bool) -> Tensor:
-    w, b = wb  # w: (out, in), or (in, out) when transposed
-    if not transposed:
-        return F.linear(x, w, b)
-    return torch.addmm(b, x, w) if b is not None else x @ w
+def onednn_available(weight: Tensor) -> bool:
+    """Whether `weight`'s products can run on oneDNN-packed copies (fp32 on CPU)."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return False
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:  # private ops: present in every oneDNN build of torch 2.x, checked all the same
+        torch.ops.mkldnn._reorder_linear_weight, torch.ops.mkldnn._linear_pointwise  # noqa: B018
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def _pack(w: Tensor, b: Tensor | None, rows: int, packed: bool) -> tuple[Tensor, Tensor | None]:
+    # the reorder's batch hint picks oneDNN's blocking; packing for 1 row ran 1.5x slower at
+    # 8 rows than packing for 8, so the copy is made for the rows it serves
+    return (torch.ops.mkldnn._reorder_linear_weight(w, rows) if packed else w), b
+
+
+def _linear(x: Tensor, wb: tuple[Tensor, Tensor | None], packed: bool, gelu: bool = False,
+            residual: Tensor | None = None) -> Tensor:
+    """x W^T + b, then GELU, or plus `residual`: fused into the product by oneDNN, which
+    saves a pass over the activations and an operator call per use (each call costs
+    microseconds that a 6-layer step repeats dozens of times)."""
+    w, b = wb  # w: (out, in), dense or oneDNN-packed
+    if packed:
+        if residual is not None:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, w, b, "add")
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu" if gelu else "none", [],
+                                                  "none" if gelu else "")
+    y = F.linear(x, w, b)
+    if residual is not None:
+        return residual + y
+    return F.gelu(y) if gelu else y
 
 
 class _Layer:
     """One block's weights for a step: fused q/k/v, the output projection, the feed-forward
     (gate and up fused for SwiGLU), the two norms and the relative table."""
 
-    def __init__(self, block: nn.Module, transpose: bool) -> None:
+    def __init__(self, block: nn.Module, rows: int, packed: bool) -> None:
         a, m = block.attn, block.mlp
         self.heads, self.head_dim = a.n_heads, a.head_dim
         self.rel = a.rel_emb.detach() if a.impl != "sdpa" else None  # (H, R, Dh)
         self.ln1 = (block.ln_1.weight.detach(), block.ln_1.bias.detach(), block.ln_1.eps)
         self.ln2 = (block.ln_2.weight.detach(), block.ln_2.bias.detach(), block.ln_2.eps)
         self.swiglu = m.swiglu
-        self.transpose = transpose
-        self.qkv = self._pack([a.q_proj, a.k_proj, a.v_proj])  # (3C, C) or (C, 3C)
+        self.rows, self.packed = rows, packed
+        # 1/sqrt(Dh) folded into the q rows: a power of two for the presets' head sizes, so
+        # exact there, and one operator fewer per layer
+        self.qkv = self._pack([a.q_proj, a.k_proj, a.v_proj], q_scale=self.head_dim**-0.5)
         self.o = self._pack([a.o_proj])
         self.up = self._pack([m.gate_proj, m.up_proj] if m.swiglu else [m.up_proj])
         self.down = self._pack([m.down_proj])
 
-    def _pack(self, linears: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
+    def _pack(self, linears: list[nn.Linear], q_scale: float = 1.0
+              ) -> tuple[Tensor, Tensor | None]:
         w = torch.cat([lin.weight.detach() for lin in linears])  # (out, in)
         b = None
         if linears[0].bias is not None:
             b = torch.cat([lin.bias.detach() for lin in linears])
-        return (w.t().contiguous() if self.transpose else w), b
+        if q_scale != 1.0:
+            rows = linears[0].out_features
+            w = w.clone()
+            w[:rows] *= q_scale
+            if b is not None:
+                b = b.clone()
+                b[:rows] *= q_scale
+        return _pack(w, b, self.rows, self.packed)
 
-    def linear(self, x: Tensor, wb: tuple[Tensor, Tensor | None]) -> Tensor:
-        return _linear(x, wb, self.transpose)
+    def linear(self, x: Tensor, wb: tuple[Tensor, Tensor | None], gelu: bool = False,
+               residual: Tensor | None = None) -> Tensor:
+        return _linear(x, wb, self.packed, gelu, residual)
 
     def __call__(self, x: Tensor, cache: StaticKV) -> Tensor:
         """x (B, C): the new token's hidden state; its keys and values join `cache`."""
@@ -69,7 +114,7 @@ class _Layer:
         H, Dh = self.heads, self.head_dim
         h = F.layer_norm(x, (C,), *self.ln1[:2], self.ln1[2])
         qkv = self.linear(h, self.qkv).view(B, 3, H, 1, Dh)
-        q = qkv[:, 0] * Dh**-0.5  # (B, H, 1, Dh)
+        q = qkv[:, 0]  # (B, H, 1, Dh), already scaled
         k, v = cache.extend(qkv[:, 1], qkv[:, 2])  # (B, H, S, Dh), S = position + 1
         scores = q @ k.mT  # (B, H, 1, S)
         if self.rel is not None:
@@ -82,15 +127,19 @@ class _Layer:
             rel = torch.bmm(q.view(B, H, Dh).transpose(0, 1), self.rel[:, R - n:].mT)
             scores[..., S - n:] += rel.transpose(0, 1).unsqueeze(2)  # (B, H, 1, n)
         y = scores.softmax(-1) @ v  # (B, H, 1, Dh)
-        x = x + self.linear(y.view(B, C), self.o)
+        x = self.linear(y.view(B, C), self.o, residual=x)
         h = F.layer_norm(x, (C,), *self.ln2[:2], self.ln2[2])
-        u = self.linear(h, self.up)
         if self.swiglu:
-            gate, up = u.chunk(2, dim=-1)
+            gate, up = self.linear(h, self.up).chunk(2, dim=-1)
             u = F.silu(gate) * up
         else:
-            u = F.gelu(u)
-        return x + self.linear(u, self.down)
+            u = self.linear(h, self.up, gelu=True)
+        return self.linear(u, self.down, residual=x)
+
+
+# Kept beside the model rather than on it: oneDNN-packed tensors can be neither deep-copied nor
+# pickled, and a model that has sampled may be both (QLoRA's reference copy, torch.save).
+_STEPS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, FusedStep]] = weakref.WeakKeyDictionary()
 
 
 class FusedStep:
@@ -101,28 +150,26 @@ class FusedStep:
 
     def __init__(self, model: nn.Module, rows: int) -> None:
         ref = model.lm_head.weight
-        # CPU matrix-vector products are faster on transposed weights (module docstring)
-        transpose = ref.device.type == "cpu" and rows == 1
+        packed = onednn_available(ref)  # the module docstring says why
         self.embed = model.embed_tokens.weight.detach()  # (V, C)
-        self.layers = [_Layer(block, transpose) for block in model.layers]
+        self.layers = [_Layer(block, rows, packed) for block in model.layers]
         n = model.norm
         self.norm = (n.weight.detach(), n.bias.detach(), n.eps)
-        self.transpose = transpose
-        self.head = (ref.detach().t().contiguous() if transpose else ref.detach(), None)
+        self.rows, self.packed = rows, packed
+        self.head = _pack(ref.detach(), None, rows, packed)
 
     @classmethod
     def for_model(cls, model: nn.Module, rows: int) -> FusedStep:
-        """The step for `model`, built once per layout and kept on the model: building copies
-        every weight (0.4-1.2 s for the base preset on a busy 2-core CPU), which would otherwise
-        delay every sample's first note. Rebuilt when any parameter has changed since, in
-        place (its version counter) or replaced (its storage)."""
-        transpose = model.lm_head.weight.device.type == "cpu" and rows == 1
-        key = (transpose, tuple((p.data_ptr(), p._version, p.dtype) for p in model.parameters()))
-        cached = model.__dict__.get("_fused_step")  # not a submodule: no state_dict entry
+        """The step for `model`, built once per batch size and kept on the model: building
+        copies every weight (0.4-1.2 s for the base preset on a busy 2-core CPU), which would
+        otherwise delay every sample's first note. Rebuilt when any parameter has changed
+        since, in place (its version counter) or replaced (its storage)."""
+        key = (rows, tuple((p.data_ptr(), p._version, p.dtype) for p in model.parameters()))
+        cached = _STEPS.get(model)
         if cached is not None and cached[0] == key:
             return cached[1]
         step = cls(model, rows)
-        model.__dict__["_fused_step"] = (key, step)
+        _STEPS[model] = (key, step)
         return step
 
     @staticmethod
@@ -145,4 +192,4 @@ class FusedStep:
         for layer, cache in zip(self.layers, caches):
             x = layer(x, cache)
         x = F.layer_norm(x, (x.shape[-1],), *self.norm[:2], self.norm[2])
-        return _linear(x, self.head, self.transpose)  # (B, V)
+        return _linear(x, self.head, self.packed)  # (B, V)
