@@ -166,6 +166,11 @@ def test_the_fused_step_is_kept_on_the_model_until_a_weight_changes() -> None:
     a, b, first = fresh_logits()
     torch.testing.assert_close(a, b)
     assert fresh_logits()[2] is first
+    # another batch size gets its own copy, and the first stays
+    three = KVCacheDecoder(model, 24)
+    three.prefill(prompt.expand(3, -1))
+    assert three.fast is not first and three.fast.rows == 3
+    assert fresh_logits()[2] is first
     with torch.no_grad():
         model.layers[1].mlp.up_proj.weight.mul_(3.0)
     a, b, second = fresh_logits()

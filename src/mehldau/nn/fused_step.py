@@ -139,7 +139,8 @@ class _Layer:
 
 # Kept beside the model rather than on it: oneDNN-packed tensors can be neither deep-copied nor
 # pickled, and a model that has sampled may be both (QLoRA's reference copy, torch.save).
-_STEPS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, FusedStep]] = weakref.WeakKeyDictionary()
+_STEPS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, dict[int, FusedStep]]] = (
+    weakref.WeakKeyDictionary())
 
 
 class FusedStep:
@@ -147,6 +148,8 @@ class FusedStep:
 
     For the models built by `mehldau.nn.blocks.decoder_parts` (the Music Transformer and
     Perceiver AR, whose cached step runs every layer as a plain causal block)."""
+
+    KEEP = 4  # batch sizes whose copies `for_model` keeps per model
 
     def __init__(self, model: nn.Module, rows: int) -> None:
         ref = model.lm_head.weight
@@ -160,17 +163,22 @@ class FusedStep:
 
     @classmethod
     def for_model(cls, model: nn.Module, rows: int) -> FusedStep:
-        """The step for `model`, built once per batch size and kept on the model: building
+        """The step for `model` at `rows` rows, built once and kept beside the model: building
         copies every weight (0.4-1.2 s for the base preset on a busy 2-core CPU), which would
-        otherwise delay every sample's first note. Rebuilt when any parameter has changed
-        since, in place (its version counter) or replaced (its storage)."""
-        key = (rows, tuple((p.data_ptr(), p._version, p.dtype) for p in model.parameters()))
-        cached = _STEPS.get(model)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        step = cls(model, rows)
-        _STEPS[model] = (key, step)
-        return step
+        otherwise delay every sample's first note. One copy per batch size (a page at batch 1
+        and a comparison at batch 8 do not rebuild in turn), the last `KEEP` of them. All are
+        rebuilt once any parameter has changed, in place (its version counter) or replaced
+        (its storage)."""
+        weights = tuple((p.data_ptr(), p._version, p.dtype) for p in model.parameters())
+        kept = _STEPS.get(model)
+        if kept is None or kept[0] != weights:
+            kept = _STEPS[model] = (weights, {})
+        steps = kept[1]
+        if rows not in steps:
+            if len(steps) >= cls.KEEP:
+                del steps[next(iter(steps))]  # the oldest
+            steps[rows] = cls(model, rows)
+        return steps[rows]
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
