@@ -150,6 +150,33 @@ def test_the_static_cache_and_fused_step_sample_what_the_plain_path_does(
     assert dec.past[0] is first and first.k.data_ptr() == ptr and first.length == 14
     with pytest.raises(ValueError, match="rebuild"):
         first.extend(*(torch.zeros(rows, first.k.shape[1], 11, first.k.shape[3]),) * 2)
+    full = StaticKV(*(torch.zeros(rows, 2, 1, 3),) * 2, capacity=2)
+    assert full.append(*(torch.ones(rows, 2, 3),) * 2) == 2 and full.k[:, :, 1].eq(1).all()
+    with pytest.raises(ValueError, match="rebuild"):
+        full.append(*(torch.ones(rows, 2, 3),) * 2)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_the_fused_step_keeps_projection_biases_with_their_heads(rows: int) -> None:
+    """The fused q/k/v product puts each head's q, k and v side by side; biases must move with
+    their rows (the presets have none, a model built with them would)."""
+    model = tiny()
+    torch.manual_seed(1)
+    for layer in model.layers:
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            old = getattr(layer.attn, name)
+            new = torch.nn.Linear(old.in_features, old.out_features)
+            with torch.no_grad():
+                new.weight.copy_(old.weight)
+                new.bias.normal_(0, 0.5)
+            setattr(layer.attn, name, new)
+    prompt = torch.randint(3, 40, (rows, 4))
+    dec, plain = KVCacheDecoder(model, 24), KVCacheDecoder(model, 24, static=False)
+    torch.testing.assert_close(dec.prefill(prompt), plain.prefill(prompt))
+    assert dec.fast is not None
+    for t in range(6):
+        tok = torch.full((rows,), 5 + t)
+        torch.testing.assert_close(dec.step(tok), plain.step(tok), atol=1e-5, rtol=1e-5)
 
 
 def test_the_fused_step_is_kept_on_the_model_until_a_weight_changes() -> None:

@@ -82,26 +82,32 @@ class _Layer:
         self.ln2 = (block.ln_2.weight.detach(), block.ln_2.bias.detach(), block.ln_2.eps)
         self.swiglu = m.swiglu
         self.rows, self.packed = rows, packed
-        # 1/sqrt(Dh) folded into the q rows: a power of two for the presets' head sizes, so
-        # exact there, and one operator fewer per layer
-        self.qkv = self._pack([a.q_proj, a.k_proj, a.v_proj], q_scale=self.head_dim**-0.5)
+        self.qkv = self._pack_qkv(a)
         self.o = self._pack([a.o_proj])
         self.up = self._pack([m.gate_proj, m.up_proj] if m.swiglu else [m.up_proj])
         self.down = self._pack([m.down_proj])
 
-    def _pack(self, linears: list[nn.Linear], q_scale: float = 1.0
-              ) -> tuple[Tensor, Tensor | None]:
+    def _pack(self, linears: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
         w = torch.cat([lin.weight.detach() for lin in linears])  # (out, in)
         b = None
         if linears[0].bias is not None:
             b = torch.cat([lin.bias.detach() for lin in linears])
-        if q_scale != 1.0:
-            rows = linears[0].out_features
-            w = w.clone()
-            w[:rows] *= q_scale
-            if b is not None:
-                b = b.clone()
-                b[:rows] *= q_scale
+        return _pack(w, b, self.rows, self.packed)
+
+    def _pack_qkv(self, a: nn.Module) -> tuple[Tensor, Tensor | None]:
+        """q, k and v in one product whose output is head-major, (H, 3, Dh) per row: every
+        head's q, k and v then sit at one stride apart across batch rows and heads, so the
+        attention below views them as (B*H, Dh) without a copy. 1/sqrt(Dh) is folded into the
+        q rows: a power of two for the presets' head sizes, so exact there."""
+        H, Dh, C = self.heads, self.head_dim, a.d_model
+        scale = [Dh**-0.5, 1.0, 1.0]
+        projs = (a.q_proj, a.k_proj, a.v_proj)
+        w = torch.stack([p.weight.detach() * s for p, s in zip(projs, scale)])  # (3, C, C)
+        w = w.view(3, H, Dh, C).transpose(0, 1).reshape(3 * C, C)  # rows (H, 3, Dh)
+        b = None
+        if a.q_proj.bias is not None:
+            b = torch.stack([p.bias.detach() * s for p, s in zip(projs, scale)])  # (3, C)
+            b = b.view(3, H, Dh).transpose(0, 1).reshape(3 * C)
         return _pack(w, b, self.rows, self.packed)
 
     def linear(self, x: Tensor, wb: tuple[Tensor, Tensor | None], gelu: bool = False,
@@ -113,20 +119,29 @@ class _Layer:
         B, C = x.shape
         H, Dh = self.heads, self.head_dim
         h = F.layer_norm(x, (C,), *self.ln1[:2], self.ln1[2])
-        qkv = self.linear(h, self.qkv).view(B, 3, H, 1, Dh)
-        q = qkv[:, 0]  # (B, H, 1, Dh), already scaled
-        k, v = cache.extend(qkv[:, 1], qkv[:, 2])  # (B, H, S, Dh), S = position + 1
-        scores = q @ k.mT  # (B, H, 1, S)
-        if self.rel is not None:
+        qkv = self.linear(h, self.qkv).view(B, H, 3, Dh)
+        q = qkv[:, :, 0]  # (B, H, Dh), already scaled
+        S = cache.append(qkv[:, :, 1], qkv[:, :, 2])  # keys 0..S-1, the new one last
+        k = cache.k[:, :, :S].flatten(0, 1)  # (B*H, S, Dh): views of the cache
+        v = cache.v[:, :, :S].flatten(0, 1)
+        qh = q.flatten(0, 1).unsqueeze(1)  # (B*H, 1, Dh)
+        if self.rel is None:
+            scores = torch.bmm(qh, k.mT)  # (B*H, 1, S)
+        else:
             # Key j is at distance S-1-j; table row R-1-d holds distance d, so the keys within
-            # reach (the last min(S, R)) read the table's last rows in order: a slice.
-            S, R = k.shape[2], self.rel.shape[1]
+            # reach (the last min(S, R)) read the table's last rows in order: a slice. Heads
+            # are the batch of this product, so the table is read once for all B rows.
+            R = self.rel.shape[1]
             n = min(S, R)
-            # heads as the batch of one product: broadcasting q (B, H, 1, Dh) against the
-            # table (H, Dh, n) would copy the table B times
-            rel = torch.bmm(q.view(B, H, Dh).transpose(0, 1), self.rel[:, R - n:].mT)
-            scores[..., S - n:] += rel.transpose(0, 1).unsqueeze(2)  # (B, H, 1, n)
-        y = scores.softmax(-1) @ v  # (B, H, 1, Dh)
+            rel = torch.bmm(q.transpose(0, 1), self.rel[:, R - n:].mT)  # (H, B, n)
+            if B > 1:
+                rel = rel.transpose(0, 1).reshape(B * H, 1, n)
+            if n == S:  # every key within reach: the term enters the q.k product
+                scores = torch.baddbmm(rel, qh, k.mT)  # (B*H, 1, S)
+            else:
+                scores = torch.bmm(qh, k.mT)
+                scores[:, :, S - n:] += rel
+        y = torch.bmm(scores.softmax(-1), v)  # (B*H, 1, Dh)
         x = self.linear(y.view(B, C), self.o, residual=x)
         h = F.layer_norm(x, (C,), *self.ln2[:2], self.ln2[2])
         if self.swiglu:

@@ -220,6 +220,16 @@ class StaticKV:
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]  # (B, H, P+T, Dh)
 
+    def append(self, k: Tensor, v: Tensor) -> int:
+        """Write one position's keys and values, each (B, H, Dh), in place (a one-token step
+        needs no views back); the number of cached positions after it."""
+        end = self.length
+        if end >= self.k.shape[2]:
+            raise ValueError(f"the cache holds {self.k.shape[2]} positions; rebuild it first")
+        self.k[:, :, end], self.v[:, :, end] = k, v
+        self.length = end + 1
+        return end + 1
+
 
 # ----------------------------------------------------------------------------------------------
 # The module
