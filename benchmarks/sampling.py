@@ -139,24 +139,27 @@ def hf(model: torch.nn.Module, batch: int, n: int, device: str, dtype: torch.dty
 
 
 def weights_floor(model: torch.nn.Module, batch: int, n: int, device: str) -> Runner:
-    """The step's matrix products alone (fused layout, no attention, no
-    sampling): what reading the weights costs, a ceiling no sampler of this model passes."""
-    from mehldau.nn.fused_step import FusedStep, _linear
+    """The step's matrix products alone (the sampler's own copy of the weights, in the kernel
+    it chose; no attention, no sampling): what reading the weights costs, a ceiling no sampler
+    of this model passes."""
+    from mehldau.nn.fused_step import FusedStep
 
-    step = FusedStep(model, batch)
-    dtype = step.embed.dtype
-    x = {k: torch.randn(batch, k, device=device, dtype=dtype)
-         for k in (model.config.d_model, model.config.d_ff)}
+    step = FusedStep.for_model(model, batch)
 
     def run() -> None:
-        with torch.no_grad():
-            for _ in range(n):
-                for layer in step.layers:
-                    for wb in (layer.qkv, layer.o, layer.up, layer.down):
-                        _linear(x[wb[0].shape[1]], wb, step.packed)  # w: (out, in)
-                _linear(x[model.config.d_model], step.head, step.packed)
+        for _ in range(n):
+            step.products()
 
     return run, batch * n
+
+
+def kernel_choice(model: torch.nn.Module, batch: int) -> str:
+    """Which kernel the step chose at this batch size, and each one's products in ms."""
+    from mehldau.nn.fused_step import FusedStep
+
+    step = FusedStep.for_model(model, batch)
+    timed = ", ".join(f"{k} {t * 1e3:.2f}" for k, t in step.seconds.items())
+    return f"{step.kernel} ({timed} ms)" if timed else step.kernel
 
 
 def demo_ids() -> list[np.ndarray]:
@@ -210,6 +213,8 @@ def token_branch(branch: str, a: argparse.Namespace, per_token: float, prompt: n
               f"fast/plain {fast / plain:.2f}x), HF GPT-2 generate {anchor:7.1f} tok/s, "
               f"ours/HF {fast / anchor:.2f}x; the weights' matrix products alone "
               f"{floor:7.1f} tok/s (ours at {fast / floor:.0%} of it)")
+    for batch, _ in sizes:
+        print(f"  batch {batch:2d}: the step's products chose {kernel_choice(model, batch)}")
     (f1, _, h1), (fb, _, hb) = row[1], row[a.batch]
     print(f"  batch {a.batch} / batch 1 throughput: ours {fb / f1:.2f}x, HF {hb / h1:.2f}x")
     row["rtf"] = f1 * per_token

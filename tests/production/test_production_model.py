@@ -116,20 +116,21 @@ def test_bad_config_values_raise() -> None:
         SamplingConfig(temperature=0)
 
 
-@pytest.mark.parametrize("rows,activation,packed", [(1, "gelu", True), (3, "gelu", True),
-                                                    (1, "swiglu", True), (3, "gelu", False)])
+@pytest.mark.parametrize("rows,activation,kernel", [
+    (1, "gelu", "onednn"), (3, "gelu", "onednn"), (1, "swiglu", "onednn"),
+    (1, "gelu", "blas"), (3, "swiglu", "blas"), (3, "gelu", "dense")])
 def test_the_static_cache_and_fused_step_sample_what_the_plain_path_does(
-        rows: int, activation: str, packed: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The fast paths (buffers written in place; then fused weights, oneDNN-packed on CPU or
-    dense where oneDNN is missing) against the plain one (concatenation, steps through the
-    modules), past the context so that all rebuild, with a pinned prefix token."""
+        rows: int, activation: str, kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast paths (buffers written in place; then fused weights in each kernel's layout:
+    oneDNN-packed, transposed for addmm, or as the modules hold them) against the plain one
+    (concatenation, steps through the modules), past the context so that all rebuild, with a
+    pinned prefix token."""
     from mehldau.nn import fused_step
     from mehldau.nn.relative_attention import StaticKV
 
-    if packed and not fused_step.onednn_available(torch.zeros(1)):
+    if kernel == "onednn" and not fused_step.onednn_available(torch.zeros(1)):
         pytest.skip("this torch has no oneDNN")
-    if not packed:
-        monkeypatch.setattr(fused_step, "onednn_available", lambda weight: False)
+    monkeypatch.setenv(fused_step.KERNEL_ENV, kernel)
     model = tiny(activation=activation)
     prompt = torch.randint(3, 40, (rows, 4))
     runs = [sample_tokens(KVCacheDecoder(model, 24, prefix_len=1, static=s, fused=f), prompt,
@@ -140,7 +141,7 @@ def test_the_static_cache_and_fused_step_sample_what_the_plain_path_does(
     dec, plain = KVCacheDecoder(model, 24), KVCacheDecoder(model, 24, static=False)
     assert dec.fast is None
     torch.testing.assert_close(dec.prefill(prompt), plain.prefill(prompt))
-    assert dec.fast is not None and dec.fast.packed == packed and dec.fast.rows == rows
+    assert dec.fast is not None and dec.fast.kernel == kernel and dec.fast.rows == rows
     first = dec.past[0]
     assert isinstance(first, StaticKV) and first.length == 4
     ptr = first.k.data_ptr()
@@ -156,10 +157,17 @@ def test_the_static_cache_and_fused_step_sample_what_the_plain_path_does(
         full.append(*(torch.ones(rows, 2, 3),) * 2)
 
 
-@pytest.mark.parametrize("rows", [1, 3])
-def test_the_fused_step_keeps_projection_biases_with_their_heads(rows: int) -> None:
+@pytest.mark.parametrize("rows,kernel", [(1, "onednn"), (3, "onednn"), (3, "blas"),
+                                         (1, "dense")])
+def test_the_fused_step_keeps_projection_biases_with_their_heads(
+        rows: int, kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The fused q/k/v product puts each head's q, k and v side by side; biases must move with
-    their rows (the presets have none, a model built with them would)."""
+    their rows (the presets have none, a model built with them would), in every kernel."""
+    from mehldau.nn import fused_step
+
+    if kernel == "onednn" and not fused_step.onednn_available(torch.zeros(1)):
+        pytest.skip("this torch has no oneDNN")
+    monkeypatch.setenv(fused_step.KERNEL_ENV, kernel)
     model = tiny()
     torch.manual_seed(1)
     for layer in model.layers:
@@ -173,10 +181,41 @@ def test_the_fused_step_keeps_projection_biases_with_their_heads(rows: int) -> N
     prompt = torch.randint(3, 40, (rows, 4))
     dec, plain = KVCacheDecoder(model, 24), KVCacheDecoder(model, 24, static=False)
     torch.testing.assert_close(dec.prefill(prompt), plain.prefill(prompt))
-    assert dec.fast is not None
+    assert dec.fast is not None and dec.fast.kernel == kernel
     for t in range(6):
         tok = torch.full((rows,), 5 + t)
         torch.testing.assert_close(dec.step(tok), plain.step(tok), atol=1e-5, rtol=1e-5)
+
+
+def test_the_step_keeps_the_kernel_whose_products_ran_fastest(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every usable kernel is timed and the fastest kept, on a clock the products advance (so
+    the test does not depend on this machine's speed); the variable fixes one, and a kernel
+    that does not exist is refused by name."""
+    from mehldau.nn import fused_step
+    from mehldau.nn.fused_step import FusedStep
+
+    monkeypatch.delenv(fused_step.KERNEL_ENV, raising=False)
+    usable = fused_step.kernels_for(torch.zeros(1))
+    assert usable[-2:] == ["blas", "dense"]
+    cost = {"onednn": 3.0, "blas": 1.0, "dense": 2.0}
+    clock = [0.0]
+    monkeypatch.setattr(fused_step.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(FusedStep, "products",
+                        lambda self: clock.__setitem__(0, clock[0] + cost[self.kernel]))
+    model = tiny()
+    step = FusedStep.fastest(model, 2)
+    assert step.kernel == "blas" and step.rows == 2
+    assert step.seconds == {k: cost[k] for k in usable}
+    cost["blas"] = 5.0
+    assert FusedStep.fastest(model, 2).kernel == "dense"
+    monkeypatch.setenv(fused_step.KERNEL_ENV, "blas")
+    assert fused_step.kernels_for(torch.zeros(1)) == ["blas"]
+    assert FusedStep.fastest(model, 2).kernel == "blas"
+    assert fused_step.kernels_for(torch.zeros(1, dtype=torch.bfloat16)) == ["dense"]
+    monkeypatch.setenv(fused_step.KERNEL_ENV, "mkl")
+    with pytest.raises(ValueError, match="MEHLDAU_STEP_KERNEL='mkl' is not a kernel"):
+        fused_step.kernels_for(torch.zeros(1))
 
 
 def test_the_fused_step_is_kept_on_the_model_until_a_weight_changes() -> None:

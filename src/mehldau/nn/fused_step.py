@@ -8,13 +8,23 @@ the index gather of `relative_logits_gather`; dropout).
 
 Why hand-written: no library we keep decodes Music Transformer relative attention, and how
 the weights are stored matters on CPU. A step is a few products of a handful of rows with
-every weight matrix, bound by reading the weights. On CPU (fp32) the fused weights are
-reordered once into oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, the
-form torch.compile's CPU backend freezes weights into) and multiplied by
-`torch.ops.mkldnn._linear_pointwise`. On this project's 2-core CPU the base preset's 25
-products per token took 3.8 ms that way against 6.4 ms through `F.linear` at batch 1, and
-3.9 against 7.8 ms at batch 8 (one run; `benchmarks/sampling.py` prints the whole step). Where
-those ops are missing (a torch built without oneDNN) or on other devices and dtypes, `F.linear`.
+every weight matrix, bound by reading the weights, and which layout reads them fastest
+depends on the machine, so on CPU (fp32) the step is built in each of three and keeps the one
+whose products run fastest there, timed when it is built (about 30 ms):
+- `onednn`: the weights reordered into oneDNN's blocked layout
+  (`torch.ops.mkldnn._reorder_linear_weight`, the form torch.compile's CPU backend freezes
+  weights into), multiplied by `torch.ops.mkldnn._linear_pointwise` with GELU and the residual
+  add fused into the product;
+- `blas`: the weights transposed once to (in, out), multiplied by `torch.addmm`;
+- `dense`: the module's (out, in) weights through `F.linear`, the only kernel on other devices
+  and dtypes.
+On one 2-core CPU the base preset's 25 products per token took 3.8 ms through `onednn`
+against 6.4 ms through `dense` at batch 1; on another of the same family (AVX-512, 260 MB of
+L3), 1.95 ms through `onednn`, 1.38 ms through `dense` and 1.48 ms through `blas` at batch 1,
+and 2.64, 3.14 and 1.86 ms at batch 8 (`benchmarks/sampling.py` prints the whole step). The
+kernels round differently in the last bits, so on a near tie between two tokens' probabilities
+a seed could sample differently on another machine; `MEHLDAU_STEP_KERNEL=onednn|blas|dense`
+fixes the kernel.
 
 The weights are copied from the model when the step is built, kept on the model for the
 next sample, and copied again once any parameter has changed: LoRA must be merged first (the
@@ -25,6 +35,8 @@ path.
 
 from __future__ import annotations
 
+import os
+import time
 import weakref
 
 import torch
@@ -47,24 +59,54 @@ def onednn_available(weight: Tensor) -> bool:
     return True
 
 
-def _pack(w: Tensor, b: Tensor | None, rows: int, packed: bool) -> tuple[Tensor, Tensor | None]:
-    # the reorder's batch hint picks oneDNN's blocking; packing for 1 row ran 1.5x slower at
-    # 8 rows than packing for 8, so the copy is made for the rows it serves
-    return (torch.ops.mkldnn._reorder_linear_weight(w, rows) if packed else w), b
+KERNELS = ("onednn", "blas", "dense")
+KERNEL_ENV = "MEHLDAU_STEP_KERNEL"
 
 
-def _linear(x: Tensor, wb: tuple[Tensor, Tensor | None], packed: bool, gelu: bool = False,
+def kernels_for(weight: Tensor) -> list[str]:
+    """The kernels a step over weights like `weight` may use, the `MEHLDAU_STEP_KERNEL` one
+    alone where it is set (and usable)."""
+    usable = ["dense"]
+    if weight.device.type == "cpu" and weight.dtype == torch.float32:
+        usable = (["onednn"] if onednn_available(weight) else []) + ["blas", "dense"]
+    forced = os.environ.get(KERNEL_ENV)
+    if forced:
+        if forced not in KERNELS:
+            raise ValueError(f"{KERNEL_ENV}={forced!r} is not a kernel; use one of "
+                             f"{', '.join(KERNELS)} or unset it")
+        return [forced] if forced in usable else ["dense"]
+    return usable
+
+
+def _pack(w: Tensor, b: Tensor | None, rows: int, kernel: str) -> tuple[Tensor, Tensor | None]:
+    """w (out, in) in `kernel`'s layout."""
+    if kernel == "onednn":
+        # the reorder's batch hint picks oneDNN's blocking; packing for 1 row ran 1.5x slower
+        # at 8 rows than packing for 8, so the copy is made for the rows it serves
+        return torch.ops.mkldnn._reorder_linear_weight(w, rows), b
+    if kernel == "blas":
+        return w.t().contiguous(), b  # (in, out): a plain row-major product, no transpose
+    return w, b
+
+
+def _linear(x: Tensor, wb: tuple[Tensor, Tensor | None], kernel: str, gelu: bool = False,
             residual: Tensor | None = None) -> Tensor:
-    """x W^T + b, then GELU, or plus `residual`: fused into the product by oneDNN, which
+    """x W^T + b, then GELU, or plus `residual`. oneDNN fuses either into the product, which
     saves a pass over the activations and an operator call per use (each call costs
-    microseconds that a 6-layer step repeats dozens of times)."""
-    w, b = wb  # w: (out, in), dense or oneDNN-packed
-    if packed:
+    microseconds that a 6-layer step repeats dozens of times); addmm takes an unbiased
+    product's residual as its addend."""
+    w, b = wb
+    if kernel == "onednn":
         if residual is not None:
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, w, b, "add")
         return torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu" if gelu else "none", [],
                                                   "none" if gelu else "")
-    y = F.linear(x, w, b)
+    if kernel == "blas":  # w: (in, out)
+        if residual is not None and b is None:
+            return torch.addmm(residual, x, w)
+        y = torch.mm(x, w) if b is None else torch.addmm(b, x, w)
+    else:  # w: (out, in)
+        y = F.linear(x, w, b)
     if residual is not None:
         return residual + y
     return F.gelu(y) if gelu else y
@@ -74,14 +116,14 @@ class _Layer:
     """One block's weights for a step: fused q/k/v, the output projection, the feed-forward
     (gate and up fused for SwiGLU), the two norms and the relative table."""
 
-    def __init__(self, block: nn.Module, rows: int, packed: bool) -> None:
+    def __init__(self, block: nn.Module, rows: int, kernel: str) -> None:
         a, m = block.attn, block.mlp
         self.heads, self.head_dim = a.n_heads, a.head_dim
         self.rel = a.rel_emb.detach() if a.impl != "sdpa" else None  # (H, R, Dh)
         self.ln1 = (block.ln_1.weight.detach(), block.ln_1.bias.detach(), block.ln_1.eps)
         self.ln2 = (block.ln_2.weight.detach(), block.ln_2.bias.detach(), block.ln_2.eps)
         self.swiglu = m.swiglu
-        self.rows, self.packed = rows, packed
+        self.rows, self.kernel = rows, kernel
         self.qkv = self._pack_qkv(a)
         self.o = self._pack([a.o_proj])
         self.up = self._pack([m.gate_proj, m.up_proj] if m.swiglu else [m.up_proj])
@@ -92,7 +134,7 @@ class _Layer:
         b = None
         if linears[0].bias is not None:
             b = torch.cat([lin.bias.detach() for lin in linears])
-        return _pack(w, b, self.rows, self.packed)
+        return _pack(w, b, self.rows, self.kernel)
 
     def _pack_qkv(self, a: nn.Module) -> tuple[Tensor, Tensor | None]:
         """q, k and v in one product whose output is head-major, (H, 3, Dh) per row: every
@@ -108,11 +150,11 @@ class _Layer:
         if a.q_proj.bias is not None:
             b = torch.stack([p.bias.detach() * s for p, s in zip(projs, scale)])  # (3, C)
             b = b.view(3, H, Dh).transpose(0, 1).reshape(3 * C)
-        return _pack(w, b, self.rows, self.packed)
+        return _pack(w, b, self.rows, self.kernel)
 
     def linear(self, x: Tensor, wb: tuple[Tensor, Tensor | None], gelu: bool = False,
                residual: Tensor | None = None) -> Tensor:
-        return _linear(x, wb, self.packed, gelu, residual)
+        return _linear(x, wb, self.kernel, gelu, residual)
 
     def __call__(self, x: Tensor, cache: StaticKV) -> Tensor:
         """x (B, C): the new token's hidden state; its keys and values join `cache`."""
@@ -166,15 +208,48 @@ class FusedStep:
 
     KEEP = 4  # batch sizes whose copies `for_model` keeps per model
 
-    def __init__(self, model: nn.Module, rows: int) -> None:
+    def __init__(self, model: nn.Module, rows: int, kernel: str = "dense") -> None:
         ref = model.lm_head.weight
-        packed = onednn_available(ref)  # the module docstring says why
         self.embed = model.embed_tokens.weight.detach()  # (V, C)
-        self.layers = [_Layer(block, rows, packed) for block in model.layers]
+        self.layers = [_Layer(block, rows, kernel) for block in model.layers]
         n = model.norm
         self.norm = (n.weight.detach(), n.bias.detach(), n.eps)
-        self.rows, self.packed = rows, packed
-        self.head = _pack(ref.detach(), None, rows, packed)
+        self.rows, self.kernel = rows, kernel
+        self.head = _pack(ref.detach(), None, rows, kernel)
+        self.seconds: dict[str, float] = {}  # each kernel's products, where they were timed
+
+    @classmethod
+    def fastest(cls, model: nn.Module, rows: int, rounds: int = 3) -> FusedStep:
+        """The step in the kernel whose products (`products`) ran fastest here: each built in
+        turn, then timed in rounds that alternate between them (a slow spell of a shared
+        machine falls on all), best of `rounds` after a warm-up."""
+        steps = [cls(model, rows, k) for k in kernels_for(model.lm_head.weight)]
+        if len(steps) == 1:
+            return steps[0]
+        best = dict.fromkeys(range(len(steps)), float("inf"))
+        for r in range(rounds + 1):
+            for i, step in enumerate(steps):
+                t0 = time.perf_counter()
+                step.products()
+                if r:  # the first round is a warm-up
+                    best[i] = min(best[i], time.perf_counter() - t0)
+        chosen = steps[min(best, key=best.get)]
+        chosen.seconds = {steps[i].kernel: t for i, t in best.items()}
+        return chosen
+
+    @torch.no_grad()
+    def products(self) -> None:
+        """Every matrix product of one step, once, on scratch rows: what reading the weights
+        costs, without attention or sampling (the kernel choice and the benchmark's bound)."""
+        x = {}
+        for wb in [w for layer in self.layers for w in (layer.qkv, layer.o, layer.up,
+                                                         layer.down)] + [self.head]:
+            w = wb[0]
+            fan_in = w.shape[0] if self.kernel == "blas" else w.shape[1]
+            if fan_in not in x:
+                x[fan_in] = torch.zeros(self.rows, fan_in, dtype=self.embed.dtype,
+                                        device=self.embed.device)
+            _linear(x[fan_in], wb, self.kernel)
 
     @classmethod
     def for_model(cls, model: nn.Module, rows: int) -> FusedStep:
@@ -192,7 +267,7 @@ class FusedStep:
         if rows not in steps:
             if len(steps) >= cls.KEEP:
                 del steps[next(iter(steps))]  # the oldest
-            steps[rows] = cls(model, rows)
+            steps[rows] = cls.fastest(model, rows)
         return steps[rows]
 
     @staticmethod
@@ -215,4 +290,4 @@ class FusedStep:
         for layer, cache in zip(self.layers, caches):
             x = layer(x, cache)
         x = F.layer_norm(x, (x.shape[-1],), *self.norm[:2], self.norm[2])
-        return _linear(x, self.head, self.packed)  # (B, V)
+        return _linear(x, self.head, self.kernel)  # (B, V)
