@@ -10,7 +10,8 @@ Why hand-written: no library we keep decodes Music Transformer relative attentio
 the weights are stored matters on CPU. A step is a few products of a handful of rows with
 every weight matrix, bound by reading the weights, and which layout reads them fastest
 depends on the machine, so on CPU (fp32) the step is built in each of three and keeps the one
-whose products run fastest there, timed when it is built (about 30 ms):
+whose products run fastest there, timed when it is built (building the three and timing them
+took 0.1-0.4 s for the base presets here, once per model and batch size):
 - `onednn`: the weights reordered into oneDNN's blocked layout
   (`torch.ops.mkldnn._reorder_linear_weight`, the form torch.compile's CPU backend freezes
   weights into), multiplied by `torch.ops.mkldnn._linear_pointwise` with GELU and the residual
