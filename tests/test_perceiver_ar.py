@@ -167,18 +167,23 @@ def test_cached_forward_appends_latents() -> None:
         model(x[:, :1], past_key_values=out.past_key_values, num_latents=1)
 
 
-@pytest.mark.parametrize("static,fused", [(True, True), (False, False)])
+@pytest.mark.parametrize("static,fused,graph", [(True, True, False), (True, True, True),
+                                               (False, False, False)])
 @pytest.mark.parametrize("prefix_len", [0, 1])
 @pytest.mark.parametrize("prompt_len,refill", [(3, 0), (30, 0), (2, 6)])
 def test_cached_decoding_equals_uncached_across_refills(prefix_len: int, prompt_len: int,
-                                                        refill: int, static: bool, fused: bool
-                                                        ) -> None:
-    """The plain cache (concatenated, steps through the modules) and the fast one (buffers
-    written in place, `FusedStep`) against the uncached reference."""
+                                                        refill: int, static: bool, fused: bool,
+                                                        graph: bool) -> None:
+    """The plain cache (concatenated, steps through the modules), the fast one (buffers
+    written in place, `FusedStep`) and the CUDA graph's masked step (not recorded here; its
+    caches of two capacities, the window's and the latents') against the uncached
+    reference."""
+    from mehldau.nn.graphed_step import GraphedStep
+
     model = tiny(refill=refill)
     fill = refill or 4
     cached = PerceiverDecoder(model, use_cache=True, prefix_len=prefix_len, static=static,
-                              fused=fused)
+                              fused=fused, graph=graph)
     plain = PerceiverDecoder(model, use_cache=False, prefix_len=prefix_len)
     seq = ids(T=prompt_len + 60, seed=2)
     a, b = cached.prefill(seq[:, :prompt_len]), plain.prefill(seq[:, :prompt_len])
@@ -199,6 +204,7 @@ def test_cached_decoding_equals_uncached_across_refills(prefix_len: int, prompt_
         assert lengths == [cached.window_len()] + [cached.n_latents] * 2
     assert cached.refills == plain.refills
     assert (cached.fast is not None) == fused
+    assert isinstance(cached.fast, GraphedStep) == graph
     # latent-full refills while the whole history fits, window-sliding ones past M
     assert any(s == 0 for _, s in cached.refills) or prompt_len > M - (N - fill)
     assert sum(s > 0 for _, s in cached.refills) >= 3
@@ -206,6 +212,25 @@ def test_cached_decoding_equals_uncached_across_refills(prefix_len: int, prompt_
     for n, s in cached.refills:  # refill layout: fill latents, window min(n, M - (N - fill))
         want = min(n, M - (N - fill))
         assert s == (0 if n <= want else n - want + prefix_len)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_cuda_graph_samples_what_the_plain_path_does_across_refills() -> None:
+    """Recorded and replayed on the GPU (fp32), caches of two capacities, refills included:
+    the same tokens as the eager fused step and the plain path for one seed."""
+    from mehldau.nn.graphed_step import GraphedStep
+    from mehldau.sampling import SamplingConfig, sample_tokens
+
+    model = tiny().cuda()
+    prompt = ids(B=3, T=2).cuda()
+    decs = [PerceiverDecoder(model, prefix_len=1, static=s, fused=s, graph=g)
+            for s, g in ((True, True), (True, False), (False, False))]
+    runs = [sample_tokens(d, prompt, 80, SamplingConfig(top_p=0.9),
+                          generator=torch.Generator("cuda").manual_seed(5)) for d in decs]
+    assert isinstance(decs[0].fast, GraphedStep) and decs[0].fast.graph is not None
+    assert len(decs[0].refills) >= 5
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
 
 
 def test_decoder_rejects_a_prompt_shorter_than_the_prefix() -> None:

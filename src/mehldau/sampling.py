@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from mehldau import jobs
 from mehldau.nn.blocks import KVCache
 from mehldau.nn.fused_step import FusedStep
+from mehldau.nn.graphed_step import GraphedStep, graphed_step_for, graphs_wanted
 from mehldau.nn.relative_attention import StaticKV
 
 if TYPE_CHECKING:
@@ -80,7 +81,9 @@ class KVCacheDecoder:
     `static` keeps the cache in buffers written in place (`StaticKV`), and `fused` then runs
     each one-token step through `FusedStep` (fused weights, the one-query relative term as a
     table slice); `static=False` (cache grown by concatenation, steps through the modules) is
-    the plain path both are tested against.
+    the plain path both are tested against. `graph` (by default on CUDA) runs that step as one
+    recorded CUDA graph (`GraphedStep`); `graph=True` elsewhere runs the graph's masked step
+    without recording it, the form it is tested in on a CPU.
 
     Why 7/8 and not half: on the tiny preset trained on real jazz piano, rebuilding from half
     a window made unprompted samples drift to ever shorter notes (median 0.37 s in their first
@@ -90,12 +93,13 @@ class KVCacheDecoder:
 
     def __init__(self, model: nn.Module, context_len: int, use_cache: bool = True,
                  prefix_len: int = 0, keep: int | None = None, static: bool = True,
-                 fused: bool = True) -> None:
+                 fused: bool = True, graph: bool | None = None) -> None:
         self.model, self.context_len = model, context_len
         self.use_cache, self.prefix_len = use_cache, prefix_len
         self.static = static
         self.fused = fused and static and use_cache
-        self.fast: FusedStep | None = None
+        self.graph = graph
+        self.fast: FusedStep | GraphedStep | None = None
         self.keep = keep if keep is not None else max(context_len - context_len // 8, 1)
         if not max(prefix_len, 1) <= self.keep < max(context_len, 2):
             raise ValueError(f"keep must be in [max(prefix_len, 1), context_len), got "
@@ -111,8 +115,8 @@ class KVCacheDecoder:
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         self.seqs, self.past = ids, None
-        self.fast = (FusedStep.for_model(self.model, ids.size(0))
-                     if self.fused and FusedStep.supports(self.model) else None)
+        self.fast = _fast_step(self, self.fused, self.graph, ids,
+                               [self.context_len] * len(self.model.layers))
         return self._next()
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
@@ -137,6 +141,21 @@ class KVCacheDecoder:
     def _cached(self) -> int:
         first = self.past[0]
         return first.length if isinstance(first, StaticKV) else first[0].size(2)
+
+
+def _fast_step(decoder: object, fused: bool, graph: bool | None, ids: Tensor,
+               capacities: list[int]) -> FusedStep | GraphedStep | None:
+    """A decoder's one-token step: the graphed one where wanted and free, else the fused one,
+    or None (the plain path) where the model cannot be fused."""
+    model = decoder.model
+    if not (fused and FusedStep.supports(model)):
+        return None
+    if graph if graph is not None else graphs_wanted(ids.device):
+        capture = ids.device.type == "cuda"
+        step = graphed_step_for(model, ids.size(0), capacities, decoder, capture)
+        if step is not None:
+            return step
+    return FusedStep.for_model(model, ids.size(0))
 
 
 def _logit_bias(vocab: int, banned_ids: tuple[int, ...], allowed_next: Tensor | None,
@@ -250,17 +269,19 @@ class PerceiverDecoder:
 
     `use_cache=False` runs the same layout uncached at every step (the reference the cache is
     tested against). As in `KVCacheDecoder`, `static` keeps the caches in place-written
-    buffers (the window's in layer 0, the latents' above it) and `fused` steps through
-    `FusedStep`; `static=False` is the plain cached path. Put the model in eval mode first.
+    buffers (the window's in layer 0, the latents' above it), `fused` steps through
+    `FusedStep` and `graph` (by default on CUDA) through `GraphedStep`; `static=False` is the
+    plain cached path. Put the model in eval mode first.
     """
 
     def __init__(self, model: PerceiverAR, use_cache: bool = True, prefix_len: int = 0,
-                 static: bool = True, fused: bool = True) -> None:
+                 static: bool = True, fused: bool = True, graph: bool | None = None) -> None:
         cfg = model.config
         self.model, self.use_cache, self.prefix_len = model, use_cache, prefix_len
         self.static = static and use_cache
         self.fused = fused and self.static
-        self.fast: FusedStep | None = None
+        self.graph = graph
+        self.fast: FusedStep | GraphedStep | None = None
         self.max_len, self.max_latents = cfg.max_seq_len, cfg.num_latents
         self.fill = cfg.refill_latents
         self.refill_len = self.max_len - (self.max_latents - self.fill)  # window after a refill
@@ -293,8 +314,9 @@ class PerceiverDecoder:
             raise ValueError(f"the prompt needs at least max(prefix_len, 1) tokens, "
                              f"got {ids.size(1)}")
         self.history, self.past, self.refills = ids, None, []
-        self.fast = (FusedStep.for_model(self.model, ids.size(0))
-                     if self.fused and FusedStep.supports(self.model) else None)
+        layers = len(self.model.layers)
+        self.fast = _fast_step(self, self.fused, self.graph, ids,
+                               [self.max_len] + [self.max_latents] * (layers - 1))
         if ids.size(1) > self.max_latents:
             return self._refill()
         self.window_start, self.n_latents = 0, ids.size(1)  # all latents: a plain Transformer

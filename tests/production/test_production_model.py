@@ -187,6 +187,74 @@ def test_the_fused_step_keeps_projection_biases_with_their_heads(
         torch.testing.assert_close(dec.step(tok), plain.step(tok), atol=1e-5, rtol=1e-5)
 
 
+def _graph_runs(model: MusicTransformer, prompt: torch.Tensor) -> list[torch.Tensor]:
+    """Samples past the context (every cache rebuilt) through the graphed step, the fused one
+    and the plain path, one seed."""
+    return [sample_tokens(KVCacheDecoder(model, 24, prefix_len=1, static=s, fused=s, graph=g),
+                          prompt, 70, SamplingConfig(top_p=0.9),
+                          generator=torch.Generator(prompt.device).manual_seed(7))
+            for s, g in ((True, True), (True, False), (False, False))]
+
+
+@pytest.mark.parametrize("rows,activation", [(1, "gelu"), (3, "gelu"), (2, "swiglu")])
+def test_the_graphed_steps_masked_form_samples_what_the_plain_path_does(
+        rows: int, activation: str) -> None:
+    """The CUDA graph's step (every key of the whole cache, the unwritten ones masked, the
+    relative term gathered by distance), run without recording here, against the plain path;
+    the caches move into its buffers; a second live decoder steps through `FusedStep`."""
+    from mehldau.nn.fused_step import FusedStep
+    from mehldau.nn.graphed_step import GraphedStep
+
+    model = tiny(activation=activation)
+    prompt = torch.randint(3, 40, (rows, 4))
+    runs = _graph_runs(model, prompt)
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+    dec, plain = KVCacheDecoder(model, 24, graph=True), KVCacheDecoder(model, 24, static=False)
+    other = KVCacheDecoder(model, 24, graph=True)
+    torch.testing.assert_close(dec.prefill(prompt), plain.prefill(prompt))
+    other.prefill(prompt)
+    assert isinstance(dec.fast, GraphedStep) and type(other.fast) is FusedStep  # one owner
+    moved, caches = 0, set()
+    for t in range(40):  # past 24: rebuilds, each copied into the graph's buffers
+        tok = torch.full((rows,), 5 + t % 30)
+        torch.testing.assert_close(dec.step(tok), plain.step(tok), atol=1e-5, rtol=1e-5)
+        other.step(tok)
+        if dec.past is dec.fast.loaded:  # a graphed step, not a rebuild
+            assert all(c.k is k for c, k in zip(dec.past, dec.fast.k))
+            moved += 1
+            caches.add(id(dec.past))
+    assert moved >= 30 and len(caches) >= 3  # the prefill's caches, then two rebuilds'
+    torch.testing.assert_close(other.step(tok), dec.step(tok), atol=1e-5, rtol=1e-5)
+    del dec
+    free = KVCacheDecoder(model, 24, graph=True)
+    free.prefill(prompt)
+    assert isinstance(free.fast, GraphedStep)  # released with its owner
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("rows", [1, 3])
+def test_the_cuda_graph_samples_what_the_plain_path_does(rows: int) -> None:
+    """Recorded and replayed on the GPU (fp32): the same tokens as the eager fused step and
+    the plain path past the context, and the same logits as the masked step run eagerly."""
+    from mehldau.nn.fused_step import FusedStep
+    from mehldau.nn.graphed_step import GraphedStep
+
+    model = tiny().cuda()
+    prompt = torch.randint(3, 40, (rows, 4), device="cuda")
+    runs = _graph_runs(model, prompt)
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+    graphed, ref = KVCacheDecoder(model, 24, graph=True), KVCacheDecoder(model, 24, graph=False)
+    torch.testing.assert_close(graphed.prefill(prompt), ref.prefill(prompt))
+    assert isinstance(graphed.fast, GraphedStep) and graphed.fast.graph is not None
+    eager = GraphedStep(FusedStep.for_model(model, rows), [24] * len(model.layers),
+                        capture=False)
+    for t in range(19):  # up to the full cache, so both hold the same state
+        tok = torch.full((rows,), 5 + t, device="cuda")
+        torch.testing.assert_close(graphed.step(tok), eager(tok, ref.past), atol=1e-6,
+                                   rtol=1e-6)
+
+
 def test_the_step_keeps_the_kernel_whose_products_ran_fastest(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Every usable kernel is timed and the fastest kept, on a clock the products advance (so

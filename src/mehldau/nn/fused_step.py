@@ -159,14 +159,21 @@ class _Layer:
 
     def __call__(self, x: Tensor, cache: StaticKV) -> Tensor:
         """x (B, C): the new token's hidden state; its keys and values join `cache`."""
-        B, C = x.shape
-        H, Dh = self.heads, self.head_dim
-        h = F.layer_norm(x, (C,), *self.ln1[:2], self.ln1[2])
-        qkv = self.linear(h, self.qkv).view(B, H, 3, Dh)
-        q = qkv[:, :, 0]  # (B, H, Dh), already scaled
+        qkv = self.project(x)
         S = cache.append(qkv[:, :, 1], qkv[:, :, 2])  # keys 0..S-1, the new one last
-        k = cache.k[:, :, :S].flatten(0, 1)  # (B*H, S, Dh): views of the cache
-        v = cache.v[:, :, :S].flatten(0, 1)
+        return self.finish(x, self.attend(qkv[:, :, 0], cache.k[:, :, :S], cache.v[:, :, :S]))
+
+    def project(self, x: Tensor) -> Tensor:
+        """x (B, C) -> q, k, v (B, H, 3, Dh), q already scaled."""
+        B, C = x.shape
+        h = F.layer_norm(x, (C,), *self.ln1[:2], self.ln1[2])
+        return self.linear(h, self.qkv).view(B, self.heads, 3, self.head_dim)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """q (B, H, Dh) for the newest position against k, v (B, H, S, Dh), the new key last:
+        (B*H, 1, Dh)."""
+        S = k.shape[2]
+        k, v = k.flatten(0, 1), v.flatten(0, 1)  # (B*H, S, Dh): views of the cache
         qh = q.flatten(0, 1).unsqueeze(1)  # (B*H, 1, Dh)
         if self.rel is None:
             scores = torch.bmm(qh, k.mT)  # (B*H, 1, S)
@@ -176,15 +183,24 @@ class _Layer:
             # are the batch of this product, so the table is read once for all B rows.
             R = self.rel.shape[1]
             n = min(S, R)
-            rel = torch.bmm(q.transpose(0, 1), self.rel[:, R - n:].mT)  # (H, B, n)
-            if B > 1:
-                rel = rel.transpose(0, 1).reshape(B * H, 1, n)
+            rel = self.relative(q, R - n)  # (B*H, 1, n)
             if n == S:  # every key within reach: the term enters the q.k product
                 scores = torch.baddbmm(rel, qh, k.mT)  # (B*H, 1, S)
             else:
                 scores = torch.bmm(qh, k.mT)
                 scores[:, :, S - n:] += rel
-        y = torch.bmm(scores.softmax(-1), v)  # (B*H, 1, Dh)
+        return torch.bmm(scores.softmax(-1), v)  # (B*H, 1, Dh)
+
+    def relative(self, q: Tensor, first: int = 0) -> Tensor:
+        """q (B, H, Dh) against the relative table's rows `first`.. (distances R-1-first down
+        to 0): (B*H, 1, R - first)."""
+        B, H, _ = q.shape
+        rel = torch.bmm(q.transpose(0, 1), self.rel[:, first:].mT)  # (H, B, n)
+        return rel.transpose(0, 1).reshape(B * H, 1, rel.shape[-1]) if B > 1 else rel
+
+    def finish(self, x: Tensor, y: Tensor) -> Tensor:
+        """The rest of the block after attention: x (B, C), y (B*H, 1, Dh) -> (B, C)."""
+        B, C = x.shape
         x = self.linear(y.view(B, C), self.o, residual=x)
         h = F.layer_norm(x, (C,), *self.ln2[:2], self.ln2[2])
         if self.swiglu:
