@@ -3,7 +3,8 @@ ratios, it asserts nothing).
 
 Token branches (production's Music Transformer, perceiver_mt's Perceiver AR), base presets
 with random weights: new tokens per second at batch 1 and batch B for
-- the default sampler (`StaticKV` buffers written in place, one-token steps by `FusedStep`),
+- the default sampler (`StaticKV` buffers written in place, one-token steps by `FusedStep`;
+  on CUDA that step recorded once as a CUDA graph, `GraphedStep`, and also timed without it),
 - the plain path (cache grown by concatenation, steps through the modules),
 - the step's matrix products alone (the weights read once per token, nothing else): the
   ceiling for this model at this batch on this machine,
@@ -95,19 +96,22 @@ def base_model(branch: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
     return model.to(device=device, dtype=dtype).eval()
 
 
-def decoder(model: torch.nn.Module, fast: bool):
+def decoder(model: torch.nn.Module, fast: bool, graph: bool | None = None):
+    """The default sampler (`fast`; on CUDA its step a recorded graph unless `graph=False`) or
+    the plain path."""
     if isinstance(model, PerceiverAR):
-        return PerceiverDecoder(model, static=fast, fused=fast)
-    return KVCacheDecoder(model, model.config.max_seq_len, static=fast, fused=fast)
+        return PerceiverDecoder(model, static=fast, fused=fast, graph=graph)
+    return KVCacheDecoder(model, model.config.max_seq_len, static=fast, fused=fast, graph=graph)
 
 
-def ours(model: torch.nn.Module, batch: int, n: int, device: str, fast: bool) -> Runner:
+def ours(model: torch.nn.Module, batch: int, n: int, device: str, fast: bool,
+         graph: bool | None = None) -> Runner:
     """Sampling `n` new tokens per row (all rows counted)."""
     prompt = torch.ones(batch, 1, dtype=torch.long, device=device)
 
     def run() -> None:
         gen = torch.Generator(device=device).manual_seed(0)
-        out = sample_tokens(decoder(model, fast), prompt, n, SamplingConfig(), gen)
+        out = sample_tokens(decoder(model, fast, graph), prompt, n, SamplingConfig(), gen)
         assert out.shape == (batch, n + 1)
 
     return run, batch * n
@@ -199,7 +203,10 @@ def token_branch(branch: str, a: argparse.Namespace, per_token: float, prompt: n
     row: dict = {"branch": branch}
     sizes = ((1, a.tokens), (a.batch, a.tokens // 2))
     runners: dict[str, Runner] = {}
+    graphs = a.device.startswith("cuda")  # the default there; the eager fused step beside it
     for batch, n in sizes:
+        if graphs:
+            runners[f"eager{batch}"] = ours(model, batch, n, a.device, True, graph=False)
         runners |= {f"fast{batch}": ours(model, batch, n, a.device, True),
                     f"plain{batch}": ours(model, batch, n, a.device, False),
                     f"hf{batch}": hf(model, batch, n, a.device, dtype),
@@ -213,6 +220,10 @@ def token_branch(branch: str, a: argparse.Namespace, per_token: float, prompt: n
               f"fast/plain {fast / plain:.2f}x), HF GPT-2 generate {anchor:7.1f} tok/s, "
               f"ours/HF {fast / anchor:.2f}x; the weights' matrix products alone "
               f"{floor:7.1f} tok/s (ours at {fast / floor:.0%} of it)")
+        if graphs:
+            eager = rate[f"eager{batch}"]
+            print(f"  batch {batch:2d}: the step as a CUDA graph {fast:7.1f} tok/s, the same "
+                  f"step launched kernel by kernel {eager:7.1f} tok/s: {fast / eager:.2f}x")
     for batch, _ in sizes:
         print(f"  batch {batch:2d}: the step's products chose {kernel_choice(model, batch)}")
     (f1, _, h1), (fb, _, hb) = row[1], row[a.batch]
