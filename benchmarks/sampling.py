@@ -6,8 +6,8 @@ with random weights: new tokens per second at batch 1 and batch B for
 - the default sampler (`StaticKV` buffers written in place, one-token steps by `FusedStep`;
   on CUDA that step recorded once as a CUDA graph, `GraphedStep`, and also timed without it),
 - the plain path (cache grown by concatenation, steps through the modules),
-- the step's matrix products alone (the weights read once per token, nothing else): the
-  ceiling for this model at this batch on this machine,
+- the step's matrix products alone, with their GELU and residual adds (the weights read once
+  per token, nothing else): the ceiling for this model at this batch on this machine,
 - `transformers` `GPT2LMHeadModel.generate` with the same depth, width, heads, feed-forward
   and vocabulary, sampling as many tokens with its own KV cache (`do_sample`, `top_k=0`, no
   stop token), the anchor a reader knows;
@@ -158,7 +158,8 @@ def weights_floor(model: torch.nn.Module, batch: int, n: int, device: str) -> Ru
 
 
 def kernel_choice(model: torch.nn.Module, batch: int) -> str:
-    """Which kernel the step chose at this batch size, and each one's products in ms."""
+    """Which kernel the step chose at this batch size for each kind of product, and each
+    kernel's products in ms."""
     from mehldau.nn.fused_step import FusedStep
 
     step = FusedStep.for_model(model, batch)

@@ -255,28 +255,45 @@ def test_the_cuda_graph_samples_what_the_plain_path_does(rows: int) -> None:
                                    rtol=1e-6)
 
 
-def test_the_step_keeps_the_kernel_whose_products_ran_fastest(
+def test_each_kind_of_product_keeps_the_kernel_that_ran_it_fastest(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every usable kernel is timed and the fastest kept, on a clock the products advance (so
-    the test does not depend on this machine's speed); the variable fixes one, and a kernel
-    that does not exist is refused by name."""
+    """q/k/v, the output projection, the feed-forward's up (with its GELU) and down (with its
+    residual add) and the head each keep the kernel that ran them fastest, on timings the test
+    sets (so it does not depend on this machine's speed); the step mixed from them samples
+    what the plain path does; the variable fixes one kernel, and a kernel that does not exist
+    is refused by name."""
     from mehldau.nn import fused_step
-    from mehldau.nn.fused_step import FusedStep
+    from mehldau.nn.fused_step import SLOTS, FusedStep
 
     monkeypatch.delenv(fused_step.KERNEL_ENV, raising=False)
     usable = fused_step.kernels_for(torch.zeros(1))
     assert usable[-2:] == ["blas", "dense"]
-    cost = {"onednn": 3.0, "blas": 1.0, "dense": 2.0}
-    clock = [0.0]
-    monkeypatch.setattr(fused_step.time, "perf_counter", lambda: clock[0])
-    monkeypatch.setattr(FusedStep, "products",
-                        lambda self: clock.__setitem__(0, clock[0] + cost[self.kernel]))
     model = tiny()
+    assert set(FusedStep(model, 1).products()) == set(SLOTS)  # every slot's products timed
+    cost = {"onednn": dict(qkv=3.0, o=3.0, up=1.0, down=3.0, head=3.0),
+            "blas": dict(qkv=1.0, o=2.0, up=2.0, down=2.0, head=1.0),
+            "dense": dict(qkv=2.0, o=1.0, up=3.0, down=1.0, head=2.0)}
+    monkeypatch.setattr(FusedStep, "products", lambda self: dict(cost[self.kernel]))
+    want = {"qkv": "blas", "o": "dense", "up": "onednn" if "onednn" in usable else "blas",
+            "down": "dense", "head": "blas"}
     step = FusedStep.fastest(model, 2)
-    assert step.kernel == "blas" and step.rows == 2
-    assert step.seconds == {k: cost[k] for k in usable}
-    cost["blas"] = 5.0
-    assert FusedStep.fastest(model, 2).kernel == "dense"
+    assert step.kernels == want and step.rows == 2
+    assert step.kernel == ", ".join(f"{s} {want[s]}" for s in SLOTS)
+    assert step.seconds == {k: sum(cost[k].values()) for k in usable}
+    C = model.config.d_model
+    assert step.layers[0].w["qkv"][0].shape == (C, 3 * C)  # blas: transposed, (in, out)
+    prompt = torch.randint(3, 40, (2, 4))
+    runs = [sample_tokens(KVCacheDecoder(model, 24, prefix_len=1, static=s, fused=s), prompt,
+                          60, SamplingConfig(top_p=0.9),
+                          generator=torch.Generator().manual_seed(3)) for s in (True, False)]
+    assert torch.equal(runs[0], runs[1])
+    assert FusedStep.for_model(model, 2).kernels == want  # the decoder's step was this mix
+    cost["blas"]["qkv"] = 5.0
+    assert FusedStep.fastest(model, 2).kernels["qkv"] == "dense"
+    for k in cost:
+        cost[k] = dict.fromkeys(SLOTS, 1.0 if k == "dense" else 2.0)
+    uniform = FusedStep.fastest(model, 2)
+    assert uniform.kernel == "dense" and uniform.kernels == dict.fromkeys(SLOTS, "dense")
     monkeypatch.setenv(fused_step.KERNEL_ENV, "blas")
     assert fused_step.kernels_for(torch.zeros(1)) == ["blas"]
     assert FusedStep.fastest(model, 2).kernel == "blas"

@@ -9,9 +9,11 @@ the index gather of `relative_logits_gather`; dropout).
 Why hand-written: no library we keep decodes Music Transformer relative attention, and how
 the weights are stored matters on CPU. A step is a few products of a handful of rows with
 every weight matrix, bound by reading the weights, and which layout reads them fastest
-depends on the machine, so on CPU (fp32) the step is built in each of three and keeps the one
-whose products run fastest there, timed when it is built (building the three and timing them
-took 0.1-0.4 s for the base presets here, once per model and batch size):
+depends on the machine, so on CPU (fp32) the step is built in each of three, and each kind
+of product (q/k/v, output projection, feed-forward up with its GELU, down with its residual
+add, head) keeps the layout that ran it fastest there, timed when the step is built
+(building the three and timing them took 0.1-0.4 s for the base presets here, once per model
+and batch size):
 - `onednn`: the weights reordered into oneDNN's blocked layout
   (`torch.ops.mkldnn._reorder_linear_weight`, the form torch.compile's CPU backend freezes
   weights into), multiplied by `torch.ops.mkldnn._linear_pointwise` with GELU and the residual
@@ -36,6 +38,7 @@ path.
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 import weakref
@@ -62,6 +65,7 @@ def onednn_available(weight: Tensor) -> bool:
 
 KERNELS = ("onednn", "blas", "dense")
 KERNEL_ENV = "MEHLDAU_STEP_KERNEL"
+SLOTS = ("qkv", "o", "up", "down", "head")  # the kinds of product a step makes
 
 
 def kernels_for(weight: Tensor) -> list[str]:
@@ -115,27 +119,27 @@ def _linear(x: Tensor, wb: tuple[Tensor, Tensor | None], kernel: str, gelu: bool
 
 class _Layer:
     """One block's weights for a step: fused q/k/v, the output projection, the feed-forward
-    (gate and up fused for SwiGLU), the two norms and the relative table."""
+    (gate and up fused for SwiGLU), the two norms and the relative table; each product in the
+    layout of its slot's kernel."""
 
-    def __init__(self, block: nn.Module, rows: int, kernel: str) -> None:
+    def __init__(self, block: nn.Module, rows: int, kernels: dict[str, str]) -> None:
         a, m = block.attn, block.mlp
         self.heads, self.head_dim = a.n_heads, a.head_dim
         self.rel = a.rel_emb.detach() if a.impl != "sdpa" else None  # (H, R, Dh)
         self.ln1 = (block.ln_1.weight.detach(), block.ln_1.bias.detach(), block.ln_1.eps)
         self.ln2 = (block.ln_2.weight.detach(), block.ln_2.bias.detach(), block.ln_2.eps)
         self.swiglu = m.swiglu
-        self.rows, self.kernel = rows, kernel
-        self.qkv = self._pack_qkv(a)
-        self.o = self._pack([a.o_proj])
-        self.up = self._pack([m.gate_proj, m.up_proj] if m.swiglu else [m.up_proj])
-        self.down = self._pack([m.down_proj])
+        self.rows, self.kernels = rows, kernels
+        self.w = {"qkv": self._pack_qkv(a), "o": self._pack("o", [a.o_proj]),
+                  "up": self._pack("up", [m.gate_proj, m.up_proj] if m.swiglu else [m.up_proj]),
+                  "down": self._pack("down", [m.down_proj])}
 
-    def _pack(self, linears: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
+    def _pack(self, slot: str, linears: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
         w = torch.cat([lin.weight.detach() for lin in linears])  # (out, in)
         b = None
         if linears[0].bias is not None:
             b = torch.cat([lin.bias.detach() for lin in linears])
-        return _pack(w, b, self.rows, self.kernel)
+        return _pack(w, b, self.rows, self.kernels[slot])
 
     def _pack_qkv(self, a: nn.Module) -> tuple[Tensor, Tensor | None]:
         """q, k and v in one product whose output is head-major, (H, 3, Dh) per row: every
@@ -151,11 +155,11 @@ class _Layer:
         if a.q_proj.bias is not None:
             b = torch.stack([p.bias.detach() * s for p, s in zip(projs, scale)])  # (3, C)
             b = b.view(3, H, Dh).transpose(0, 1).reshape(3 * C)
-        return _pack(w, b, self.rows, self.kernel)
+        return _pack(w, b, self.rows, self.kernels["qkv"])
 
-    def linear(self, x: Tensor, wb: tuple[Tensor, Tensor | None], gelu: bool = False,
+    def linear(self, slot: str, x: Tensor, gelu: bool = False,
                residual: Tensor | None = None) -> Tensor:
-        return _linear(x, wb, self.kernel, gelu, residual)
+        return _linear(x, self.w[slot], self.kernels[slot], gelu, residual)
 
     def __call__(self, x: Tensor, cache: StaticKV) -> Tensor:
         """x (B, C): the new token's hidden state; its keys and values join `cache`."""
@@ -167,7 +171,7 @@ class _Layer:
         """x (B, C) -> q, k, v (B, H, 3, Dh), q already scaled."""
         B, C = x.shape
         h = F.layer_norm(x, (C,), *self.ln1[:2], self.ln1[2])
-        return self.linear(h, self.qkv).view(B, self.heads, 3, self.head_dim)
+        return self.linear("qkv", h).view(B, self.heads, 3, self.head_dim)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q (B, H, Dh) for the newest position against k, v (B, H, S, Dh), the new key last:
@@ -201,14 +205,14 @@ class _Layer:
     def finish(self, x: Tensor, y: Tensor) -> Tensor:
         """The rest of the block after attention: x (B, C), y (B*H, 1, Dh) -> (B, C)."""
         B, C = x.shape
-        x = self.linear(y.view(B, C), self.o, residual=x)
+        x = self.linear("o", y.view(B, C), residual=x)
         h = F.layer_norm(x, (C,), *self.ln2[:2], self.ln2[2])
         if self.swiglu:
-            gate, up = self.linear(h, self.up).chunk(2, dim=-1)
+            gate, up = self.linear("up", h).chunk(2, dim=-1)
             u = F.silu(gate) * up
         else:
-            u = self.linear(h, self.up, gelu=True)
-        return self.linear(u, self.down, residual=x)
+            u = self.linear("up", h, gelu=True)
+        return self.linear("down", u, residual=x)
 
 
 # Kept beside the model rather than on it: oneDNN-packed tensors can be neither deep-copied nor
@@ -225,48 +229,91 @@ class FusedStep:
 
     KEEP = 4  # batch sizes whose copies `for_model` keeps per model
 
-    def __init__(self, model: nn.Module, rows: int, kernel: str = "dense") -> None:
+    def __init__(self, model: nn.Module, rows: int, kernel: str | dict[str, str] = "dense"
+                 ) -> None:
+        """`kernel`: one for every product, or one per slot (`SLOTS`)."""
+        kernels = (dict.fromkeys(SLOTS, kernel) if isinstance(kernel, str)
+                   else {slot: kernel[slot] for slot in SLOTS})
         ref = model.lm_head.weight
         self.embed = model.embed_tokens.weight.detach()  # (V, C)
-        self.layers = [_Layer(block, rows, kernel) for block in model.layers]
+        self.layers = [_Layer(block, rows, kernels) for block in model.layers]
         n = model.norm
         self.norm = (n.weight.detach(), n.bias.detach(), n.eps)
-        self.rows, self.kernel = rows, kernel
-        self.head = _pack(ref.detach(), None, rows, kernel)
+        self.rows, self.kernels = rows, kernels
+        self.head = _pack(ref.detach(), None, rows, kernels["head"])
         self.seconds: dict[str, float] = {}  # each kernel's products, where they were timed
+
+    @property
+    def kernel(self) -> str:
+        """The kernel's name, or each slot's where they differ."""
+        names = set(self.kernels.values())
+        if len(names) == 1:
+            return names.pop()
+        return ", ".join(f"{slot} {k}" for slot, k in self.kernels.items())
 
     @classmethod
     def fastest(cls, model: nn.Module, rows: int, rounds: int = 3) -> FusedStep:
-        """The step in the kernel whose products (`products`) ran fastest here: each built in
-        turn, then timed in rounds that alternate between them (a slow spell of a shared
-        machine falls on all), best of `rounds` after a warm-up."""
-        steps = [cls(model, rows, k) for k in kernels_for(model.lm_head.weight)]
+        """The step whose every kind of product (`SLOTS`) runs in the kernel that ran it
+        fastest here, with its GELU or residual add (`products`): each kernel's step built
+        in turn, then timed in rounds that alternate between them (a slow spell of a shared
+        machine falls on all), best of `rounds` after a warm-up. Timing the products bare
+        chose `dense` at batch 8 on one host, where its unfused GELU made it the slowest."""
+        steps = {k: cls(model, rows, k) for k in kernels_for(model.lm_head.weight)}
         if len(steps) == 1:
-            return steps[0]
-        best = dict.fromkeys(range(len(steps)), float("inf"))
+            return next(iter(steps.values()))
+        best = {(k, slot): float("inf") for k in steps for slot in SLOTS}
         for r in range(rounds + 1):
-            for i, step in enumerate(steps):
-                t0 = time.perf_counter()
-                step.products()
+            for k, step in steps.items():
+                spent = step.products()
                 if r:  # the first round is a warm-up
-                    best[i] = min(best[i], time.perf_counter() - t0)
-        chosen = steps[min(best, key=best.get)]
-        chosen.seconds = {steps[i].kernel: t for i, t in best.items()}
-        return chosen
+                    for slot, t in spent.items():
+                        best[k, slot] = min(best[k, slot], t)
+        chosen = {slot: min(steps, key=lambda k: best[k, slot]) for slot in SLOTS}
+        step = steps[chosen["qkv"]]
+        if len(set(chosen.values())) > 1:
+            step = copy.copy(step)  # shares the chosen kernels' copies, copies nothing
+            step.kernels, step.layers = chosen, []
+            for i, layer in enumerate(steps[chosen["qkv"]].layers):
+                mixed = copy.copy(layer)
+                mixed.kernels = chosen
+                mixed.w = {slot: steps[k].layers[i].w[slot] for slot, k in chosen.items()
+                           if slot != "head"}
+                step.layers.append(mixed)
+            step.head = steps[chosen["head"]].head
+        step.seconds = {k: sum(best[k, slot] for slot in SLOTS) for k in steps}
+        return step
 
     @torch.no_grad()
-    def products(self) -> None:
-        """Every matrix product of one step, once, on scratch rows: what reading the weights
-        costs, without attention or sampling (the kernel choice and the benchmark's bound)."""
-        x = {}
-        for wb in [w for layer in self.layers for w in (layer.qkv, layer.o, layer.up,
-                                                         layer.down)] + [self.head]:
+    def products(self) -> dict[str, float]:
+        """Every matrix product of one step, once, with its GELU or residual add, on scratch
+        rows: what reading the weights costs, without attention or sampling (the kernel choice
+        and the benchmark's bound). The seconds each slot's products took."""
+        x: dict[int, Tensor] = {}
+
+        def rows_of(n: int) -> Tensor:
+            if n not in x:
+                x[n] = torch.zeros(self.rows, n, dtype=self.embed.dtype,
+                                   device=self.embed.device)
+            return x[n]
+
+        spent = dict.fromkeys(SLOTS, 0.0)
+        work = [(slot, layer.w[slot], layer.swiglu) for layer in self.layers
+                for slot in ("qkv", "o", "up", "down")] + [("head", self.head, False)]
+        for slot, wb, swiglu in work:
+            kernel = self.kernels[slot]
             w = wb[0]
-            fan_in = w.shape[0] if self.kernel == "blas" else w.shape[1]
-            if fan_in not in x:
-                x[fan_in] = torch.zeros(self.rows, fan_in, dtype=self.embed.dtype,
-                                        device=self.embed.device)
-            _linear(x[fan_in], wb, self.kernel)
+            fan_in, fan_out = (w.shape if kernel == "blas" else w.shape[::-1])[:2]
+            residual = rows_of(fan_out) if slot in ("o", "down") else None
+            t0 = time.perf_counter()
+            _linear(rows_of(fan_in), wb, kernel, gelu=slot == "up" and not swiglu,
+                    residual=residual)
+            spent[slot] += time.perf_counter() - t0
+        return spent
+
+    def logits(self, x: Tensor) -> Tensor:
+        """The last hidden state (B, C) -> next-token logits (B, V)."""
+        x = F.layer_norm(x, (x.shape[-1],), *self.norm[:2], self.norm[2])
+        return _linear(x, self.head, self.kernels["head"])
 
     @classmethod
     def for_model(cls, model: nn.Module, rows: int) -> FusedStep:
@@ -306,5 +353,4 @@ class FusedStep:
         x = self.embed[token]  # (B, C)
         for layer, cache in zip(self.layers, caches):
             x = layer(x, cache)
-        x = F.layer_norm(x, (x.shape[-1],), *self.norm[:2], self.norm[2])
-        return _linear(x, self.head, self.kernel)  # (B, V)
+        return self.logits(x)  # (B, V)

@@ -28,10 +28,9 @@ import os
 import weakref
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mehldau.nn.fused_step import FusedStep, _Layer, _linear
+from mehldau.nn.fused_step import FusedStep, _Layer
 from mehldau.nn.relative_attention import StaticKV
 
 GRAPH_ENV = "MEHLDAU_CUDA_GRAPH"
@@ -100,8 +99,7 @@ class GraphedStep:
             self.v[i].index_copy_(2, pos, qkv[:, :, 2:3])
             dist = pos - self.keys[self.capacities[i]]  # (N,)
             x = layer.finish(x, attend_masked(layer, qkv[:, :, 0], self.k[i], self.v[i], dist))
-        x = F.layer_norm(x, (x.shape[-1],), *s.norm[:2], s.norm[2])
-        logits = _linear(x, s.head, s.kernel)  # (B, V)
+        logits = s.logits(x)  # (B, V)
         self.pos.add_(1)
         return logits
 
