@@ -231,6 +231,29 @@ def test_the_graphed_steps_masked_form_samples_what_the_plain_path_does(
     assert isinstance(free.fast, GraphedStep)  # released with its owner
 
 
+def test_graphed_steps_are_kept_per_batch_size_until_a_weight_changes() -> None:
+    """A comparison alternating batch sizes records each size's graph once, not at every
+    switch; a changed weight drops them with the fused step they were built on."""
+    from mehldau.nn.graphed_step import graphed_step_for
+
+    class Owner:  # a decoder, as far as the graph can tell
+        pass
+
+    model = tiny()
+    caps, a, b = [24] * len(model.layers), Owner(), Owner()
+    one = graphed_step_for(model, 1, caps, a, capture=False)
+    three = graphed_step_for(model, 3, caps, b, capture=False)
+    assert one is not None and three is not None and one is not three
+    assert graphed_step_for(model, 1, caps, a, capture=False) is one
+    assert graphed_step_for(model, 3, caps, b, capture=False) is three
+    assert graphed_step_for(model, 1, caps, b, capture=False) is None  # a holds it
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2.0)
+    fresh = graphed_step_for(model, 1, caps, a, capture=False)
+    assert fresh is not None and fresh is not one
+    assert fresh.step.head[0].data_ptr() != one.step.head[0].data_ptr()
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("rows", [1, 3])

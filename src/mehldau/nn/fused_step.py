@@ -335,6 +335,12 @@ class FusedStep:
         return steps[rows]
 
     @staticmethod
+    def kept(model: nn.Module) -> list[FusedStep]:
+        """The steps `for_model` keeps for `model` now (those of its current weights)."""
+        kept = _STEPS.get(model)
+        return list(kept[1].values()) if kept is not None else []
+
+    @staticmethod
     def supports(model: nn.Module) -> bool:
         """Plain linear projections, no dropout active: what the fused copy can stand for."""
         if model.training:

@@ -142,22 +142,27 @@ class GraphedStep:
         return logits
 
 
-# Kept beside the model, as `FusedStep`'s copies are, and rebuilt with them.
-_GRAPHS: weakref.WeakKeyDictionary[nn.Module, tuple[FusedStep, dict]] = (
+# Kept beside the model, per batch size, as `FusedStep`'s copies are, and dropped with them.
+_GRAPHS: weakref.WeakKeyDictionary[nn.Module, dict[int, tuple[FusedStep, dict]]] = (
     weakref.WeakKeyDictionary())
 
 
 def graphed_step_for(model: nn.Module, rows: int, capacities: list[int], owner: object,
                      capture: bool = True) -> GraphedStep | None:
     """The graphed step of `model` at `rows` rows over caches of `capacities`, recorded once
-    and kept (a recording costs a few warm-up steps); None while another live decoder holds
-    it (the caller then steps through `FusedStep`)."""
+    and kept while `FusedStep.for_model` keeps its step (a recording costs a few warm-up
+    steps; a comparison alternating batch sizes records each once); None while another live
+    decoder holds it (the caller then steps through `FusedStep`)."""
     step = FusedStep.for_model(model, rows)
-    kept = _GRAPHS.get(model)
-    if kept is None or kept[0] is not step:  # the weights changed: FusedStep rebuilt
-        kept = _GRAPHS[model] = (step, {})
+    kept = _GRAPHS.setdefault(model, {})
+    live = {id(s) for s in FusedStep.kept(model)}
+    for r in [r for r, (s, _) in kept.items() if id(s) not in live]:
+        del kept[r]  # its step was rebuilt or dropped: so are its graphs and their buffers
+    if rows not in kept:
+        kept[rows] = (step, {})
+    graphs = kept[rows][1]
     key = (tuple(capacities), capture)
-    if key not in kept[1]:
-        kept[1][key] = GraphedStep(step, capacities, capture)
-    graphed = kept[1][key]
+    if key not in graphs:
+        graphs[key] = GraphedStep(step, capacities, capture)
+    graphed = graphs[key]
     return graphed if graphed.claim(owner) else None
