@@ -20,6 +20,9 @@ the reference a graph is tested against, itself tested to sample what the plain 
 `torch.compile(mode="reduce-overhead")` records graphs too, but it would trace our step again
 for every cached length unless the step took this masked form anyway; by hand the graph is a
 dozen lines and needs no compiler at run time. `MEHLDAU_CUDA_GRAPH=0` turns graphs off.
+On one H200 (bf16) the graph ran the base presets' sampling 3.8-3.9x faster than the same
+step launched kernel by kernel at batch 1, and 3.0-3.3x at batch 8 (`benchmarks/sampling.py
+--device cuda --dtype bf16`).
 """
 
 from __future__ import annotations
