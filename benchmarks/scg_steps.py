@@ -8,10 +8,10 @@ process, so the costs are ratios taken under the same load:
   split, `prompt_seconds` 5, `seconds` 10, 2 samples per prompt, seed 0; the worker's generate
   config): compute seconds per minute of music (the report's
   `compute_seconds_per_music_minute`) and the mean overlapping area (OA) over the compare
-  features, with the report's bootstrap interval;
+  features, with the report's jackknife interval;
 - guided generation (every rule, scg.candidates 8, one 10.24 s window, 2 samples, each test
   piece's opening as the reference): the rule losses of the guided samples, mean with a
-  bootstrap interval over the samples, and their seconds.
+  jackknife interval over the samples, and their seconds.
 A deterministic solver (dpmpp_2m) gets the unguided measurement only.
 """
 
@@ -24,19 +24,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from mehldau.cli.common import compose
 from mehldau.evaluation import compare as C
 from mehldau.evaluation import worker
 from mehldau.train.checkpoint import branch_recipe, resolve_checkpoint
 
 
-def _interval(values: list[float], n: int = 200, seed: int = 0) -> list[float]:
-    rng = np.random.default_rng(seed)
-    v = np.asarray(values, dtype=float)
-    means = [rng.choice(v, len(v)).mean() for _ in range(n)]
-    return [float(v.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
+def _interval(values: list[float]) -> list[float]:
+    from mehldau.evaluation.distribution import group_mean
+
+    return list(group_mean([[float(v)] for v in values]))
 
 
 def main() -> None:
@@ -77,8 +74,7 @@ def main() -> None:
             files[p["name"]] = [str(q) for q in paths if q.suffix == ".mid"]
         cost = time.perf_counter() - t0
         items = C.generated_items(run, {"files": files}, prompts, ps, seconds)
-        oa = C.feature_table(C.System(setting, items), reference, int(ccfg.bootstrap),
-                             int(ccfg.seed))["mean"]["oa"]
+        oa = C.feature_table(C.System(setting, items), reference)["mean"]["oa"]
         row = {"setting": setting, "compute_s_per_music_min": cost / (len(items) * seconds) * 60,
                "oa_mean": oa}
         if name != "dpmpp_2m" and a.guided:

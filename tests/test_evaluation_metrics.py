@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import symusic
 from scipy.stats import gaussian_kde
+from scipy.stats import t as student_t
 
 from mehldau.evaluation.copying import TrainIndex, copy_report
 from mehldau.evaluation.distribution import (
-    bootstrap,
     compare_feature,
     densities,
     differ,
+    jackknife,
     kl_divergence,
     overlap_area,
 )
@@ -150,7 +151,7 @@ def test_degenerate_features():
     assert 0.0 <= oa <= 1.0 and np.isfinite(kl)
 
 
-def test_bootstrap_and_differ():
+def test_jackknife_interval_and_differ():
     rng = np.random.default_rng(1)
     a = [list(rng.normal(1.0, 1.0, 5)) for _ in range(20)]
     b = [list(rng.normal(0.0, 1.0, 5)) for _ in range(20)]
@@ -158,11 +159,13 @@ def test_bootstrap_and_differ():
     def gap(x, y):
         return float(np.mean(x) - np.mean(y))
 
-    value, lo, hi = bootstrap(a, b, gap, n=200, seed=3)
-    assert lo <= value <= hi and lo > 0.5 and hi < 1.5
-    assert bootstrap(a, b, gap, n=200, seed=3) == (value, lo, hi)
-    assert bootstrap(a, b, gap, n=200, seed=4) != (value, lo, hi)
-    _, lo0, hi0 = bootstrap(b, b, gap, n=200, seed=3)
+    value, lo, hi = jackknife(a, b, gap)
+    assert lo < value < hi and lo > 0.5 and hi < 1.5
+    # a mean's jackknife variance is the usual one: s² / g for each side's group means
+    means = [np.mean(g) for g in a], [np.mean(g) for g in b]
+    se = math.sqrt(sum(np.var(m, ddof=1) / len(m) for m in means))
+    assert (hi - lo) / 2 == pytest.approx(se * student_t.ppf(0.975, 38), rel=0.02)
+    _, lo0, hi0 = jackknife(b, b, gap)
     assert lo0 < 0 < hi0
     assert differ((lo, hi), (lo0, hi0)) and differ((value, lo, hi), (0.0, lo0, hi0))
     assert not differ((0.0, 1.0), (0.5, 2.0))
