@@ -11,7 +11,8 @@ USAGE = """usage: mehldau-compare runs=[RUN1,RUN2,...] out=DIR [key=value ...]
 
 Options: reference=FOLDER split=test|val prompt_seconds=S max_prompts=K seconds=S
          samples_per_prompt=N seed=N temperature=T top_k=K top_p=P device=auto|cpu|cuda
-         bootstrap=N likelihood=true|false copy_check=true|false audio=true|false
+         likelihood=true|false copy_check=true|false audio=true|false
+         judge.run=JUDGE_RUN judge.target=PIANIST (style columns)
 --cfg prints the composed configuration and exits."""
 
 

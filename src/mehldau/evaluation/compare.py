@@ -12,10 +12,13 @@ The protocol (what makes the comparison one to trust):
   `seconds`-long segments: mgeval's OA and KL (`distribution`) over distances between
   different pieces only (`pair_distances`), MusPy's metrics, a sliding pitch-class entropy,
   the copy check against every piece the runs trained on (`training_files`), and the
-  held-out likelihood (`likelihood`), with bootstrap intervals over prompts;
-- two rows measured exactly as a branch's, same prompts, counts, lengths, reference and
+  held-out likelihood (`likelihood`), with jackknife intervals over prompts
+  (`distribution.jackknife_many`: no resample ever repeats a prompt);
+- three rows measured exactly as a branch's, same prompts, counts, lengths, reference and
   intervals: the human ceiling (the pianist's own continuations of the same prompts,
-  `human_items`) and a floor of random notes as dense as the reference.
+  `human_items`), a floor of random notes as dense as the reference, and the pianist's
+  continuations with their pitches shuffled among their notes (rhythm, touch and density
+  kept: the listening test's anchor, `shuffled_items`).
 
 Comparison never trains: it reads checkpoints. Each run generates in its own process
 (`worker`), which is also how its compute time and peak memory are measured.
@@ -69,7 +72,7 @@ class Item:
     segment."""
 
     uid: str
-    group: str  # bootstrap unit: the prompt it answers (a reference segment: its piece)
+    group: str  # interval unit: the prompt it answers (a reference segment: its piece)
     notes: Notes
     source: str = ""  # its MIDI file
     piece: str = ""  # the reference piece its notes come from or continue: never compared
@@ -290,7 +293,7 @@ def human_items(ref: list[tuple[str, Path]], prompts: list[dict], per_prompt: in
     the next `seconds` of the same piece. Where a piece ends first: the same span after the
     cut of a reference piece no prompt came from (each used once); failing that, what is
     left of the piece if it is at least half a span, else the first continuation again.
-    Each item stands in its prompt's group, so the bootstrap resamples it as a branch's.
+    Each item stands in its prompt's group, so the intervals treat it as a branch's.
 
     Like a branch's continuations they are measured after the prompt, and never against the
     segments of the piece they come from (`Item.piece`, `pair_distances`)."""
@@ -326,14 +329,29 @@ def floor_items(reference: list[Item], prompts: list[dict], per_prompt: int, sec
             for p in prompts for k in range(per_prompt)]
 
 
+def shuffled_items(human: list[Item], seed: int) -> list[Item]:
+    """The human continuations with their pitches dealt at random among their notes (onsets,
+    lengths and velocities kept), each in its prompt's group."""
+    from mehldau.data.damaged_clips import shuffled_pitches
+
+    out = []
+    for k, it in enumerate(human):
+        n = it.notes
+        rows = shuffled_pitches(np.stack([n.onset, n.end, n.pitch, n.velocity], 1),
+                                n.seconds, np.random.default_rng([seed, 4, k]))
+        out.append(Item(it.uid.replace("human:", "shuffled:", 1), it.group,
+                        Notes.from_arrays(rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3],
+                                          seconds=n.seconds), it.source, it.piece, it.start))
+    return out
+
+
 def pair_distances(a: list[tuple[int, np.ndarray]], b: list[tuple[int, np.ndarray]]
                    ) -> tuple[np.ndarray, np.ndarray]:
     """(intra, inter): the distances within b and from a to b of one feature, over (piece
     number, vector) pairs. No pair of one piece is a distance, on either side: two segments
     of one performance are closer than any two performances, and a continuation sits close
     to its own piece's segments, so a human continuation would otherwise be scored against
-    its own source; and a bootstrap repeat of a piece would add zero distances, which pull
-    OA down."""
+    its own source."""
     ua, xa = np.array([u for u, _ in a]), np.stack([v for _, v in a])
     ub, xb = np.array([u for u, _ in b]), np.stack([v for _, v in b])
     i, j = np.triu_indices(len(ub), 1)
@@ -360,10 +378,27 @@ def _by_group(items: list[Item], value) -> list[list]:
     return list(groups.values())
 
 
-def feature_table(system: System, reference: list[Item], n_boot: int, seed: int) -> dict:
-    """Per feature, and averaged over features: OA and KL against the reference, each with a
-    bootstrap interval over groups (prompts; reference pieces), one resampling for all, so
-    the mean's interval is real. Pairs of one piece are left out (`_oa_kl`)."""
+def oa_kl_intervals(groups_a: list[list], groups_b: list[list], features: int
+                    ) -> list[tuple[float, float, float]]:
+    """OA and KL of each of `features` features, then their means, with jackknife intervals
+    over groups (prompts; reference pieces), the same leave-outs for all, so the mean's
+    interval is real; OA on the logit scale, KL on the log scale. Items are (piece number,
+    [one vector per feature]); pairs of one piece are left out (`_oa_kl`)."""
+    def stat(a, b):
+        pairs = [_oa_kl([(u, v[k]) for u, v in a], [(u, v[k]) for u, v in b])
+                 for k in range(features)]
+        oa, kl = np.array(pairs).T
+        if np.isnan(oa).all():  # too few pieces on a side (a leave-out of two)
+            return [*oa, *kl, math.nan, math.nan]
+        return [*oa, *kl, float(np.nanmean(oa)), float(np.nanmean(kl))]
+
+    scales = ["logit"] * features + ["log"] * features + ["logit", "log"]
+    return dist.jackknife_many(groups_a, groups_b, stat, scale=scales)
+
+
+def feature_table(system: System, reference: list[Item]) -> dict:
+    """Per feature, and averaged over features: OA and KL against the reference with their
+    intervals (`oa_kl_intervals`)."""
     number = {pid: k for k, pid in enumerate(sorted({it.piece for it in
                                                      [*system.items, *reference]}))}
     names = list(FEATURES)
@@ -372,35 +407,22 @@ def feature_table(system: System, reference: list[Item], n_boot: int, seed: int)
         return _by_group(items, lambda it: (number[it.piece],
                                             [FEATURES[f](it.notes) for f in names]))
 
-    def stat(a, b):
-        pairs = [_oa_kl([(u, v[k]) for u, v in a], [(u, v[k]) for u, v in b])
-                 for k in range(len(names))]
-        oa, kl = np.array(pairs).T
-        if np.isnan(oa).all():  # too few pieces on a side (a resample of one piece)
-            return [*oa, *kl, math.nan, math.nan]
-        return [*oa, *kl, float(np.nanmean(oa)), float(np.nanmean(kl))]
-
-    values = dist.bootstrap_many(vectors(system.items), vectors(reference), stat, n_boot, seed)
+    values = oa_kl_intervals(vectors(system.items), vectors(reference), len(names))
     out = {f: {"oa": values[k], "kl": values[len(names) + k]} for k, f in enumerate(names)}
     out["mean"] = {"oa": values[-2], "kl": values[-1]}
     return out
 
 
-def mean_with_interval(items: list[Item], value, n_boot: int, seed: int) -> tuple:
-    groups = _by_group(items, value)
-    groups = [[v for v in g if not math.isnan(v)] for g in groups]
-    groups = [g for g in groups if g]
-    if not groups:
-        return (math.nan, math.nan, math.nan)
-    return dist.bootstrap(groups, [[0.0]], lambda x, _: float(np.mean(x)), n=n_boot, seed=seed)
+def mean_with_interval(items: list[Item], value) -> tuple:
+    return dist.group_mean(_by_group(items, value))
 
 
-def summary_metrics(items: list[Item], n_boot: int, seed: int) -> dict:
+def summary_metrics(items: list[Item]) -> dict:
     cache = {it.uid: {**feat.muspy_metrics(it.notes), "notes_per_second":
                       len(it.notes) / max(it.notes.seconds, 1e-9),
                       "sliding_pitch_class_entropy": feat.sliding(it.notes)["pitch_class_entropy"]}
              for it in items}
-    return {m: mean_with_interval(items, lambda it, m=m: float(cache[it.uid][m]), n_boot, seed)
+    return {m: mean_with_interval(items, lambda it, m=m: float(cache[it.uid][m]))
             for m in SUMMARY_METRICS}
 
 
@@ -419,15 +441,14 @@ def copy_table(items: list[Item], index: TrainIndex | None, threshold: int, min_
             "flagged_files": [it.source for it, r in zip(items, reports) if r["flagged"]]}
 
 
-def likelihood_table(result: dict, n_boot: int, seed: int) -> dict:
+def likelihood_table(result: dict) -> dict:
     pieces = [PieceScore(**p) for p in result.get("likelihood_pieces", [])]
     if not pieces:
         return {}
     summary = summarize(pieces)
     groups = [[p] for p in pieces]
     for key in ("nats_per_note", "bits_per_second"):
-        summary[key] = dist.bootstrap(groups, [[0]], lambda x, _, key=key: summarize(x)[key],
-                                      n=n_boot, seed=seed)
+        summary[key] = dist.jackknife(groups, [], lambda x, _, key=key: summarize(x)[key])
     summary["policy"] = POLICY
     return summary
 
@@ -444,7 +465,7 @@ def compare(cfg: DictConfig) -> Path:
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty; choose a new out= directory")
     ref = reference_files(cfg, runs)
-    seconds, n_boot, seed = float(cfg.seconds), int(cfg.bootstrap), int(cfg.seed)
+    seconds, seed = float(cfg.seconds), int(cfg.seed)
     ps, per_prompt = float(cfg.prompt_seconds), int(cfg.samples_per_prompt)
     reference = reference_items(ref, seconds)
     style_plan = None
@@ -476,6 +497,7 @@ def compare(cfg: DictConfig) -> Path:
         human = System("human", human_items(ref, prompts, per_prompt, ps, seconds), "ceiling")
         floor = System("random notes", floor_items(reference, prompts, per_prompt, seconds,
                                                    seed), "floor")
+        anchor = System("shuffled pitches", shuffled_items(human.items, seed), "floor")
         repeated = len(human.items) - len({(it.source, it.start) for it in human.items})
         if repeated:
             print(f"compare: the human row repeats {repeated} continuations: the reference "
@@ -492,15 +514,15 @@ def compare(cfg: DictConfig) -> Path:
                   f"({coverage['indexed_notes']:,} notes) of {coverage['listed']} listed",
                   file=sys.stderr)
         table = {}
-        for s in [*systems, human, floor]:
+        for s in [*systems, human, floor, anchor]:
             print(f"compare: measuring {s.name}", file=sys.stderr)
             table[s.name] = {
                 "kind": s.kind, "items": len(s.items),
-                "features": feature_table(s, reference, n_boot, seed),
-                "metrics": summary_metrics(s.items, n_boot, seed),
+                "features": feature_table(s, reference),
+                "metrics": summary_metrics(s.items),
                 "copy": copy_table(s.items, index, int(cfg.copy_threshold),
                                    int(cfg.copy_min_len)),
-                "likelihood": likelihood_table(s.extra.get("result", {}), n_boot, seed),
+                "likelihood": likelihood_table(s.extra.get("result", {})),
                 **{k: v for k, v in s.extra.items() if k != "result"}}
             if s.kind == "branch":
                 r = s.extra["result"]
@@ -512,19 +534,20 @@ def compare(cfg: DictConfig) -> Path:
         if style_plan is not None:
             from mehldau.evaluation.style import style_section
 
-            rows, style = style_section(cfg, style_plan, systems, human, floor,
-                                        len(human.items), seconds, n_boot, seed)
+            rows, style = style_section(cfg, style_plan, systems, human, [floor, anchor],
+                                        len(human.items), seconds, seed)
             for name, row in rows.items():
                 table.setdefault(name, {"kind": "floor", "style_only": True,
                                         "items": row["clips"]})["style"] = row
         table["human"]["excerpts"] = [{"prompt": it.uid.split(":")[1], "source": it.source,
                                        "start": it.start} for it in human.items]
         table["reference"] = {"kind": "reference", "items": len(reference),
-                              "metrics": summary_metrics(reference, n_boot, seed),
+                              "metrics": summary_metrics(reference),
                               "copy": copy_table(reference, index, int(cfg.copy_threshold),
                                                  int(cfg.copy_min_len))}
         report.write_all(tmp, cfg, table, systems, reference, prompts, ref, out,
-                         copy_coverage=coverage, baselines=[human, floor], style=style)
+                         copy_coverage=coverage, baselines=[human, floor, anchor],
+                         style=style)
         shutil.rmtree(tmp / "work")  # the jobs' results are in report.json
     print(f"compare: wrote {out / 'report.md'}", file=sys.stderr)
     return out

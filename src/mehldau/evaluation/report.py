@@ -28,9 +28,26 @@ SOUNDFONTS = ("/usr/share/sounds/sf2/FluidR3_GM.sf2", "/usr/share/sounds/sf2/def
 
 
 def _ci(v, fmt: str = "{:.3f}") -> str:
-    if not v or v[0] is None or (isinstance(v[0], float) and math.isnan(v[0])):
-        return "n/a"
-    return f"{fmt.format(v[0])} [{fmt.format(v[1])}, {fmt.format(v[2])}]"
+    from mehldau.evaluation.judge_report import ci
+
+    return ci(v, fmt) if v else "n/a"
+
+
+def check_intervals(tree, where: str = "report") -> None:
+    """Every (value, lo, hi) tuple in `tree` (how the interval functions return them) holds
+    its value; a violation is a bug in how an interval was made, and stops the report
+    rather than print a figure outside its own interval."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            check_intervals(v, f"{where}.{k}")
+    elif isinstance(tree, tuple) and len(tree) == 3 and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in tree):
+        v, lo, hi = map(float, tree)
+        if not any(math.isnan(x) for x in (v, lo, hi)) and not lo - 1e-9 <= v <= hi + 1e-9:
+            raise RuntimeError(f"{where}: {v} is outside its interval [{lo}, {hi}]")
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            check_intervals(v, f"{where}[{i}]")
 
 
 def _git_revision() -> str | None:
@@ -106,29 +123,56 @@ def main_table(table: dict) -> list[str]:
     return lines
 
 
-STYLE_COLUMNS = [  # (header, key, format); the key's value is (value, lo, hi) or a number
+STYLE_COLUMNS = [  # (header, key, format); the key's value is (value, lo, hi) or None
     ("attributed to target ↑", "target_share", "{:.2f}"),
+    ("unlike any pianist", "unlike_any_pianist", "{:.2f}"),
+    ("passes the gate", "gate_pass", "{:.2f}"),
     ("mean P(target) ↑", "target_probability", "{:.2f}"),
     ("windows attributed ↑", "window_share", "{:.2f}"),
-    ("normalised ↑", "normalised_share", "{:.2f}"),
-    ("Fréchet (judge space) ↓", "frechet", "{:.3g}"),
-    ("kernel distance (judge space) ↓", "kernel", "{:.3g}"),
+    ("normalised ↑", "normalised", "{:.2f}"),
+    ("kernel distance ↓", "kernel", "{:.3g}"),
 ]
 
 
 def judge_line(style: dict) -> str:
-    """The judge run and its test accuracy: said beside every style figure."""
+    """The judge run, its test accuracy, calibration and rejection: said beside every style
+    figure."""
     test = style.get("judge_test") or {}
-    acc = test.get("piece_accuracy")
-    clip = test.get("clip_accuracy")
-    said = (f"test accuracy {_ci(acc)} per piece, {_ci(clip)} per clip, on {test.get('pieces')} "
-            "held-out pieces" if acc else "no judge_report.json: its test accuracy is unknown")
-    return (f"judge `{style['judge_run']}` ({len(style['classes'])} classes, trained on "
-            f"{style['judge_clip_seconds']:g} s clips; {said})")
+    acc, clip = test.get("piece_accuracy"), test.get("clip_accuracy")
+    if not acc:
+        return (f"judge `{style['judge_run']}` ({len(style['classes'])} classes; no "
+                "judge_report.json: its test figures are unknown)")
+    said = f"test accuracy {_ci(acc)} per piece, {_ci(clip)} per clip, on {test.get('pieces')}"
+    said += " held-out pieces"
+    cal = test.get("calibration") or {}
+    if cal:
+        said += (f"; temperature {cal['temperature']:.2f}, calibration error "
+                 f"{cal['before']['ece']:.3f} → {cal['after']['ece']:.3f}")
+    lofo = test.get("leave_one_out") or {}
+    if lofo:
+        worst = min(lofo, key=lambda f: lofo[f]["auroc"][0])
+        said += (f"; a damage family it never saw rejected with AUROC ≥ "
+                 f"{lofo[worst]['auroc'][0]:.3f} ({worst})")
+    return (f"judge `{style['judge_run']}` ({len(style['classes'])} classes with "
+            f"*{style.get('abstain')}*, trained on {style['judge_clip_seconds']:g} s clips; "
+            f"{said})")
+
+
+def _distance_cell(row: dict, key: str) -> str:
+    base = (row.get("baseline") or {}).get(key)
+    v = row.get(key)
+    if v is None:
+        return "n/a"
+    text = _ci(v, "{:.3g}") if isinstance(v, (list, tuple)) else f"{v:.3g}"
+    n = row["clips"]
+    if base and not math.isnan(base[0]):
+        text += f" (n={n}; the pianist's own at n={n}: {base[0]:.3g} [{base[1]:.3g}, " \
+                f"{base[2]:.3g}])"
+    return text
 
 
 def style_rows(table: dict, style: dict) -> list[str]:
-    heads = [h for h, _, _ in STYLE_COLUMNS] + ["most attributed to"]
+    heads = [h for h, _, _ in STYLE_COLUMNS] + ["Fréchet (judge space) ↓", "most attributed to"]
     lines = [f"Target: **{style['target']}**; {judge_line(style)}.", "",
              "| system | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
     for n, row in table.items():
@@ -138,53 +182,87 @@ def style_rows(table: dict, style: dict) -> list[str]:
         cells = []
         for _, key, fmt in STYLE_COLUMNS:
             v = st.get(key)
-            if isinstance(v, (list, tuple)):
-                cells.append(_ci(v, fmt))
+            if key == "kernel":
+                cells.append(_distance_cell(st, "kernel"))
+            elif key == "normalised" and v is None:
+                cells.append("n/a (see below)" if style.get("normalised_reason") else "n/a")
             else:
-                cells.append("n/a" if v is None or math.isnan(v) else fmt.format(v))
+                cells.append(_ci(v, fmt) if v else "n/a")
+        cells.append(_distance_cell(st, "frechet"))
         cells.append(", ".join(f"{c} {k}" for c, k in st.get("attributed_to", {}).items()))
         label = n if row["kind"] == "branch" else f"*{n}*"
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if style.get("normalised_reason"):
+        lines += ["", f"normalised: n/a because {style['normalised_reason']}."]
+    else:
+        lines += ["", f"normalised: the floor is *{style.get('floor')}*, the higher floor."]
+    gate = style.get("gate")
+    if gate:
+        lines += ["", f"Gate: a clip counts for {style['target']} only if its mean cosine "
+                  f"distance to its {gate['k']} nearest {style['target']} val clips "
+                  f"({gate['reference_clips']}, cut as these rows are) is at most "
+                  f"{gate['threshold']:.4f}, the distance that best tells {style['target']}'s "
+                  f"val clips ({gate['val_own_pass']:.0%} pass) from the other pianists' "
+                  f"({(gate['val_other_pass'] or 0):.0%} of {gate['val_other_clips']} pass)."]
     return lines
 
 
 STYLE_HOW_TO_READ = """\
 How to read it. A style judge (a piano-roll ResNet trained to name the pianist of a clip,
-`mehldau-train branch=style_judge`) listens to every excerpt above: **attributed to target**
-is the share of excerpts it gives to the target pianist, **mean P(target)** its mean
-probability for the target, **windows attributed** the share of shorter windows sliding along
-each excerpt it gives to the target (Edwards et al. 2026 score continuations this way),
-each with a 95 % bootstrap interval over prompts (a floor's: over its pieces). The *human*
-row is the ceiling: the target pianist's own continuations of the same prompts, as many and
-as long. Two floors: *random notes*, and *other pianists*, as many clips of the same length
-from the other pianists' held-out pieces of the judge's test split. **normalised** is
-(row − other pianists) / (human − other pianists) of the attributed share: 0 plays like the
-others, 1 like the pianist. **Fréchet** and **kernel distance** compare the excerpts' embeddings
-in the judge's penultimate layer with the target pianist's held-out clips of the judge's val
-split (pieces neither the judge nor any compared run trained on): Fréchet distance and KID's
-unbiased MMD², named for what they are. Guard rails, checked by content hash before any
-figure: no reference piece (prompts, human ceiling) is in the judge's training split, and no
-held-out piece of the floor or of the distance reference is in any compared run's training
-split. A judge trained on pianists has never heard random notes, so what it makes of them
-says more about the judge than about the music: read a branch against the *other pianists*
-floor. The judge only measures: nothing here chose or stopped any run's training."""
+`mehldau-train branch=style_judge`) listens to every excerpt above, cut by the same rule as
+every other figure here (the notes that start in the `seconds` after the prompt). It can
+say that an excerpt is no pianist's: besides the pianists it has a class *unlike any
+pianist*, trained on real clips damaged in seven ways (random notes, shuffled pitches,
+shuffled onsets, quantized at one velocity, held clusters, one voice, soft and sparse);
+its report says how it rejects a kind of damage it never trained on. **attributed to
+target** is the share of excerpts whose most likely class is the target *and* that pass the
+**gate**: their embedding lies as close to the target's held-out (val) clips as the target's
+own clips lie to each other. **unlike any pianist** is the share given to the abstain class.
+**mean P(target)** is its temperature-calibrated probability, **windows attributed** the
+share of shorter windows sliding along each excerpt it gives to the target (argmax alone;
+Edwards et al. 2026 score continuations this way). The *human* row is the ceiling: the
+target pianist's own continuations of the same prompts. Three floors: *random notes*,
+*shuffled pitches* (the pianist's continuations with pitches dealt among their notes), and
+*other pianists*, as many clips of the other pianists' test pieces, cut the same way.
+**normalised** = (row − floor) / (ceiling − floor), clipped to [0, 1], the floor being the
+higher of *other pianists* and *random notes*; n/a, with the reason, where the ceiling's and
+the floor's intervals overlap. **kernel distance** is KID's unbiased MMD² between the
+excerpts' embeddings (the judge's penultimate layer) and the target's val clips (pairs
+within one prompt or one piece left out), with beside it what the target's own test clips
+score at the same n (median and central 95 % of draws): a row is near the pianist when it sits
+inside that range. **Fréchet** is shown only with its n and the same baseline: at these
+sizes it is mostly bias (two sets drawn from one 64-d standard normal give ~120 at
+n = 6, ~44 at n = 50).
+Shares carry Wilson intervals at the effective sample size over prompts (a floor's: its
+pieces); the rest delete-one-prompt jackknife intervals. Guard rails, checked by content
+hash before any figure: no reference piece (prompts, human ceiling) is in the judge's
+training split, and no held-out piece of the floor or of the distance reference is in any
+compared run's training split. The judge only measures: nothing here chose or stopped any
+run's training."""
 
 
 def plot_style(table: dict, path: Path, style: dict) -> None:
     plt = _plt()
     rows = [(n, r["style"]) for n, r in table.items() if r.get("style")]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(rows) + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(rows) + 2), 4))
     for k, (n, st) in enumerate(rows):
-        v, lo, hi = st["target_share"]
-        colour = "C0" if table[n]["kind"] == "branch" else "0.55"
-        ax.bar(k, v, 0.6, color=colour)
-        ax.vlines(k, lo, hi, color="k", lw=1)
+        for dx, key, colour in ((-0.2, "target_share", "C0"), (0.2, "unlike_any_pianist",
+                                                                 "C3")):
+            v, lo, hi = st[key]
+            ax.bar(k + dx, v, 0.38, color=colour if table[n]["kind"] == "branch" else
+                   {"C0": "0.45", "C3": "0.75"}[colour],
+                   label=None if k else {"C0": f"attributed to {style['target']}",
+                                         "C3": "unlike any pianist"}[colour])
+            if not math.isnan(lo):
+                ax.vlines(k + dx, lo, hi, color="k", lw=1)
     ax.set_xticks(range(len(rows)), [n for n, _ in rows], rotation=20, ha="right")
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel(f"share attributed to {style['target']}")
+    ax.set_ylabel("share of excerpts")
+    ax.legend(fontsize=8)
     test = (style.get("judge_test") or {}).get("piece_accuracy")
     acc = f", judge test accuracy {test[0]:.2f} per piece" if test else ""
-    ax.set_title(f"Style: excerpts the judge attributes to {style['target']}{acc}", fontsize=9)
+    ax.set_title(f"Style: whose music the judge hears{acc} (grey: ceiling and floors)",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -213,7 +291,9 @@ continuations of the same prompts: the `seconds` after each cut, then the follow
 `seconds` of the same piece for each further sample (another reference piece where one
 ends too soon; report.json lists every excerpt): what real music scores under exactly this
 protocol and sample size, the ceiling a branch is read against. *random notes* is the floor:
-as many excerpts of random notes as dense as the reference. **KL** is the divergence of the
+as many excerpts of random notes as dense as the reference; *shuffled pitches* is the
+pianist's own continuations with their pitches dealt at random among their notes (rhythm,
+touch and density kept: what is left is harmony and melody). **KL** is the divergence of the
 reference's own distances from the excerpt-to-reference ones (0 best). **nats/note** and
 **bits/s** are the test split's likelihood under each model, on one context policy (below),
 divided by the file's notes and seconds, so a verbose tokenization cannot win ("n/a" for the
@@ -224,8 +304,10 @@ sliding pitch-class entropy in report.json is one window when `seconds` is short
 check**: the longest run of notes (transposition-invariant pitch intervals and inter-onset
 times) an excerpt shares with the indexed training pieces, and how many excerpts pass the
 flag threshold; the *human* row is the baseline on equal terms (real music shares short runs
-too). OA rewards copies; the copy check is its counterweight. Brackets are 95 % bootstrap
-intervals over prompts (reference: over pieces): two rows whose intervals overlap are not
+too). OA rewards copies; the copy check is its counterweight. Brackets are 95 % intervals
+from the delete-one-prompt jackknife (the reference: one piece left out at a time; OA on
+the logit scale, KL on the log scale): a resample never repeats a prompt, which would pull
+OA down, and every interval holds its estimate. Two rows whose intervals overlap are not
 called different. Bold marks the best branch per column. Beat-grid metrics are not
 reported: transcribed performances have no reliable beat grid."""
 
@@ -269,13 +351,12 @@ def plot_oa(table: dict, path: Path) -> None:
         v = np.array([table[n]["features"][f]["oa"] for f in feats], float)
         x = np.arange(len(feats)) + k * w
         ax.bar(x, v[:, 0], w, label=n)
-        ax.vlines(x, v[:, 1], v[:, 2], color="k", lw=0.7)  # the interval (may exclude
-        # the value: a resample holds fewer distinct pieces)
+        ax.vlines(x, v[:, 1], v[:, 2], color="k", lw=0.7)
     ax.set_xticks(np.arange(len(feats)) + 0.4 - w / 2, feats, rotation=30, ha="right")
     ax.set_ylabel("overlap area (OA)")
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=8, ncol=3)
-    ax.set_title("OA per feature vs the reference (95 % bootstrap intervals)")
+    ax.set_title("OA per feature vs the reference (95 % jackknife intervals)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -490,6 +571,9 @@ def write_all(out: Path, cfg: DictConfig, table: dict, systems, reference, promp
                                         font)
 
     config = OmegaConf.to_container(cfg, resolve=True)
+    check_intervals(table, "table")
+    if style is not None:
+        check_intervals(style, "style")
     report = {"config": config, "git_revision": _git_revision(), "seed": int(cfg.seed),
               "sampling": {k: config[k] for k in ("temperature", "top_k", "top_p")},
               "prompts": prompts, "reference_pieces": [str(p) for _, p in ref],
@@ -551,7 +635,7 @@ def markdown(cfg: DictConfig, table: dict, prompts: list[dict], ref: list, refer
         f"{int(cfg.samples_per_prompt)} samples of {float(cfg.seconds):g} s per prompt and "
         f"branch, each continuing the prompt. Sampling: "
         f"temperature {cfg.temperature}, top_k {cfg.top_k}, top_p {cfg.top_p}, seed {cfg.seed}. "
-        f"Bootstrap: {int(cfg.bootstrap)} resamples of prompts.", "",
+        "Intervals: 95 %, over prompts (see below).", "",
         *main_table(table), "",
         *feature_rows(table), "",
         HOW_TO_READ, "",

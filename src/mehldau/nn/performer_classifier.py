@@ -34,6 +34,7 @@ class PerformerClassifierConfig:
     stem_width: int = 64
     dropout: float = 0.0  # before the last layer
     class_names: list[str] = field(default_factory=list)
+    in_channels: int = 1  # 1: the velocity roll (Cheston et al.); 2: and the onset map
 
     def __post_init__(self) -> None:
         self.layers, self.widths = tuple(self.layers), tuple(self.widths)
@@ -42,6 +43,9 @@ class PerformerClassifierConfig:
                              "entry per stage")
         if self.num_classes < 2:
             raise ValueError(f"a classifier needs at least 2 classes, got {self.num_classes}")
+        if self.in_channels not in (1, 2):
+            raise ValueError(f"in_channels must be 1 (velocity roll) or 2 (and onsets), got "
+                             f"{self.in_channels}")
         if self.class_names and len(self.class_names) != self.num_classes:
             raise ValueError("class_names must name every class")
 
@@ -79,8 +83,9 @@ class PerformerClassifier(nn.Module):
     def __init__(self, config: PerformerClassifierConfig) -> None:
         super().__init__()
         self.config = c = config
-        self.stem = nn.Sequential(  # (B, 1, 88, T) -> (B, stem, 22, T/4)
-            nn.Conv2d(1, c.stem_width, 7, 2, 3, bias=False), nn.BatchNorm2d(c.stem_width),
+        self.stem = nn.Sequential(  # (B, in_channels, 88, T) -> (B, stem, 22, T/4)
+            nn.Conv2d(c.in_channels, c.stem_width, 7, 2, 3, bias=False),
+            nn.BatchNorm2d(c.stem_width),
             nn.ReLU(), nn.MaxPool2d(3, 2, 1))
         stages, width = [], c.stem_width
         for i, (n, w) in enumerate(zip(c.layers, c.widths)):
@@ -98,7 +103,7 @@ class PerformerClassifier(nn.Module):
             nn.init.zeros_(block.bn2.weight)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 1, 88, T) rolls -> (B, C) pooled features (the penultimate layer)."""
+        """(B, in_channels, 88, T) rolls -> (B, C) pooled features (the penultimate layer)."""
         return self.stages(self.stem(x)).mean(dim=(2, 3))
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> ClassifierOutput:
