@@ -18,6 +18,7 @@ from conftest import MICRO, album_names, scale_notes, write_midi
 from mehldau.cli.listen import main as listen
 from mehldau.errors import UserError
 from mehldau.evaluation import listening
+from mehldau.evaluation.features import read_notes
 from mehldau.evaluation.listening import (
     ANCHOR,
     PROMPT,
@@ -27,7 +28,7 @@ from mehldau.evaluation.listening import (
     summarize,
     wilson,
 )
-from mehldau.evaluation.report import SOUNDFONTS
+from mehldau.evaluation.report import SOUNDFONTS, excerpt_midi
 
 BRANCHES = ["prod", "perc"]
 HAS_AUDIO = shutil.which("fluidsynth") is not None and any(Path(f).is_file() for f in SOUNDFONTS)
@@ -362,6 +363,60 @@ def _notes(path: Path) -> list[tuple[int, int, int, int]]:
                   for n in t.notes)
 
 
+def _controls(path: Path) -> int:
+    import symusic
+
+    return sum(len(t.controls) for t in symusic.Score(str(path)).tracks)
+
+
+def _seconds(path: Path) -> list[tuple[float, float, int]]:
+    """(onset, end, pitch) in seconds, to the millisecond."""
+    import symusic
+
+    score = symusic.Score(str(path)).to("second")
+    return sorted((round(n.time, 3), round(n.time + n.duration, 3), n.pitch)
+                  for t in score.tracks for n in t.notes)
+
+
+def _expected(notes) -> list[tuple[float, float, int]]:
+    """`_seconds` of a clip written from `notes`: a note struck again while it still sounds
+    ends at the new stroke."""
+    rows = sorted(zip(notes.onset.tolist(), notes.end.tolist(), notes.pitch.tolist()))
+    out = []
+    for k, (onset, end, pitch) in enumerate(rows):
+        again = [o for o, _, p in rows[k + 1:] if p == pitch and o > onset]
+        out.append((round(onset, 3), round(min([end, *again]), 3), pitch))
+    return sorted(out)
+
+
+def test_every_clip_is_cut_from_folded_notes_and_written_without_pedal(tmp_path) -> None:
+    """A pianist's clip with the sustain pedal renders from a MIDI with no controller events
+    and note ends moved to the pedal's lift, exactly as a generated clip whose notes already
+    end there: both kinds of clip reach FluidSynth alike. The window is the measured one:
+    notes that start in it, from its start."""
+    notes = [(60, 0.3, 0.4, 70),   # before the window: left out
+             (60, 0.6, 0.2, 80),   # held by the pedal to 1.9, but struck again at 1.2
+             (64, 1.0, 0.1, 60),   # held to 1.9
+             (60, 1.2, 0.1, 90),   # held to 1.9
+             (67, 2.2, 0.3, 70)]   # after the lift: its own length
+    pianist = write_midi(tmp_path / "pianist.mid", notes, pedals=[(0.5, 1.4)])
+    folded = write_midi(tmp_path / "generated.mid",
+                        [(60, 0.6, 1.3, 80), (64, 1.0, 0.9, 60), (60, 1.2, 0.7, 90),
+                         (67, 2.2, 0.3, 70)])
+    assert _controls(pianist) == 2
+    excerpt_midi(pianist, 0.5, 3.0, tmp_path / "p.mid")
+    excerpt_midi(folded, 0.5, 3.0, tmp_path / "g.mid")
+    assert _controls(tmp_path / "p.mid") == 0
+    assert _seconds(tmp_path / "p.mid") == [(0.1, 0.7, 60), (0.5, 1.4, 64), (0.7, 1.4, 60),
+                                            (1.7, 2.0, 67)]
+    assert (tmp_path / "p.mid").read_bytes() == (tmp_path / "g.mid").read_bytes()
+    # the anchor: the pianist's folded notes, pitches shuffled, written the same way
+    listening.anchor_midi(tmp_path / "p.mid", tmp_path / "a.mid", seed=3, prompt="p00")
+    assert _controls(tmp_path / "a.mid") == 0
+    anchor = _seconds(tmp_path / "a.mid")
+    assert sorted(p for *_, p in anchor) == [60, 60, 64, 67] and len(anchor) == 4
+
+
 def test_anchor_keeps_timing_and_shuffles_pitches(tmp_path) -> None:
     src = write_midi(tmp_path / "pianist.mid", scale_notes(24, step=0.25, seed=5))
     listening.anchor_midi(src, tmp_path / "a.mid", seed=3, prompt="p00")
@@ -382,34 +437,58 @@ def test_compare_renders_prompt_and_anchor_and_prepare_fills_an_old_output(tmp_p
 
     data = tmp_path / "data"
     for a, name in enumerate(album_names(data, 4)):
-        for k in range(2):
+        for k in range(2):  # a pedal over the prompt's cut and one in the continuation
             write_midi(data / name / f"piece {k}.mid",
-                       scale_notes(32, base=50 + 2 * a + k, step=0.2, seed=10 * a + k))
+                       scale_notes(32, base=50 + 2 * a + k, step=0.2, seed=10 * a + k),
+                       pedals=[(1.5, 1.0), (3.1, 1.2)])
     run, out = tmp_path / "prod", tmp_path / "report"
     assert train([f"run_dir={run}", "data=folder", f"data.root={data}", "train.max_steps=2",
                   *MICRO]) == 0
     assert compare([f"runs=[{run}]", f"out={out}", "max_prompts=1", "samples_per_prompt=1",
                     "prompt_seconds=2", "seconds=3", "bootstrap=5", "device=cpu",
                     "likelihood=false", "copy_check=false"]) == 0
-    name = json.loads((out / "report.json").read_text())["prompts"][0]["name"]
+    prompt = json.loads((out / "report.json").read_text())["prompts"][0]
+    name = prompt["name"]
     for system in ("prod", REFERENCE, PROMPT, ANCHOR):
         assert (out / "audio" / system / f"{name}.wav").stat().st_size > 1000, system
+        assert _controls(out / "audio" / system / f"{name}.mid") == 0, system  # pedal folded
+    assert _controls(prompt["source"]) > 0
+    folded = read_notes(prompt["source"], 2.0, 3.0)  # the measured window, pedal folded in
+    assert _seconds(out / "audio" / REFERENCE / f"{name}.mid") == _expected(folded)
+    held = read_notes(prompt["source"], 2.0, 3.0, fold_pedal=False)
+    assert (folded.end > held.end + 0.1).any()  # the pedal did hold notes in this window
     real, anchor = (_notes(out / "audio" / s / f"{name}.mid") for s in (REFERENCE, ANCHOR))
-    assert [n[:3] for n in anchor] == [n[:3] for n in real]
+    # onsets and velocities kept; a held note is cut short only where its new pitch is
+    # struck again while it sounds
+    assert sorted((n[0], n[2]) for n in anchor) == sorted((n[0], n[2]) for n in real)
+    assert sum(n[1] for n in anchor) <= sum(n[1] for n in real)
+    assert sum(a[1] == r[1] for a, r in zip(anchor, real)) >= 0.8 * len(real)
+    assert sorted(n[3] for n in anchor) == sorted(n[3] for n in real)
     assert [n[3] for n in anchor] != [n[3] for n in real]
-    assert _notes(out / "audio" / PROMPT / f"{name}.mid") == _notes(out / "prompts" /
-                                                                   f"{name}.mid")
+    cut = read_notes(out / "prompts" / f"{name}.mid", 0.0, 2.0)  # as the branches got it
+    assert _seconds(out / "audio" / PROMPT / f"{name}.mid") == _expected(cut)
     ids = {t.id for t in BlindTest.open(out).trials("ann")}
     assert ids == {f"{name}:pianist|prod", f"{name}:anchor|pianist"}
     # an output written before the test: prepare adds the clips, the same ones
-    before = (out / "audio" / ANCHOR / f"{name}.mid").read_bytes()
+    before = {s: (out / "audio" / s / f"{name}.mid").read_bytes()
+              for s in (REFERENCE, PROMPT, ANCHOR)}
     for system in (PROMPT, ANCHOR):
         shutil.rmtree(out / "audio" / system)
     with pytest.raises(UserError, match="prepare"):
         BlindTest.open(out)
     listening.prepare(out)
-    assert (out / "audio" / ANCHOR / f"{name}.mid").read_bytes() == before
+    assert {s: (out / "audio" / s / f"{name}.mid").read_bytes() for s in before} == before
     assert (out / "audio" / PROMPT / f"{name}.wav").is_file()
+    # ...and one whose pianist clip was cut with its pedal events (as before this version):
+    # prepare cuts it again from the source, and its anchor with it
+    import symusic
+
+    old = symusic.Score(prompt["source"]).to("second").clip(2.0, 5.0, clip_end=False)
+    old.shift_time(-2.0, inplace=False).to("tick").dump_midi(
+        str(out / "audio" / REFERENCE / f"{name}.mid"))
+    assert _controls(out / "audio" / REFERENCE / f"{name}.mid") > 0
+    listening.prepare(out)
+    assert {s: (out / "audio" / s / f"{name}.mid").read_bytes() for s in before} == before
     with pytest.raises(UserError, match="no report.json"):
         listening.prepare(tmp_path)
     with pytest.raises(UserError, match="no soundfont"):

@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from mehldau.errors import UserError
+from mehldau.evaluation.features import Notes, read_notes
 
 PROMPT = "prompt"
 REFERENCE = "pianist"
@@ -64,46 +65,70 @@ PSEUDO_TIE = 0.5
 
 
 # --- the clips: prompt and anchor renders ---------------------------------------------------
-def _self_overlaps(notes: list, pitches: list[int]) -> int:
-    """How many notes start while a note of the same pitch still sounds. MIDI cannot say
-    which note-off ends which of two such notes, so a reader would change their durations."""
-    end: dict[int, int] = {}
+def _self_overlaps(onset: np.ndarray, end: np.ndarray, pitches: np.ndarray) -> int:
+    """How many notes start while a note of the same pitch still sounds: the clip writer ends
+    the earlier one there, so such a note would lose part of the pianist's duration."""
+    last: dict[int, float] = {}
     clashes = 0
-    for n, pitch in zip(notes, pitches):  # notes in onset order
-        clashes += end.get(pitch, -1) > n.time
-        end[pitch] = max(end.get(pitch, -1), n.time + n.duration)
+    for o, e, pitch in zip(onset.tolist(), end.tolist(), pitches.tolist()):  # onset order
+        clashes += last.get(pitch, -1.0) > o
+        last[pitch] = max(last.get(pitch, -1.0), e)
     return clashes
+
+
+def notes_midi(notes: Notes, dst: Path) -> None:
+    """Notes -> a one-track piano MIDI with no controller events, written atomically: what
+    every listening clip is rendered from. Of two notes of one pitch that overlap, the earlier
+    ends where the later starts (as a re-struck key stops its string, and as the decoders
+    write them), since a MIDI reader cannot tell which note-off ends which."""
+    import symusic
+
+    from mehldau.io import atomic_write_midi
+
+    order = np.lexsort((notes.onset - notes.end, notes.onset, notes.pitch))
+    onset, end = notes.onset[order], notes.end[order].copy()
+    pitch, velocity = notes.pitch[order], notes.velocity[order]
+    same = pitch[1:] == pitch[:-1]
+    keep = np.ones(len(onset), bool)
+    keep[1:] = ~(same & (onset[1:] == onset[:-1]))  # one onset, one pitch: the longest
+    onset, end, pitch, velocity = onset[keep], end[keep], pitch[keep], velocity[keep]
+    same = pitch[1:] == pitch[:-1]
+    end[:-1] = np.where(same, np.minimum(end[:-1], onset[1:]), end[:-1])
+    score = symusic.Score(480, ttype="second")
+    score.tempos.append(symusic.Tempo(0.0, 120.0, ttype="second"))
+    track = symusic.Track(name="Piano", program=0, is_drum=False, ttype="second")
+    by_onset = np.lexsort((pitch, onset))
+    track.notes = symusic.Note.from_numpy(
+        time=onset[by_onset].astype(np.float32),
+        duration=(end - onset)[by_onset].astype(np.float32),
+        pitch=pitch[by_onset].astype(np.int8),
+        velocity=np.clip(velocity[by_onset], 1, 127).astype(np.int8), ttype="second")
+    score.tracks.append(track)
+    atomic_write_midi(score.to("tick"), dst)
 
 
 def anchor_midi(pianist_mid: Path, dst: Path, seed: int, prompt: str, draws: int = 200
                 ) -> None:
     """The pianist's excerpt with its pitches shuffled among its notes: timing, durations and
-    velocities kept, the permutation seeded by (seed, prompt). Of `draws` permutations that
-    change the pitch order (where the notes hold more than one pitch), the first with the
-    fewest notes overlapping a note of their own pitch is kept: such overlaps would not keep
-    their durations through a MIDI file."""
-    import symusic
-
-    score = symusic.Score(str(pianist_mid))
-    notes = [n for t in score.tracks for n in t.notes]
-    # a canonical order (not the file's track order) so the anchor depends only on the notes
-    notes.sort(key=lambda n: (n.time, n.pitch, n.duration, n.velocity))
-    pitches = [n.pitch for n in notes]
+    velocities kept, the permutation seeded by (seed, prompt). The notes are read as every
+    clip is (pedal folded into note ends) and written by the same writer. Of `draws`
+    permutations that change the pitch order (where the notes hold more than one pitch), the
+    first with the fewest notes overlapping a note of their own pitch is kept."""
+    notes = read_notes(pianist_mid)
+    pitches = notes.pitch.tolist()
     rng = random.Random(f"mehldau-anchor:{seed}:{prompt}")
     best, fewest = list(pitches), None
     for _ in range(draws):
         shuffled = rng.sample(pitches, len(pitches))
         if shuffled == pitches and len(set(pitches)) > 1:
             continue
-        clashes = _self_overlaps(notes, shuffled)
+        clashes = _self_overlaps(notes.onset, notes.end, np.asarray(shuffled))
         if fewest is None or clashes < fewest:
             best, fewest = shuffled, clashes
         if clashes == 0:
             break
-    for note, pitch in zip(notes, best):
-        note.pitch = pitch
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    score.dump_midi(str(dst))
+    notes_midi(Notes(notes.onset, notes.end, np.asarray(best, np.int64), notes.velocity,
+                     notes.seconds), dst)
 
 
 def write_listening_audio(out: Path, prompts: list[dict], prompt_seconds: float,
@@ -111,8 +136,8 @@ def write_listening_audio(out: Path, prompts: list[dict], prompt_seconds: float,
                           ) -> list[tuple[str, str, Path]]:
     """`audio/prompt/<p>.wav` (the prompt as the branches got it: `prompts/<p>.mid`, else the
     first `prompt_seconds` of the source) and `audio/anchor/<p>.wav` (from the pianist's
-    excerpt `audio/pianist/<p>.mid`, which must be there). Returns (system, prompt, wav) of
-    what exists afterwards."""
+    excerpt `audio/pianist/<p>.mid`, which must be there), cut and written like every other
+    clip (`report.excerpt_midi`). Returns (system, prompt, wav) of what exists afterwards."""
     from mehldau.evaluation.report import LISTEN_TAIL, excerpt_midi, render
 
     made = []
@@ -121,11 +146,7 @@ def write_listening_audio(out: Path, prompts: list[dict], prompt_seconds: float,
         mid = out / "audio" / PROMPT / f"{name}.mid"
         if not (only_missing and mid.with_suffix(".wav").is_file()):
             cut = out / "prompts" / f"{name}.mid"
-            if cut.is_file():
-                mid.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(cut, mid)
-            else:
-                excerpt_midi(p["source"], 0.0, prompt_seconds, mid)
+            excerpt_midi(cut if cut.is_file() else p["source"], 0.0, prompt_seconds, mid)
             render(mid, mid.with_suffix(".wav"), font, prompt_seconds + LISTEN_TAIL)
         if mid.with_suffix(".wav").is_file():
             made.append((PROMPT, name, mid.with_suffix(".wav")))
@@ -149,10 +170,18 @@ def _report(compare_dir: Path) -> dict:
         raise UserError(f"cannot read {path}: {e}") from e
 
 
+def _has_controls(mid: Path) -> bool:
+    import symusic
+
+    return any(len(t.controls) for t in symusic.Score(str(mid)).tracks)
+
+
 def prepare(compare_dir: Path, font: Path | None = None) -> None:
-    """Write what an older compare output lacks for the test: `audio/prompt/*.wav`,
-    `audio/anchor/*.wav`, and the pianist's excerpt where it is missing. Existing clips are
-    kept."""
+    """Bring an older compare output up to the test: write the missing `audio/prompt` and
+    `audio/anchor` clips and the pianist's excerpt where it is missing, and re-cut every clip
+    an older version cut with its pedal events (the pianist's from its source, a branch's
+    from its own clip; its prompt and anchor with it), so every clip of a trial is written
+    and rendered alike. Clips already cut this way are kept."""
     from mehldau.evaluation.report import LISTEN_TAIL, SOUNDFONTS, excerpt_midi, render
 
     compare_dir = Path(compare_dir)
@@ -168,16 +197,33 @@ def prepare(compare_dir: Path, font: Path | None = None) -> None:
     cfg = report.get("config") or {}
     ps, seconds = float(cfg.get("prompt_seconds", 5)), float(cfg.get("seconds", 10))
     seed = int(report.get("seed", cfg.get("seed", 0)))
+    audio = compare_dir / "audio"
     for p in report["prompts"]:
-        mid = compare_dir / "audio" / REFERENCE / f"{p['name']}.mid"
-        if not mid.is_file():
-            if not Path(p["source"]).is_file():
-                print(f"listening: no pianist clip for {p['name']}: {p['source']} is gone",
+        name = p["name"]
+        for system in (PROMPT, ANCHOR):  # made again below from what they are cut from
+            old = audio / system / f"{name}.mid"
+            if old.is_file() and _has_controls(old):
+                old.with_suffix(".wav").unlink(missing_ok=True)
+        mid = audio / REFERENCE / f"{name}.mid"
+        if not mid.is_file() or _has_controls(mid):
+            if Path(p["source"]).is_file():
+                excerpt_midi(p["source"], ps, seconds, mid)
+            elif mid.is_file():
+                excerpt_midi(mid, 0.0, seconds, mid)  # the source is gone: fold the old cut
+            else:
+                print(f"listening: no pianist clip for {name}: {p['source']} is gone",
                       file=sys.stderr)
                 continue
-            excerpt_midi(p["source"], ps, seconds, mid)
-        if not mid.with_suffix(".wav").is_file():
             render(mid, mid.with_suffix(".wav"), font, seconds + LISTEN_TAIL)
+            (audio / ANCHOR / f"{name}.wav").unlink(missing_ok=True)
+        elif not mid.with_suffix(".wav").is_file():
+            render(mid, mid.with_suffix(".wav"), font, seconds + LISTEN_TAIL)
+        for branch in sorted(d for d in audio.iterdir() if d.is_dir()
+                             and d.name not in (PROMPT, ANCHOR, REFERENCE)):
+            clip = branch / f"{name}.mid"
+            if clip.is_file() and _has_controls(clip):
+                excerpt_midi(clip, 0.0, seconds, clip)
+                render(clip, clip.with_suffix(".wav"), font, seconds + LISTEN_TAIL)
     write_listening_audio(compare_dir, report["prompts"], ps, seconds, seed, font,
                           only_missing=True)
 
