@@ -19,8 +19,8 @@ from mehldau.errors import UserError
 USAGE = """usage: mehldau-listen summarize DIR [--bootstrap N] [--threshold X] [--json]
        mehldau-listen prepare DIR [--soundfont FILE]
 
-DIR is a mehldau-compare output. summarize prints win rates (95 % Wilson intervals),
-Bradley-Terry strengths (95 % bootstrap over listeners) and the anchor screen, and writes
+DIR is a mehldau-compare output. summarize prints win rates and Bradley-Terry strengths with
+95 % intervals (bootstrap over listeners and prompts) and the anchor screen, and writes
 DIR/listening/summary.json. --bootstrap N: resamples (default 1000); --threshold X: set aside a
 listener who preferred the anchor over the pianist in at least this share of their anchor
 trials (default 0.5); --json: print the summary as JSON. prepare renders the prompt and anchor
