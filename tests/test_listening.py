@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import random
 import re
 import shutil
+import stat
 import threading
 import wave
 from itertools import combinations
@@ -109,6 +112,87 @@ def test_trials_are_deterministic_per_listener_and_differ_between_listeners(test
     assert len({tuple(t.id for t in trials) for trials in [first, *others.values()]}) == 6
 
 
+def _seed_prediction(test: BlindTest, listener: str) -> list[str]:
+    """Order and sides as the page once drew them, from report.json's seed and the listener:
+    what anyone holding report.json could work out."""
+    rng = random.Random(f"mehldau-listen:{test.seed}:{listener}")
+    order = [(p, x, y) for p, x, y in test._pairs]
+    rng.shuffle(order)
+    return [f"{p}:{y}>{x}" if rng.random() < 0.5 else f"{p}:{x}>{y}" for p, x, y in order]
+
+
+def _served(trials) -> list[str]:
+    return [f"{t.prompt}:{t.a.system}>{t.b.system}" for t in trials]
+
+
+def test_sides_and_order_come_from_a_secret_salt_not_from_report_json(tmp_path) -> None:
+    one = BlindTest.open(fake_compare(tmp_path / "one"))
+    two = BlindTest.open(fake_compare(tmp_path / "two"))  # the same report.json, byte for byte
+    assert (one.dir / "report.json").read_bytes() == (two.dir / "report.json").read_bytes()
+    names = ["ann", "bob", "cyd", "dee", "eve", "fay"]
+    for name in names:
+        served = _served(one.trials(name))
+        assert served != _seed_prediction(one, name)  # the seed does not predict it...
+        assert served != _served(two.trials(name))    # ...nor does the same report elsewhere
+    salt = one.dir / "listening" / "salt"
+    assert stat.S_IMODE(salt.stat().st_mode) == 0o600
+    secret = salt.read_text().strip()
+    assert len(secret) == 64 and secret not in (one.dir / "report.json").read_text()
+    # a resuming listener gets the same trials, whatever report.json's seed says
+    before = {name: one.trials(name) for name in names}
+    report = json.loads((one.dir / "report.json").read_text())
+    (one.dir / "report.json").write_text(json.dumps({**report, "seed": 99}))
+    again = BlindTest.open(one.dir)
+    assert again.seed == 99 and all(again.trials(n) == before[n] for n in names)
+
+
+def test_pages_opening_a_test_together_agree_on_one_salt(tmp_path) -> None:
+    root = fake_compare(tmp_path / "cmp")
+    drawn: list = []
+
+    def draw() -> None:
+        drawn.append(_served(BlindTest.open(root).trials("ann")))
+
+    threads = [threading.Thread(target=draw) for _ in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert len(drawn) == 8 and all(d == drawn[0] for d in drawn)
+    assert sorted(os.listdir(root / "listening")) == ["salt"]  # no temp file left behind
+
+
+def test_codes_are_issued_by_the_test_recorded_hashed_and_checked(test) -> None:
+    code = test.issue_codes(1)[0]
+    assert re.fullmatch(r"[0-9a-f]{4}(-[0-9a-f]{4}){3}", code)
+    listener = test.listener_for(code)
+    assert listener == listening.listener_of(code) and len(listener) == 12
+    assert test.listener_for(f"  {code.upper().replace('-', ' ')} ") == listener  # as typed
+    registry = test.codes_path.read_text()
+    assert code not in registry and code.replace("-", "") not in registry  # only its hash
+    assert json.loads(registry)["by"] == "page" and not test.invite_only
+    for bad in ("0000-0000-0000-0000", "ann", "", code[:-1] + "x", listener):
+        with pytest.raises(UserError, match="not a listener code of this test") as e:
+            test.listener_for(bad)
+        assert "\n" not in str(e.value)
+    # the code of another test does not open this one
+    other = BlindTest.open(fake_compare(test.dir.parent / "other"))
+    with pytest.raises(UserError, match="not a listener code"):
+        other.listener_for(code)
+
+
+def test_invite_only_refuses_page_codes_and_minting(test) -> None:
+    early = test.issue_codes(1, "page")[0]
+    invited = test.issue_codes(3, "operator", invite_only=True)
+    assert test.invite_only and len(set(invited)) == 3
+    assert all(test.listener_for(c) == listening.listener_of(c) for c in invited)
+    with pytest.raises(UserError, match="invite-only now"):
+        test.listener_for(early)
+    with pytest.raises(UserError, match="invite-only"):
+        test.issue_codes(1, "page")
+    assert len(test.codes_path.read_text().splitlines()) == 5  # 1 + 3 codes + the switch
+
+
 def test_open_refuses_what_is_not_a_test(tmp_path) -> None:
     def err(path) -> str:
         with pytest.raises(UserError) as e:
@@ -132,7 +216,8 @@ def test_record_stores_the_mapping_and_remaining_resumes(test) -> None:
     t = trials[0]
     vote = test.record("ann", t, "B", 4, {"prompt": 2.0, "A": 4.0, "B": 3.5})
     assert (vote["a"], vote["b"], vote["winner"]) == (t.a.system, t.b.system, t.b.system)
-    assert vote["trial"] == t.id and vote["git_revision"] == "abc123" and vote["seed"] == 3
+    assert vote["trial"] == t.id and vote["git_revision"] == "abc123"
+    assert "seed" not in vote  # the report's seed decides nothing a vote should record
     assert vote["listened"] == {"prompt": 2.0, "A": 4.0, "B": 3.5} and vote["time"].endswith(
         "+00:00")
     lines = test.votes_path.read_text().splitlines()
@@ -182,6 +267,33 @@ def test_concurrent_appends_are_whole_lines(test) -> None:
     votes, skipped = read_votes(test.votes_path)
     assert len(votes) == 160 and not skipped
     assert len({v["listener"] for v in votes}) == 160
+
+
+def test_concurrent_second_votes_and_codes_lose_nothing_and_double_nothing(test) -> None:
+    """Eight windows of one listener vote on one trial at once: one vote is kept; eight
+    pages mint codes at once: every code is recorded, once."""
+    trial = test.trials("ann")[0]
+    outcome: list[str] = []
+    codes: list[str] = []
+
+    def vote(k: int) -> None:
+        try:
+            test.record("ann", trial, "AB"[k % 2], None, {})
+            outcome.append("saved")
+        except listening.AlreadyVoted:
+            outcome.append("refused")
+        codes.extend(test.issue_codes(20))
+
+    threads = [threading.Thread(target=vote, args=(k,)) for k in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert sorted(outcome) == ["refused"] * 7 + ["saved"]
+    assert len(test.votes_path.read_text().splitlines()) == 1
+    assert len(codes) == len(set(codes)) == 160
+    assert len(test.codes_path.read_text().splitlines()) == 160
+    assert {test.listener_for(c) for c in codes} == {listening.listener_of(c) for c in codes}
 
 
 def test_read_votes_skips_bad_lines_with_a_reason(test) -> None:
@@ -520,6 +632,28 @@ def test_cli_errors_are_one_line(tmp_path, capsys) -> None:
     assert "no votes yet" in err(["summarize", str(fake_compare(tmp_path / "cmp"))])
     assert "invalid choice" in err(["judge", str(tmp_path)])
     assert "invalid int" in err(["summarize", str(tmp_path / "cmp"), "--bootstrap", "x"])
+    assert "--count must be 1 to 10000" in err(["codes", str(tmp_path / "cmp"), "--count", "0"])
+    assert "required" in err(["codes", str(tmp_path / "cmp")])
+
+
+def test_cli_codes_issues_codes_and_makes_the_test_invite_only(test, capsys) -> None:
+    from mehldau.app.listen import open_session
+
+    page_code = test.issue_codes(1)[0]
+    assert listen(["codes", str(test.dir), "--count", "3"]) == 0
+    captured = capsys.readouterr()
+    codes = captured.out.split()
+    assert len(codes) == 3 and "invite-only" in captured.err
+    assert test.invite_only and all(test.listener_for(c) for c in codes)
+    serve = test.dir.parent / "served"
+    s = open_session(test, codes[0], "", serve, 1.0)  # an invited listener starts
+    assert s.listener == listening.listener_of(codes[0]) and s.trial is not None
+    for typed, held, why in (("", "", "invite-only: type the listener code"),
+                             (page_code, "", "invite-only now"),
+                             ("", page_code, "invite-only now"),
+                             ("1234-5678-9abc-def0", "", "not a listener code")):
+        with pytest.raises(UserError, match=why):
+            open_session(test, typed, held, serve, 1.0)
 
 
 # --- the clips, rendered --------------------------------------------------------------------
