@@ -272,12 +272,6 @@ class Trial:
     b: Clip            # ... as B
 
 
-def new_listener_id() -> str:
-    """An anonymous random id: 10 hex characters (the page still makes its own; the next
-    change makes it ask the test for a code)."""
-    return secrets.token_hex(5)
-
-
 def _pair_id(prompt: str, x: str, y: str) -> str:
     return f"{prompt}:{'|'.join(sorted((x, y)))}"
 
