@@ -383,7 +383,7 @@ BLIND = ("pianist", "anchor", "prod", "perc", "/audio/", "|")  # what names a cl
 
 
 @needs_audio
-def test_a_scripted_listener_gets_nothing_it_should_not(world) -> None:
+def test_a_scripted_listener_gets_nothing_it_should_not(world, monkeypatch) -> None:
     """Through the page's API, as a script would: made-up codes, a vote before Start, clips
     played together with made-up positions and pauses, Results mid-test; and what a listener
     can read (report.json) holds nothing that draws the sides."""
@@ -400,6 +400,10 @@ def test_a_scripted_listener_gets_nothing_it_should_not(world) -> None:
         return out
 
     where = lambda pos: json.dumps(dict.fromkeys(CLIPS, pos))  # noqa: E731
+    # a longer minimum than the module's, so that three clips counted at once would open the
+    # vote well before three counted in turn; every clip here is longer than 1.5 + 0.25 s
+    min_play = 1.5
+    monkeypatch.setattr(world["cfg"], "min_play_seconds", min_play)
     assert "press Start first" in call("/listen_vote_A", None)[0]
     for made_up in ("0000-0000-0000-0000", "abc123", "../../report.json"):
         out = call("/listen_start", "runs/cmp", made_up, {})
@@ -420,19 +424,23 @@ def test_a_scripted_listener_gets_nothing_it_should_not(world) -> None:
     for clip in CLIPS:
         call(f"/listen_end_{clip}", where(60.0))
     assert "listen first" in call("/listen_vote_A", None)[0]
-    answer = ""
-    while "Vote saved" not in answer:  # each clip in turn, as fast as the server answers,
-        for clip in CLIPS:              # a second further on at every report
+    # then all three at once again and again, another one started last each time, with
+    # positions claiming twice the time that passed, until the vote opens
+    order, answer = list(CLIPS), ""
+    while "Vote saved" not in answer:
+        for clip in order:
             call(f"/listen_play_{clip}", where(0.0))
-            for second in (1.0, 2.0, 3.0):
-                call("/listen_tick", where(second))
-            call(f"/listen_pause_{clip}", where(4.0))
+        played = time.monotonic()
+        while time.monotonic() - played < min_play + 0.1:
+            call("/listen_tick", where(2 * (time.monotonic() - played)))
+        for clip in order:
+            call(f"/listen_pause_{clip}", where(2 * (time.monotonic() - played)))
         answer = call("/listen_vote_A", None)[0]
         assert "Vote saved" in answer or "listen first" in answer
         assert time.monotonic() - start < 60
+        order = order[1:] + order[:1]
     took = time.monotonic() - start
-    need = 3 * world["cfg"].min_play_seconds  # every clip here is longer than that
-    assert took >= need  # no sooner than a listener who plays each clip in turn
+    assert took >= 3 * min_play  # no sooner than a listener who plays each clip in turn
     vote = json.loads((world["cmp"] / "listening" / "votes.jsonl").read_text().splitlines()[-1])
     assert vote["listener"] == listener and sum(vote["listened"].values()) <= took
     assert "once you have voted on every trial" in call("/results", "runs/cmp")
