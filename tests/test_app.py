@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import socket
+import stat
 import threading
 import time
+import wave
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,7 @@ from conftest import MICRO, SCG_MICRO, album_names, scale_notes, write_midi
 gr = pytest.importorskip("gradio", reason='the page needs gradio: pip install -e ".[app]"')
 
 from mehldau import jobs  # noqa: E402
+from mehldau.app.listen import CLIPS  # noqa: E402
 from mehldau.cli.compare import main as compare  # noqa: E402
 from mehldau.cli.generate import main as generate_cli  # noqa: E402
 from mehldau.cli.train import main as train  # noqa: E402
@@ -100,6 +104,13 @@ def _play(client, run: str, **over):
 
 def _samples(world) -> list[Path]:
     return sorted((world["base"] / "samples").rglob("sample*.mid"))
+
+
+def _files(world) -> list[Path]:
+    """Every file the Play tab has written (the Listen tab's served copies left out)."""
+    samples = world["base"] / "samples"
+    return sorted(f for f in samples.rglob("*") if f.is_file()
+                  and not f.is_relative_to(samples / "listen"))
 
 
 # --- runs and paths ------------------------------------------------------------------------
@@ -234,18 +245,22 @@ def test_the_stop_button_ends_a_long_generation_and_writes_nothing(world) -> Non
 
     client = Client(world["url"], verbose=False)  # its own session: Stop is per session
     run = world["app"].run("runs/prod")
-    before = _samples(world)
+    before, files_before = _samples(world), _files(world)
     job = client.submit("runs/prod", *{**PLAY, "sec": 60, "num": 4}.values(),
                         api_name="/generate")
     lock = world["app"].queue.lock(str(run.ckpt))
     deadline = time.monotonic() + 60
     while not lock.locked() and time.monotonic() < deadline:  # it is sampling
         time.sleep(0.05)
+    assert lock.locked(), "the generation never started sampling"
     assert client.predict(api_name="/stop") == "Stopped."
     assert lock.acquire(timeout=60)  # the sampling thread let go of the model
     lock.release()
+    outcome = job.result(timeout=120)  # the request itself ends, and says it stopped
+    assert job.done() and job.status().success
+    assert outcome[0] == "Stopped." and outcome[1] == ""  # no command: there is no sample
     assert _samples(world) == before
-    assert not job.done() or "1 sample" not in str(job.outputs())
+    assert _files(world) == files_before  # nothing else either: no roll, no audio
 
 
 def test_scg_diffusion_from_the_page_guided_by_a_reference_piece(world) -> None:
@@ -278,46 +293,166 @@ needs_audio = pytest.mark.skipif(not AUDIO, reason="needs fluidsynth and a GM so
                                  "(apt-get install fluidsynth fluid-soundfont-gm)")
 
 
+def _listen_in_turn(s, start: float) -> float:
+    """Play each clip of the trial in turn, to its needed time, reporting as the page does;
+    the server-clock time afterwards."""
+    now = start
+    for clip in CLIPS:
+        s.play(clip, 0.0, now=now)
+        s.tick({clip: 0.4}, now=now + 0.4)
+        s.pause(clip, s.needed[clip], now=now + s.needed[clip])
+        now += s.needed[clip] + 0.1
+    return now
+
+
 @needs_audio
-def test_a_listener_votes_blind_and_the_results_count_it(world) -> None:
-    from mehldau.app.listen import CLIPS, ListenSession
+def test_a_listener_hears_one_clip_at_a_time_votes_blind_and_sees_results_when_done(
+        world) -> None:
+    from mehldau.app.listen import ListenSession, neutral_copy
     from mehldau.evaluation.listening import BlindTest
     from mehldau.evaluation.sample_view import wav_seconds
 
+    app = world["app"]
     # every clip as long as every other of its kind: length gives no system away
     lengths = {d.name: wav_seconds(d / "p00.wav") for d in (world["cmp"] / "audio").iterdir()}
     assert lengths.pop("prompt") == pytest.approx(2 + 1.0)
     assert set(lengths) == {"prod", "perc", "pianist", "anchor"}
     assert all(v == pytest.approx(3 + 1.0) for v in lengths.values())
     test = BlindTest.open(world["cmp"])
-    s = ListenSession.start(test, "abc123", world["base"] / "serve", min_play=0.5)
+    code = test.issue_codes(1)[0]
+    s = ListenSession.start(test, code, world["base"] / "serve", min_play=0.5)
     t = s.trial
     assert {t.a.system, t.b.system} <= {"prod", "perc", "pianist", "anchor"}
-    names = {p.name for p in s.files.values()}
-    assert all(n.endswith(".wav") and len(n) == 20 for n in names)  # random, not the system
+    assert all(p.suffix == ".wav" and len(p.stem) == 16 for p in s.files.values())  # random
     # the same clip served twice: other bytes (the page's cache names files by content),
     # the same audio
-    import wave
-
-    from mehldau.app.listen import neutral_copy
-
     one, two = (neutral_copy(t.a.wav, world["base"] / "twice") for _ in range(2))
     assert one.read_bytes() != two.read_bytes()
     frames = [wave.open(str(f)).readframes(10**7) for f in (one, two, t.a.wav)]
     assert frames[0] == frames[1] == frames[2]
-    with pytest.raises(UserError, match="listen first"):
-        s.vote("A", now=time.monotonic())
+
+    # all three played at once for 2 s: only the last one started is counted
     for clip in CLIPS:
-        s.play(clip, now=0.0)
-        s.pause(clip, now=0.6)
-    record = s.vote("B", 4, now=1.0)
-    assert record["winner"] == t.b.system and record["listened"]["A"] == pytest.approx(0.6)
-    lines = test.votes_path.read_text().splitlines()
-    assert json.loads(lines[-1])["trial"] == t.id
-    again = ListenSession.start(test, "abc123", world["base"] / "serve", min_play=0.5)
+        s.play(clip, 0.0, now=0.0)
+    s.tick({"prompt": 2.0, "A": 2.0, "B": 2.0}, now=2.0)
+    for clip in CLIPS:
+        s.pause(clip, 2.0, now=2.0)
+    assert s.listened() == {"prompt": 0.0, "A": 0.0, "B": 2.0}
+    with pytest.raises(UserError, match="listen first: play prompt, A for at least"):
+        s.vote("A")
+    # a seek forward is worth the time it took; a seek back, nothing
+    s.play("A", 0.0, now=10.0)
+    s.tick({"A": 3.0}, now=10.2)  # jumped to the end in 0.2 s
+    s.tick({"A": 1.0}, now=10.6)  # back
+    assert s.listened()["A"] == pytest.approx(0.2)
+    s.tick({"A": 1.3}, now=10.9)
+    assert s.listened()["A"] == pytest.approx(0.5)
+    # a pause that never arrives: nothing past the last position reported
+    s.play("prompt", 0.0, now=20.0)
+    s.tick({"prompt": 0.3}, now=20.3)
+    assert s.listened()["prompt"] == pytest.approx(0.3) and not s.unlocked()
+    s.tick({"prompt": 0.55}, now=20.55)
+    assert s.unlocked()
+    record = s.vote("B", 4)
+    assert record["winner"] == t.b.system and record["listener"] != code
+    assert record["listened"] == {"prompt": 0.55, "A": 0.5, "B": 2.0}
+    assert json.loads(test.votes_path.read_text().splitlines()[-1])["trial"] == t.id
+
+    # results: refused mid-test, here and through the page's API
+    with pytest.raises(UserError, match="once you have voted on every trial"):
+        app.results("runs/cmp", s)
+    assert "once you have voted on every trial" in world["client"].predict(
+        "runs/cmp", api_name="/results")
+    again = ListenSession.start(test, code, world["base"] / "serve", min_play=0.5)
     assert again.done == 1 and again.trial.id != t.id  # resumed after the vote
-    text = world["client"].predict("runs/cmp", api_name="/results")
-    assert t.b.system in text and "Bradley" in text
+    now = 100.0
+    while again.trial is not None:
+        now = _listen_in_turn(again, now)
+        again.vote("none")
+    assert again.finished and "Bradley" in app.results("runs/cmp", again)
+    with pytest.raises(UserError, match="once you have voted"):  # s is not told: its own
+        app.results("runs/cmp", s)                               # trial list is stale
+    app.cfg.show_results = True  # the operator's switch
+    try:
+        assert "Bradley" in app.results("runs/cmp", None)
+    finally:
+        app.cfg.show_results = False
+
+
+BLIND = ("pianist", "anchor", "prod", "perc", "/audio/", "|")  # what names a clip's system
+
+
+@needs_audio
+def test_a_scripted_listener_gets_nothing_it_should_not(world, monkeypatch) -> None:
+    """Through the page's API, as a script would: made-up codes, a vote before Start, clips
+    played together with made-up positions and pauses, Results mid-test; and what a listener
+    can read (report.json) holds nothing that draws the sides."""
+    from gradio_client import Client
+
+    from mehldau.evaluation.listening import listener_of
+
+    client = Client(world["url"], verbose=False)
+    said: list[str] = []
+
+    def call(api: str, *args):
+        out = client.predict(*args, api_name=api)
+        said.append(json.dumps(out))
+        return out
+
+    where = lambda pos: json.dumps(dict.fromkeys(CLIPS, pos))  # noqa: E731
+    # a longer minimum than the module's, so that three clips counted at once would open the
+    # vote well before three counted in turn; every clip here is longer than 1.5 + 0.25 s
+    min_play = 1.5
+    monkeypatch.setattr(world["cfg"], "min_play_seconds", min_play)
+    assert "press Start first" in call("/listen_vote_A", None)[0]
+    for made_up in ("0000-0000-0000-0000", "abc123", "../../report.json"):
+        out = call("/listen_start", "runs/cmp", made_up, {})
+        assert "is not a listener code of this test" in out[2] and out[3] == ""
+        assert "press Start first" in call("/listen_vote_B", None)[0]
+    out = call("/listen_start", "runs/cmp", "", {})
+    code, stored, status, head = out[:4]
+    assert stored == {"runs/cmp": code} and status == "" and "Trial 1 of" in head
+    listener = listener_of(code)
+    # a browser that holds an unfinished code resumes it rather than minting another
+    assert call("/listen_start", "runs/cmp", "", stored)[0] == code
+    assert "once you have voted on every trial" in call("/results", "runs/cmp")
+
+    start = time.monotonic()
+    for clip in CLIPS:  # all three at once, a minute in, then paused at their ends
+        call(f"/listen_play_{clip}", where(0.0))
+    call("/listen_tick", where(60.0))
+    for clip in CLIPS:
+        call(f"/listen_end_{clip}", where(60.0))
+    assert "listen first" in call("/listen_vote_A", None)[0]
+    # then all three at once again and again, another one started last each time, with
+    # positions claiming twice the time that passed, until the vote opens
+    order, answer = list(CLIPS), ""
+    while "Vote saved" not in answer:
+        for clip in order:
+            call(f"/listen_play_{clip}", where(0.0))
+        played = time.monotonic()
+        while time.monotonic() - played < min_play + 0.1:
+            call("/listen_tick", where(2 * (time.monotonic() - played)))
+        for clip in order:
+            call(f"/listen_pause_{clip}", where(2 * (time.monotonic() - played)))
+        answer = call("/listen_vote_A", None)[0]
+        assert "Vote saved" in answer or "listen first" in answer
+        assert time.monotonic() - start < 60
+        order = order[1:] + order[:1]
+    took = time.monotonic() - start
+    assert took >= 3 * min_play  # no sooner than a listener who plays each clip in turn
+    vote = json.loads((world["cmp"] / "listening" / "votes.jsonl").read_text().splitlines()[-1])
+    assert vote["listener"] == listener and sum(vote["listened"].values()) <= took
+    assert "once you have voted on every trial" in call("/results", "runs/cmp")
+    # nothing said during the trial names a system or where a clip comes from, and the
+    # secret that draws the sides is neither said nor in report.json
+    salt = (world["cmp"] / "listening" / "salt")
+    assert stat.S_IMODE(salt.stat().st_mode) == 0o600
+    secret = salt.read_text().strip()
+    for text in said:
+        assert not any(word in text for word in BLIND), text
+        assert secret not in text
+    assert secret not in (world["cmp"] / "report.json").read_text()
 
 
 # --- a real browser ------------------------------------------------------------------------
@@ -325,7 +460,12 @@ def test_a_listener_votes_blind_and_the_results_count_it(world) -> None:
                     "/usr/bin/chromium (apt-get install chromium)")
 @needs_audio
 def test_in_a_real_browser_generate_hear_and_vote_blind_offline(world) -> None:
+    """Play as a user does; then the blind test as a listener who first tries a made-up code
+    and plays the three clips at once: the page pauses all but one, the vote waits until
+    each was heard in turn, Results stay shut mid-test, and a reload resumes the same code."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    from mehldau.evaluation.listening import listener_of
+
     shots = os.environ.get("MEHLDAU_SCREENSHOTS")  # a folder: save the page as the README's
     outside: list[str] = []
     listen_bodies: list[str] = []
@@ -364,31 +504,59 @@ def test_in_a_real_browser_generate_hear_and_vote_blind_offline(world) -> None:
 
         page.get_by_role("tab", name="Listen").click()
         phase["listen"] = True
+        page.fill("#listener textarea", "0000-0000-0000-0000")  # a code never issued
         page.click("#begin")
+        page.wait_for_selector("#listen-status >> text=is not a listener code of this test")
+        page.fill("#listener textarea", "")
+        page.click("#begin")  # no code: the server issues one
         page.wait_for_selector("#trial >> text=Trial 1")
-        for clip in ("prompt", "A", "B"):  # no way to download a blind clip
+        code = page.locator("#listener textarea").input_value()
+        assert re.fullmatch(r"[0-9a-f]{4}(-[0-9a-f]{4}){3}", code)
+        for clip in CLIPS:  # no way to download a blind clip
             assert "nodownload" in page.locator(f"#clip-{clip} audio").evaluate(
                 "a => String(a.controlsList)")
             assert page.locator(f"#clip-{clip} [aria-label*=ownload]").count() == 0
-        for clip in ("prompt", "A", "B"):  # the page's own players, as a listener's click
+        started = time.monotonic()
+        for clip in CLIPS:  # all three at once, through the page's own players
             page.locator(f"#clip-{clip} audio").evaluate("a => a.play()")
+        page.wait_for_timeout(1200)
+        playing = page.evaluate("() => [...document.querySelectorAll('[id^=clip-] audio')]"
+                                ".filter(a => !a.paused).length")
+        assert playing <= 1 and page.locator("#vote-A").is_disabled()
+        for clip in CLIPS:  # then each in turn, until the page no longer asks for it
+            page.locator(f"#clip-{clip} audio").evaluate("a => a.play()")
+            page.wait_for_function(
+                "c => !document.querySelector('#listen-status').innerText.includes(c + ' (')",
+                arg=clip, timeout=30_000)
         page.wait_for_function(
             "() => !document.querySelector('#vote-A').disabled", timeout=30_000)
+        assert time.monotonic() - started >= 3 * world["cfg"].min_play_seconds
         if shots:
             page.screenshot(path=str(Path(shots) / "app_listen.png"), full_page=True)
         page.click("#vote-A")
         page.wait_for_selector("#listen-status >> text=Vote saved")
-        phase["listen"] = False
+        blind_text = page.evaluate("() => ['#trial', '#listen-status', '#listener']"
+                                   ".map(q => document.querySelector(q).innerText).join(' ')"
+                                   " + [...document.querySelectorAll('audio')]"
+                                   ".map(a => a.currentSrc).join(' ')")
         page.get_by_role("tab", name="Results").click()
-        page.click("#results-go")
-        page.wait_for_selector("#results >> text=Bradley")
+        page.click("#results-go")  # mid-test: refused
+        page.wait_for_selector("#results >> text=once you have voted on every trial")
+        phase["listen"] = False  # the page itself (run names, labels) loads again
+        page.reload()  # the browser keeps its code: Start resumes the test where it was
+        page.get_by_role("tab", name="Listen").click()
+        page.click("#begin")
+        page.wait_for_selector("#trial >> text=Trial 2")
+        assert page.locator("#listener textarea").input_value() == code
         browser.close()
     assert outside == []
     votes = [json.loads(x) for x in (world["cmp"] / "listening" / "votes.jsonl").read_text()
              .splitlines()]
-    assert votes[-1]["choice"] == "A" and votes[-1]["listener"] != "abc123"
-    served = "\n".join(listen_bodies)
-    assert "pianist" not in served and "anchor" not in served and "/audio/" not in served
+    assert votes[-1]["choice"] == "A" and votes[-1]["listener"] == listener_of(code)
+    assert sum(votes[-1]["listened"].values()) <= time.monotonic() - started
+    served = "\n".join([*listen_bodies, blind_text])
+    assert not [w for w in BLIND if w in served], [
+        line for line in served.splitlines() if any(w in line for w in BLIND)]
 
 
 @pytest.mark.parametrize("args,message", [

@@ -22,14 +22,13 @@ import gradio as gr  # noqa: E402
 
 from mehldau import jobs  # noqa: E402
 from mehldau.app import play as P  # noqa: E402
-from mehldau.app.listen import ListenSession  # noqa: E402
+from mehldau.app.listen import ListenSession, open_session  # noqa: E402
 from mehldau.app.runs import Roots, RunInfo  # noqa: E402
 from mehldau.errors import UserError  # noqa: E402
 from mehldau.evaluation import sample_view as view  # noqa: E402
 from mehldau.evaluation.listening import (  # noqa: E402
     BlindTest,
     format_summary,
-    new_listener_id,
     read_votes,
     summarize,
 )
@@ -53,15 +52,27 @@ class AppConfig:
     listen: str | None = None  # a compare output (a name under the roots) to open first
     soundfont: str | None = None
     reference_pieces: int = 8  # test pieces averaged for the no-prompt reference statistics
+    show_results: bool = False  # Results for everyone; else only to who finished the test
 
 
 # The blind test's players offer no download: the browser's own menu item is switched off
-# (and the clip names are random anyway).
+# (and the clip names are random anyway). One plays at a time, as the server counts them: a
+# player that starts pauses the others (media events do not bubble; capture sees them).
 HEAD = """<script>
 new MutationObserver(() => document.querySelectorAll('[id^="clip-"] audio').forEach(a => {
   a.controlsList = 'nodownload noplaybackrate'; a.oncontextmenu = () => false; }))
   .observe(document.documentElement, {childList: true, subtree: true});
+document.addEventListener('play', e => {
+  if (!(e.target instanceof HTMLMediaElement) || !e.target.closest('[id^="clip-"]')) return;
+  document.querySelectorAll('[id^="clip-"] audio').forEach(a => {
+    if (a !== e.target && !a.paused) a.pause(); });
+}, true);
 </script>"""
+# Run in the browser before each timing event: every blind player's position, as JSON, in
+# place of the hidden `positions` input (the session state passes through untouched).
+POSITIONS_JS = """(session, _) => [session, JSON.stringify(Object.fromEntries(
+  ['prompt', 'A', 'B'].map(c =>
+    [c, document.querySelector(`#clip-${c} audio`)?.currentTime ?? null])))]"""
 
 
 def theme() -> gr.themes.Base:
@@ -163,8 +174,15 @@ class App:
     def open_test(self, name: str) -> BlindTest:
         return BlindTest.open(self.roots.resolve(name))
 
-    def results(self, name: str) -> str:
+    def results(self, name: str, session: ListenSession | None) -> str:
+        """The test's figures, for the operator's page (`show_results`) or a session that has
+        voted on every trial of this test; else a one-line UserError. Checked here, not in the
+        page: a script can call this event whatever the page shows."""
         test = self.open_test(name)
+        if not self.cfg.show_results and not (session is not None and session.finished
+                                              and session.test.dir == test.dir):
+            raise UserError("results are shown once you have voted on every trial of this "
+                            "test (or to everyone when the operator sets app.show_results=true)")
         votes, bad = read_votes(test.votes_path)
         if not votes:
             return "No votes yet on this test."
@@ -199,6 +217,18 @@ def _relative_arg(arg: str) -> str:
     key, _, value = arg.partition("=")
     return f"{key}={_shown(Path(value))}" if key in ("ckpt", "prompt", "rules.reference") \
         else arg
+
+
+def _positions(text) -> dict:
+    """The JSON the page's POSITIONS_JS sends ({clip: seconds or null}); {} where it is not
+    that (a script may send anything)."""
+    import json
+
+    try:
+        d = json.loads(text) if isinstance(text, str) and len(text) < 1000 else None
+    except ValueError:
+        return {}
+    return d if isinstance(d, dict) else {}
 
 
 def _session(request: gr.Request | None) -> str:
@@ -283,13 +313,15 @@ def build(cfg: AppConfig) -> tuple[gr.Blocks, App]:
             gr.Markdown("A blind test: hear the prompt, then two continuations of it, A and "
                         "B, and say which you prefer. Names and order are hidden and "
                         "shuffled for each listener. The vote opens once each clip has been "
-                        f"heard for {cfg.min_play_seconds:g} s.")
+                        f"heard for {cfg.min_play_seconds:g} s, one clip at a time. Press "
+                        "Start with the box empty for a listener code, or type the one you "
+                        "were given.")
             with gr.Row():
                 test_dd = gr.Dropdown(tests, value=cfg.listen or (tests[0] if tests else None),
                                       label="comparison (a mehldau-compare output)",
                                       elem_id="test", allow_custom_value=True)
                 code = gr.Textbox(label="listener code (keep it to resume elsewhere)",
-                                  elem_id="listener")
+                                  elem_id="listener", max_length=64)
                 begin = gr.Button("Start / resume", elem_id="begin")
             trial_md = gr.Markdown(elem_id="trial")
             p_audio = gr.Audio(label="prompt", buttons=[], elem_id="clip-prompt", **PLAYER)
@@ -305,7 +337,9 @@ def build(cfg: AppConfig) -> tuple[gr.Blocks, App]:
                 vote_b = gr.Button("B", interactive=False, elem_id="vote-B")
             listen_status = gr.Markdown(elem_id="listen-status")
             session = gr.State(None)
-            stored_id = gr.BrowserState("", storage_key="mehldau-listener")
+            # the codes this browser was given, per test: {test name: code}
+            stored_id = gr.BrowserState({}, storage_key="mehldau-listener-codes")
+            positions = gr.Textbox(visible=False, elem_id="positions")
             tick = gr.Timer(1.0)
 
         with gr.Tab("Results", id="results"):
@@ -387,84 +421,96 @@ def build(cfg: AppConfig) -> tuple[gr.Blocks, App]:
         stop.click(on_stop, None, status, cancels=[gen_event], api_name="stop")
 
         # --- Listen events ----------------------------------------------------------------
+        # Nothing these send while a trial runs names a system or a clip's source: the trial
+        # line counts trials, the players get random copies, the statuses speak of A and B.
         def trial_view(s: ListenSession | None, note: str = ""):
             if s is None or s.trial is None:
-                done = (f"All {s.total} trials done: thank you. Listener code `{s.listener}`."
+                done = (f"All {s.total} trials done: thank you. Listener code `{s.code}`; "
+                        "the Results tab now shows this test's figures."
                         if s is not None else "")
                 return [note or done, None, None, None, None,
                         *[gr.update(interactive=False)] * 3]
-            t = s.trial
-            head = (f"**Trial {s.done + 1} of {s.total}** (prompt {t.prompt}). Play the "
-                    "prompt, then A and B.")
+            head = (f"**Trial {s.done + 1} of {s.total}.** Play the prompt, then A and B, one "
+                    "at a time.")
             return [note or head, str(s.files["prompt"]), str(s.files["A"]),
                     str(s.files["B"]), None, *[gr.update(interactive=s.unlocked())] * 3]
 
         listen_outputs = [trial_md, p_audio, a_audio, b_audio, rating, vote_a, vote_none,
                           vote_b]
 
-        def on_begin(name, typed, stored):
-            listener = (typed or "").strip() or stored or new_listener_id()
-            if not listener.isalnum() or len(listener) > 32:
-                return [None, listener, stored, "**a listener code is letters and digits**",
-                        *trial_view(None)]
+        def on_begin(name, typed, stored, s):
+            held = dict(stored) if isinstance(stored, dict) else {}
             try:
-                s = ListenSession.start(app.open_test(name), listener, app.serve,
-                                        cfg.min_play_seconds)
+                test = app.open_test(name)
+                mine = str(held.get(name) or "")
+                if not mine and s is not None and s.test.dir == test.dir:  # this page's own
+                    mine = s.code
+                new = open_session(test, typed, mine, app.serve, cfg.min_play_seconds)
             except UserError as e:
-                return [None, listener, stored, f"**{e}**", *trial_view(None)]
-            return [s, listener, listener, "", *trial_view(s)]
+                return [s, typed, stored, f"**{e}**", *trial_view(None)]
+            if s is not None and s is not new:
+                s.close()
+            return [new, new.code, {**held, name: new.code}, "", *trial_view(new)]
 
-        begin.click(on_begin, [test_dd, code, stored_id],
-                    [session, code, stored_id, listen_status, *listen_outputs])
+        begin.click(on_begin, [test_dd, code, stored_id, session],
+                    [session, code, stored_id, listen_status, *listen_outputs],
+                    api_name="listen_start")
 
-        def timing(clip: str, started: bool):
-            """A player's play (started) or pause/end event, counted on the server."""
-            def f(s):
+        def report(clip: str, what: str):
+            """A player's play, or pause/end, with every player's position."""
+            def f(s, where):
                 if s is not None:
-                    (s.play if started else s.pause)(clip)
+                    pos = _positions(where).get(clip)
+                    (s.play if what == "play" else s.pause)(clip, pos)
                 return s
             return f
 
         for clip, player in (("prompt", p_audio), ("A", a_audio), ("B", b_audio)):
-            player.play(timing(clip, True), session, session, show_progress="hidden")
-            player.pause(timing(clip, False), session, session, show_progress="hidden")
-            player.stop(timing(clip, False), session, session, show_progress="hidden")
+            for what, event in (("play", player.play), ("pause", player.pause),
+                                ("end", player.stop)):
+                event(report(clip, what), [session, positions], session, js=POSITIONS_JS,
+                      show_progress="hidden", api_name=f"listen_{what}_{clip}",
+                      concurrency_limit=None)
 
-        def on_tick(s):
+        def on_tick(s, where):
             if s is None or s.trial is None:
                 return [gr.update()] * 4
+            s.tick(_positions(where))
             ok = s.unlocked()
-            wait = s.waiting_for()
+            heard = s.listened()
             msg = "" if ok else ("still to hear: " + ", ".join(
-                f"{c} ({s.listened()[c]:.0f}/{s.needed[c]:.0f} s)" for c in wait))
+                f"{c} ({heard[c]:.1f} of {s.needed[c]:.1f} s)" for c in s.waiting_for()))
             return [msg, *[gr.update(interactive=ok)] * 3]
 
-        tick.tick(on_tick, session, [listen_status, vote_a, vote_none, vote_b],
-                  show_progress="hidden")
+        tick.tick(on_tick, [session, positions], [listen_status, vote_a, vote_none, vote_b],
+                  js=POSITIONS_JS, show_progress="hidden", api_name="listen_tick",
+                  concurrency_limit=None)
 
         def on_vote(choice):
             def f(s, r):
                 if s is None:
                     return [s, "**press Start first**", *trial_view(None)]
                 try:
-                    s.vote(choice, int(r) if r and choice != "none" else None)
+                    saved = s.vote(choice, int(r) if r and choice != "none" else None)
                 except (UserError, ValueError) as e:
                     return [s, f"**{e}**", *trial_view(s)]
-                return [s, f"Vote saved ({s.done} of {s.total}).", *trial_view(s)]
+                said = (f"Vote saved ({s.done} of {s.total})." if saved is not None else
+                        "You had answered that trial in another window; here is the next.")
+                return [s, said, *trial_view(s)]
             return f
 
         for choice, button in (("A", vote_a), ("none", vote_none), ("B", vote_b)):
             button.click(on_vote(choice), [session, rating],
-                         [session, listen_status, *listen_outputs])
+                         [session, listen_status, *listen_outputs],
+                         api_name=f"listen_vote_{choice}")
 
-        def on_results(name):
+        def on_results(name, s):
             try:
-                return app.results(name)
+                return app.results(name, s)
             except UserError as e:
                 return f"**{e}**"
 
-        res_go.click(on_results, res_dd, res_md, api_name="results")
-        page.load(lambda s: s or "", stored_id, code)
+        res_go.click(on_results, [res_dd, session], res_md, api_name="results")
     return page, app
 
 

@@ -17,7 +17,7 @@ Serves a page on http://127.0.0.1:7860 (app.port=N) with three tabs: Play (gener
 run under app.runs, hear it, download the MIDI), Listen (a blind A/B test over a
 mehldau-compare output under app.runs) and Results. Needs: pip install -e ".[app]".
 Options: app.host app.port app.device app.samples app.max_upload_mb app.min_play_seconds
-         app.listen app.soundfont; --cfg prints them all."""
+         app.listen app.soundfont app.show_results; --cfg prints them all."""
 
 
 def _main(args: list[str]) -> int:

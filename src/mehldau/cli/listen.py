@@ -3,7 +3,8 @@
 The votes are those a listening page wrote with `mehldau.evaluation.listening.BlindTest`
 into `DIR/listening/votes.jsonl`; the figures go to the terminal and, atomically, to
 `DIR/listening/summary.json`. `mehldau-listen prepare DIR` adds the prompt and anchor clips
-that compare outputs written before the test existed lack.
+that compare outputs written before the test existed lack. `mehldau-listen codes DIR --count N`
+issues N listener codes for the operator to hand out and makes the test invite-only.
 """
 
 from __future__ import annotations
@@ -18,13 +19,17 @@ from mehldau.errors import UserError
 
 USAGE = """usage: mehldau-listen summarize DIR [--bootstrap N] [--threshold X] [--json]
        mehldau-listen prepare DIR [--soundfont FILE]
+       mehldau-listen codes DIR --count N
 
-DIR is a mehldau-compare output. summarize prints win rates (95 % Wilson intervals),
-Bradley-Terry strengths (95 % bootstrap over listeners) and the anchor screen, and writes
+DIR is a mehldau-compare output. summarize prints win rates and Bradley-Terry strengths with
+95 % intervals (bootstrap over listeners and prompts) and the anchor screen, and writes
 DIR/listening/summary.json. --bootstrap N: resamples (default 1000); --threshold X: set aside a
 listener who preferred the anchor over the pianist in at least this share of their anchor
 trials (default 0.5); --json: print the summary as JSON. prepare renders the prompt and anchor
-clips an older compare output lacks (needs fluidsynth and a General MIDI soundfont)."""
+clips an older compare output lacks, and re-cuts clips cut with their pedal events (needs
+fluidsynth and a General MIDI soundfont). codes prints N new listener codes, one a line, and
+makes the test invite-only: from then on the page gives out no codes and opens the test only
+with a code issued this way (one a person; run it again for more)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,7 +48,22 @@ def _parser() -> argparse.ArgumentParser:
     q = sub.add_parser("prepare", add_help=False)
     q.add_argument("dir")
     q.add_argument("--soundfont", default=None)
+    c = sub.add_parser("codes", add_help=False)
+    c.add_argument("dir")
+    c.add_argument("--count", type=int, required=True)
     return p
+
+
+def _codes(args: argparse.Namespace) -> None:
+    from mehldau.evaluation import listening
+
+    if not 1 <= args.count <= 10000:
+        raise UserError(f"--count must be 1 to 10000, got {args.count}")
+    test = listening.BlindTest.open(args.dir)
+    codes = test.issue_codes(args.count, by="operator", invite_only=True)
+    print("\n".join(codes))
+    print(f"mehldau-listen: {len(codes)} code(s) issued; {test.dir} is invite-only: the page "
+          "opens it only with a code issued this way", file=sys.stderr)
 
 
 def _summarize(args: argparse.Namespace) -> None:
@@ -73,7 +93,9 @@ def _main(argv: list[str]) -> int:
         print(USAGE)
         return 0 if argv else 2
     args = _parser().parse_args(argv)
-    if args.command == "prepare":
+    if args.command == "codes":
+        _codes(args)
+    elif args.command == "prepare":
         from mehldau.evaluation.listening import prepare
 
         prepare(Path(args.dir), Path(args.soundfont) if args.soundfont else None)

@@ -8,17 +8,42 @@ hidden reference, `pianist`) and a deliberately weak `anchor`. Votes are appende
 line each, to `<compare dir>/listening/votes.jsonl`; `summarize` turns them into win rates,
 Bradley–Terry strengths and intervals, and `mehldau-listen summarize DIR` prints them.
 
+Every clip of a trial is made the same way (`report.excerpt_midi`): notes read with the
+sustain pedal folded into their ends, the window cut as the note statistics cut it (notes
+that start in it), written with no pedal events, then FluidSynth. A pianist's clip that kept
+its CC64 would otherwise sound unlike a generated one, whose pedal is in its note ends.
+
 Why pairwise. Asking "which of two" is easier and more repeatable for untrained listeners
 than an absolute score, and a paired design cancels each prompt's difficulty. Per prompt the
 design holds every pair of branches, each branch against the pianist, and the anchor against
-the pianist; the order of trials and the side each clip is played on are randomised per
-listener (seeded by the report's seed and the listener id, so a listener can resume).
+the pianist; the order of trials and the side each clip is played on are drawn per listener
+from a secret salt made once per test (`listening/salt`, readable by its owner only, never
+in report.json or sent to a page) and the listener's name: a listener resumes in the same
+order, and nobody can work the sides out from what they can read.
+
+Who listens. Listener codes are issued by the test (`issue_codes`: by the page on request,
+or by the operator, `mehldau-listen codes`, which can make the test invite-only) and kept,
+hashed, in the append-only `listening/codes.jsonl`; a vote names the listener by a hash of
+the code, so a summary naming a listener gives nobody their code.
 
 The figures and where they come from:
-- win rate (wins + ties / 2) / comparisons, with the Wilson (1927) score interval;
-- Bradley–Terry (1952) strengths, P(i beats j) = p_i / (p_i + p_j), fitted by Hunter's
-  (2004) minorize–maximize (MM) iteration, with percentile bootstrap intervals that resample
-  listeners (a listener's votes are not independent of each other);
+- win rate (wins + ties / 2) / comparisons;
+- Bradley–Terry (1952) strengths, P(i beats j) = p_i / (p_i + p_j), at the maximum of the
+  likelihood Hunter (2004) reaches by minorize–maximize, found here by Newton's method;
+- 95 % intervals from one percentile bootstrap that resamples listeners and prompts
+  together: each resample draws listeners with replacement and, independently, prompts with
+  replacement, and weighs each vote by how often its listener times how often its prompt was
+  drawn (weights, not duplicated rows, so one resample costs one weighted sum). Votes are
+  not independent two ways: a listener's taste runs through all their votes, and a prompt
+  that suits one system runs through every listener's votes on it. Resampling listeners
+  alone treats the prompts as fixed, and in simulation (tests/test_listening.py: 400 tests
+  of 20 listeners and 8 prompts, listeners' and prompts' log-strengths spread by 0.5) its
+  95 % intervals held the truth in 78-84 % of tests, Wilson's for the win rates in 69-81 %;
+  the two-way bootstrap's held it in 95-98 % (slightly conservative, as resampling both
+  ways is: Owen 2007, "The pigeonhole bootstrap"). Win-rate intervals are never narrower
+  than Wilson's (1927) score interval, which has width where the resamples have none (a
+  rate of 0 or 1 in every one). Every interval is widened where needed to hold its own
+  estimate, which can sit at the very edge of the resamples (a system that never wins);
 - post-screening with a hidden reference and an anchor, as in MUSHRA (ITU-R BS.1534): a
   listener who prefers the anchor over the pianist too often is set aside, and the summary
   says who and what the figures would be with them.
@@ -28,12 +53,13 @@ pitches shuffled among its notes (onsets, durations and velocities kept), so it 
 pianist's rhythm, register and density but no melody or harmony a listener should prefer.
 
 Hand-written: none of the project's dependencies fits a Bradley–Terry model or a Wilson
-interval (scipy has neither), and the MM iteration is a few lines.
+interval (scipy has neither), and the Newton step on a handful of systems is a few lines.
 """
-
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import hmac
 import json
 import math
 import os
@@ -41,7 +67,8 @@ import random
 import secrets
 import shutil
 import sys
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from itertools import combinations
@@ -50,6 +77,7 @@ from pathlib import Path
 import numpy as np
 
 from mehldau.errors import UserError
+from mehldau.evaluation.features import Notes, read_notes
 
 PROMPT = "prompt"
 REFERENCE = "pianist"
@@ -64,46 +92,70 @@ PSEUDO_TIE = 0.5
 
 
 # --- the clips: prompt and anchor renders ---------------------------------------------------
-def _self_overlaps(notes: list, pitches: list[int]) -> int:
-    """How many notes start while a note of the same pitch still sounds. MIDI cannot say
-    which note-off ends which of two such notes, so a reader would change their durations."""
-    end: dict[int, int] = {}
+def _self_overlaps(onset: np.ndarray, end: np.ndarray, pitches: np.ndarray) -> int:
+    """How many notes start while a note of the same pitch still sounds: the clip writer ends
+    the earlier one there, so such a note would lose part of the pianist's duration."""
+    last: dict[int, float] = {}
     clashes = 0
-    for n, pitch in zip(notes, pitches):  # notes in onset order
-        clashes += end.get(pitch, -1) > n.time
-        end[pitch] = max(end.get(pitch, -1), n.time + n.duration)
+    for o, e, pitch in zip(onset.tolist(), end.tolist(), pitches.tolist()):  # onset order
+        clashes += last.get(pitch, -1.0) > o
+        last[pitch] = max(last.get(pitch, -1.0), e)
     return clashes
+
+
+def notes_midi(notes: Notes, dst: Path) -> None:
+    """Notes -> a one-track piano MIDI with no controller events, written atomically: what
+    every listening clip is rendered from. Of two notes of one pitch that overlap, the earlier
+    ends where the later starts (as a re-struck key stops its string, and as the decoders
+    write them), since a MIDI reader cannot tell which note-off ends which."""
+    import symusic
+
+    from mehldau.io import atomic_write_midi
+
+    order = np.lexsort((notes.onset - notes.end, notes.onset, notes.pitch))
+    onset, end = notes.onset[order], notes.end[order].copy()
+    pitch, velocity = notes.pitch[order], notes.velocity[order]
+    same = pitch[1:] == pitch[:-1]
+    keep = np.ones(len(onset), bool)
+    keep[1:] = ~(same & (onset[1:] == onset[:-1]))  # one onset, one pitch: the longest
+    onset, end, pitch, velocity = onset[keep], end[keep], pitch[keep], velocity[keep]
+    same = pitch[1:] == pitch[:-1]
+    end[:-1] = np.where(same, np.minimum(end[:-1], onset[1:]), end[:-1])
+    score = symusic.Score(480, ttype="second")
+    score.tempos.append(symusic.Tempo(0.0, 120.0, ttype="second"))
+    track = symusic.Track(name="Piano", program=0, is_drum=False, ttype="second")
+    by_onset = np.lexsort((pitch, onset))
+    track.notes = symusic.Note.from_numpy(
+        time=onset[by_onset].astype(np.float32),
+        duration=(end - onset)[by_onset].astype(np.float32),
+        pitch=pitch[by_onset].astype(np.int8),
+        velocity=np.clip(velocity[by_onset], 1, 127).astype(np.int8), ttype="second")
+    score.tracks.append(track)
+    atomic_write_midi(score.to("tick"), dst)
 
 
 def anchor_midi(pianist_mid: Path, dst: Path, seed: int, prompt: str, draws: int = 200
                 ) -> None:
     """The pianist's excerpt with its pitches shuffled among its notes: timing, durations and
-    velocities kept, the permutation seeded by (seed, prompt). Of `draws` permutations that
-    change the pitch order (where the notes hold more than one pitch), the first with the
-    fewest notes overlapping a note of their own pitch is kept: such overlaps would not keep
-    their durations through a MIDI file."""
-    import symusic
-
-    score = symusic.Score(str(pianist_mid))
-    notes = [n for t in score.tracks for n in t.notes]
-    # a canonical order (not the file's track order) so the anchor depends only on the notes
-    notes.sort(key=lambda n: (n.time, n.pitch, n.duration, n.velocity))
-    pitches = [n.pitch for n in notes]
+    velocities kept, the permutation seeded by (seed, prompt). The notes are read as every
+    clip is (pedal folded into note ends) and written by the same writer. Of `draws`
+    permutations that change the pitch order (where the notes hold more than one pitch), the
+    first with the fewest notes overlapping a note of their own pitch is kept."""
+    notes = read_notes(pianist_mid)
+    pitches = notes.pitch.tolist()
     rng = random.Random(f"mehldau-anchor:{seed}:{prompt}")
     best, fewest = list(pitches), None
     for _ in range(draws):
         shuffled = rng.sample(pitches, len(pitches))
         if shuffled == pitches and len(set(pitches)) > 1:
             continue
-        clashes = _self_overlaps(notes, shuffled)
+        clashes = _self_overlaps(notes.onset, notes.end, np.asarray(shuffled))
         if fewest is None or clashes < fewest:
             best, fewest = shuffled, clashes
         if clashes == 0:
             break
-    for note, pitch in zip(notes, best):
-        note.pitch = pitch
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    score.dump_midi(str(dst))
+    notes_midi(Notes(notes.onset, notes.end, np.asarray(best, np.int64), notes.velocity,
+                     notes.seconds), dst)
 
 
 def write_listening_audio(out: Path, prompts: list[dict], prompt_seconds: float,
@@ -111,8 +163,8 @@ def write_listening_audio(out: Path, prompts: list[dict], prompt_seconds: float,
                           ) -> list[tuple[str, str, Path]]:
     """`audio/prompt/<p>.wav` (the prompt as the branches got it: `prompts/<p>.mid`, else the
     first `prompt_seconds` of the source) and `audio/anchor/<p>.wav` (from the pianist's
-    excerpt `audio/pianist/<p>.mid`, which must be there). Returns (system, prompt, wav) of
-    what exists afterwards."""
+    excerpt `audio/pianist/<p>.mid`, which must be there), cut and written like every other
+    clip (`report.excerpt_midi`). Returns (system, prompt, wav) of what exists afterwards."""
     from mehldau.evaluation.report import LISTEN_TAIL, excerpt_midi, render
 
     made = []
@@ -121,11 +173,7 @@ def write_listening_audio(out: Path, prompts: list[dict], prompt_seconds: float,
         mid = out / "audio" / PROMPT / f"{name}.mid"
         if not (only_missing and mid.with_suffix(".wav").is_file()):
             cut = out / "prompts" / f"{name}.mid"
-            if cut.is_file():
-                mid.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(cut, mid)
-            else:
-                excerpt_midi(p["source"], 0.0, prompt_seconds, mid)
+            excerpt_midi(cut if cut.is_file() else p["source"], 0.0, prompt_seconds, mid)
             render(mid, mid.with_suffix(".wav"), font, prompt_seconds + LISTEN_TAIL)
         if mid.with_suffix(".wav").is_file():
             made.append((PROMPT, name, mid.with_suffix(".wav")))
@@ -149,10 +197,18 @@ def _report(compare_dir: Path) -> dict:
         raise UserError(f"cannot read {path}: {e}") from e
 
 
+def _has_controls(mid: Path) -> bool:
+    import symusic
+
+    return any(len(t.controls) for t in symusic.Score(str(mid)).tracks)
+
+
 def prepare(compare_dir: Path, font: Path | None = None) -> None:
-    """Write what an older compare output lacks for the test: `audio/prompt/*.wav`,
-    `audio/anchor/*.wav`, and the pianist's excerpt where it is missing. Existing clips are
-    kept."""
+    """Bring an older compare output up to the test: write the missing `audio/prompt` and
+    `audio/anchor` clips and the pianist's excerpt where it is missing, and re-cut every clip
+    an older version cut with its pedal events (the pianist's from its source, a branch's
+    from its own clip; its prompt and anchor with it), so every clip of a trial is written
+    and rendered alike. Clips already cut this way are kept."""
     from mehldau.evaluation.report import LISTEN_TAIL, SOUNDFONTS, excerpt_midi, render
 
     compare_dir = Path(compare_dir)
@@ -168,16 +224,33 @@ def prepare(compare_dir: Path, font: Path | None = None) -> None:
     cfg = report.get("config") or {}
     ps, seconds = float(cfg.get("prompt_seconds", 5)), float(cfg.get("seconds", 10))
     seed = int(report.get("seed", cfg.get("seed", 0)))
+    audio = compare_dir / "audio"
     for p in report["prompts"]:
-        mid = compare_dir / "audio" / REFERENCE / f"{p['name']}.mid"
-        if not mid.is_file():
-            if not Path(p["source"]).is_file():
-                print(f"listening: no pianist clip for {p['name']}: {p['source']} is gone",
+        name = p["name"]
+        for system in (PROMPT, ANCHOR):  # made again below from what they are cut from
+            old = audio / system / f"{name}.mid"
+            if old.is_file() and _has_controls(old):
+                old.with_suffix(".wav").unlink(missing_ok=True)
+        mid = audio / REFERENCE / f"{name}.mid"
+        if not mid.is_file() or _has_controls(mid):
+            if Path(p["source"]).is_file():
+                excerpt_midi(p["source"], ps, seconds, mid)
+            elif mid.is_file():
+                excerpt_midi(mid, 0.0, seconds, mid)  # the source is gone: fold the old cut
+            else:
+                print(f"listening: no pianist clip for {name}: {p['source']} is gone",
                       file=sys.stderr)
                 continue
-            excerpt_midi(p["source"], ps, seconds, mid)
-        if not mid.with_suffix(".wav").is_file():
             render(mid, mid.with_suffix(".wav"), font, seconds + LISTEN_TAIL)
+            (audio / ANCHOR / f"{name}.wav").unlink(missing_ok=True)
+        elif not mid.with_suffix(".wav").is_file():
+            render(mid, mid.with_suffix(".wav"), font, seconds + LISTEN_TAIL)
+        for branch in sorted(d for d in audio.iterdir() if d.is_dir()
+                             and d.name not in (PROMPT, ANCHOR, REFERENCE)):
+            clip = branch / f"{name}.mid"
+            if clip.is_file() and _has_controls(clip):
+                excerpt_midi(clip, 0.0, seconds, clip)
+                render(clip, clip.with_suffix(".wav"), font, seconds + LISTEN_TAIL)
     write_listening_audio(compare_dir, report["prompts"], ps, seconds, seed, font,
                           only_missing=True)
 
@@ -199,27 +272,59 @@ class Trial:
     b: Clip            # ... as B
 
 
-def new_listener_id() -> str:
-    """An anonymous random id: 10 hex characters."""
-    return secrets.token_hex(5)
-
-
 def _pair_id(prompt: str, x: str, y: str) -> str:
     return f"{prompt}:{'|'.join(sorted((x, y)))}"
 
 
+# --- listener codes -------------------------------------------------------------------------
+# A code is 64 random bits, shown as four groups of four hex digits; what is stored is its
+# SHA-256 (the registry and the votes never hold a code a reader could type in), and the
+# listener is named in votes and summaries by the first 12 hex digits of that hash.
+CODES = "codes.jsonl"
+SALT = "salt"
+ISSUERS = ("page", "operator")
+
+
+def normalize_code(code: str) -> str:
+    """A code as typed ("AB12-cd34 ef56 7890") -> its 16 lower-case hex digits, or "" where it
+    is not one."""
+    text = "".join(str(code or "").split()).replace("-", "").lower()
+    return text if len(text) == 16 and all(c in "0123456789abcdef" for c in text) else ""
+
+
+def _new_code() -> str:
+    raw = secrets.token_hex(8)
+    return "-".join(raw[i:i + 4] for i in range(0, 16, 4))
+
+
+def _code_hash(code: str) -> str:
+    return hashlib.sha256(f"mehldau-listener:{normalize_code(code)}".encode()).hexdigest()
+
+
+def listener_of(code: str) -> str:
+    """The listener name a code votes under: not the code, so a summary that names a listener
+    gives nobody a way to continue their test."""
+    return _code_hash(code)[:12]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 class BlindTest:
-    """The trials of one compare output and the votes cast on them."""
+    """The trials of one compare output, its listener codes and the votes cast on them."""
 
     def __init__(self, compare_dir: Path, systems: list[str], prompts: list[str], seed: int,
                  git_revision: str | None, pairs: list[tuple[str, str, str]]) -> None:
         self.dir = compare_dir
         self.systems = systems        # branches in the report's order, then pianist, anchor
         self.prompts = prompts
-        self.seed = seed
+        self.seed = seed              # the report's: the anchor's shuffle and the bootstrap
         self.git_revision = git_revision
         self.votes_path = compare_dir / "listening" / "votes.jsonl"
+        self.codes_path = compare_dir / "listening" / CODES
         self._pairs = pairs           # (prompt, x, y), x and y sorted: the design
+        self._salt_bytes: bytes | None = None
 
     @classmethod
     def open(cls, compare_dir: str | Path) -> BlindTest:
@@ -261,10 +366,39 @@ class BlindTest:
     def _clip(self, system: str, prompt: str) -> Clip:
         return Clip(system, prompt, self.dir / "audio" / system / f"{prompt}.wav")
 
+    def _salt(self) -> bytes:
+        """The test's secret: made once, on the first draw of trials, readable by the owner
+        only, never sent anywhere. With it, order and sides cannot be worked out from what a
+        listener can see (report.json's seed, their own name)."""
+        if self._salt_bytes is None:
+            path = self.dir / "listening" / SALT
+            if not path.is_file():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=f".{SALT}.tmp-", dir=path.parent)  # 0600
+                try:
+                    with os.fdopen(fd, "w") as f:
+                        f.write(secrets.token_hex(32))
+                        f.flush()
+                        os.fsync(f.fileno())
+                    try:
+                        os.link(tmp, path)  # create-once: of two pages racing, one salt wins
+                    except FileExistsError:
+                        pass
+                finally:
+                    os.unlink(tmp)
+            try:
+                self._salt_bytes = bytes.fromhex(path.read_text().strip())
+            except (OSError, ValueError) as e:
+                raise UserError(f"cannot read the test's secret {path}: {e}; delete it only "
+                                "if no listener has started (the trial orders change)") from e
+        return self._salt_bytes
+
     def trials(self, listener: str) -> list[Trial]:
-        """Every trial, in an order and with sides drawn from (seed, listener): the same for a
-        listener each time, different between listeners."""
-        rng = random.Random(f"mehldau-listen:{self.seed}:{listener}")
+        """Every trial, in an order and with sides drawn from (the test's secret salt,
+        listener): the same for a listener each time, different between listeners, and
+        unknowable without the salt."""
+        digest = hmac.new(self._salt(), listener.encode(), hashlib.sha256).hexdigest()
+        rng = random.Random(digest)
         order = list(self._pairs)
         rng.shuffle(order)
         out = []
@@ -282,6 +416,65 @@ class BlindTest:
         done = {v["trial"] for v in votes if v["listener"] == listener}
         return [t for t in self.trials(listener) if t.id not in done]
 
+    # --- codes ----------------------------------------------------------------------------
+    def _registry(self) -> tuple[dict[str, str], bool]:
+        """(code hash -> who issued it, whether the test is invite-only)."""
+        issued: dict[str, str] = {}
+        invite_only = False
+        if self.codes_path.is_file():
+            for line in self.codes_path.read_text(errors="replace").splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue  # a torn line: its code was never handed out
+                if isinstance(row, dict) and row.get("invite_only") is True:
+                    invite_only = True
+                elif isinstance(row, dict) and row.get("by") in ISSUERS \
+                        and isinstance(row.get("sha256"), str):
+                    issued[row["sha256"]] = row["by"]
+        return issued, invite_only
+
+    @property
+    def invite_only(self) -> bool:
+        return self._registry()[1]
+
+    def issue_codes(self, count: int, by: str = "page", invite_only: bool = False
+                    ) -> list[str]:
+        """`count` new codes, recorded (hashed) in `listening/codes.jsonl` before they are
+        returned. By the page ("page") only while the test is not invite-only; by the operator
+        ("operator"), with `invite_only` marking the test so from then on."""
+        if by not in ISSUERS:
+            raise ValueError(f"by must be one of {', '.join(ISSUERS)}, not {by!r}")
+        codes = [_new_code() for _ in range(count)]
+        rows = [{"sha256": _code_hash(c), "listener": listener_of(c), "by": by,
+                 "time": _now()} for c in codes]
+        rows += [{"invite_only": True, "time": _now()}] if invite_only else []
+
+        def check(text: str) -> None:
+            if by == "page" and any(json.loads(line).get("invite_only") is True
+                                    for line in _json_lines(text)):
+                raise UserError("this test is invite-only: type the listener code the "
+                                "operator gave you")
+
+        _locked_append(self.codes_path, rows, check)
+        return codes
+
+    def listener_for(self, code: str) -> str:
+        """The listener a code votes as, if this test issued it (and, when invite-only, the
+        operator did); else a one-line UserError."""
+        issued, invite_only = self._registry()
+        by = issued.get(_code_hash(code)) if normalize_code(code) else None
+        if by is None:
+            raise UserError(f"{str(code).strip()[:40]!r} is not a listener code of this test: "
+                            "type the code you were given, or leave the box empty and press "
+                            "Start for a new one" + (" (this test is invite-only: ask the "
+                                                     "operator)" if invite_only else ""))
+        if invite_only and by != "operator":
+            raise UserError("this test is invite-only now: codes the page gave out no longer "
+                            "open it; type the code the operator gave you")
+        return listener_of(code)
+
+    # --- votes ----------------------------------------------------------------------------
     def record(self, listener: str, trial: Trial, choice: str, rating: int | None,
                listened: dict[str, float]) -> dict:
         """Append one vote (one JSON line, under an exclusive lock) and return it. `choice`:
@@ -314,32 +507,46 @@ class BlindTest:
         winner = {"A": trial.a.system, "B": trial.b.system}.get(choice)
         vote = {"listener": listener, "trial": trial.id, "prompt": trial.prompt,
                 "a": trial.a.system, "b": trial.b.system, "choice": choice, "winner": winner,
-                "rating": rating, "listened": heard,
-                "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "git_revision": self.git_revision, "seed": self.seed}
-        _append_once(self.votes_path, vote)
+                "rating": rating, "listened": heard, "time": _now(),
+                "git_revision": self.git_revision}
+
+        def check(text: str) -> None:
+            for line in _json_lines(text):
+                old = json.loads(line)
+                if (old.get("listener"), old.get("trial")) == (listener, trial.id):
+                    raise AlreadyVoted(f"{listener} already voted on {trial.id}")
+
+        _locked_append(self.votes_path, [vote], check)
         return vote
 
 
-def _append_once(path: Path, vote: dict) -> None:
-    """Append `vote` as one line unless its listener already voted on its trial. The check
-    and the write happen under one exclusive flock, so two tabs of one listener cannot both
-    vote; the line goes out in one write and is fsynced before the lock is released."""
+class AlreadyVoted(UserError):
+    """A second vote by one listener on one trial (two tabs, say)."""
+
+
+def _json_lines(text: str) -> Iterable[str]:
+    """The lines of `text` that hold a JSON object (a torn line is passed over)."""
+    for line in text.splitlines():
+        try:
+            if isinstance(json.loads(line), dict):
+                yield line
+        except ValueError:
+            continue
+
+
+def _locked_append(path: Path, rows: list[dict], check: Callable[[str], None]) -> None:
+    """Append `rows`, one JSON line each, after `check` has seen the file as it is and not
+    raised. Check and write happen under one exclusive flock, so two writers cannot both pass
+    a check the other's write would fail; the lines go out in one write and are fsynced before
+    the lock is released, so a reader sees all of them or none."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         size = os.fstat(fd).st_size
         text = os.pread(fd, size, 0).decode("utf-8", "replace") if size else ""
-        for line in text.splitlines():
-            try:
-                old = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(old, dict) and (old.get("listener"), old.get("trial")) == (
-                    vote["listener"], vote["trial"]):
-                raise UserError(f"{vote['listener']} already voted on {vote['trial']}")
-        data = json.dumps(vote, ensure_ascii=False) + "\n"
+        check(text)
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         if text and not text.endswith("\n"):  # a torn line from a crash: keep ours apart
             data = "\n" + data
         encoded = data.encode()
@@ -401,56 +608,134 @@ def wilson(successes: float, n: float, z: float = Z95) -> tuple[float, float] | 
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def bradley_terry(wins: np.ndarray, iters: int = 10000, tol: float = 1e-10) -> np.ndarray:
+def _log_likelihood(theta: np.ndarray, w: np.ndarray) -> np.ndarray:
+    d = theta[..., :, None] - theta[..., None, :]
+    return -(w * np.logaddexp(0.0, -d)).sum((-1, -2))
+
+
+def bradley_terry(wins: np.ndarray, iters: int = 100, tol: float = 1e-10) -> np.ndarray:
     """Strengths for win matrices `wins[..., i, j]` (i's wins over j, ties as half to each),
-    by Hunter's (2004) MM update p_i <- W_i / sum_j n_ij / (p_i + p_j), vectorised over any
-    leading axes (bootstrap replicates). Returned on the scale of geometric mean 1; a
-    `PSEUDO_TIE` between every two systems is added here."""
+    vectorised over any leading axes (bootstrap replicates, simulated tests). Returned on the
+    scale of geometric mean 1; a `PSEUDO_TIE` between every two systems is added here.
+
+    The maximum is Hunter's (2004), reached by Newton's method on the log-strengths rather
+    than his MM update: the two agree to the tolerance, but MM took thousands of sweeps where
+    one system is far weaker than the rest (the anchor), which made a bootstrap of a few
+    thousand replicates take seconds; Newton takes about ten. The log-likelihood is concave
+    and, with the pseudo tie joining every two systems, strictly so once the scale is fixed,
+    so a step that is halved until the likelihood does not fall converges."""
     w = np.asarray(wins, float)
     k = w.shape[-1]
-    off = 1.0 - np.eye(k)
-    w = w + off * PSEUDO_TIE / 2
+    w = w + (1.0 - np.eye(k)) * PSEUDO_TIE / 2
     n = w + np.swapaxes(w, -1, -2)
     total = w.sum(-1)
-    p = np.ones(w.shape[:-1])
+    gauge = np.full((k, k), 1.0 / k)  # fixes the free overall scale: sum of log-strengths 0
+    theta = np.zeros(w.shape[:-1])
+    ll = _log_likelihood(theta, w)
     for _ in range(iters):
-        denom = (n / (p[..., :, None] + p[..., None, :])).sum(-1)
-        new = total / denom
-        new = new / np.exp(np.log(new).mean(-1, keepdims=True))
-        done = np.max(np.abs(np.log(new) - np.log(p))) < tol
-        p = new
-        if done:
+        p = 0.5 * (1.0 + np.tanh((theta[..., :, None] - theta[..., None, :]) / 2))
+        grad = total - (n * p).sum(-1)
+        h = n * p * (1.0 - p)
+        hess = h.sum(-1)[..., None] * np.eye(k) - h + gauge  # minus the Hessian, plus gauge
+        step = np.linalg.solve(hess, grad[..., None])[..., 0]
+        t = np.ones(theta.shape[:-1] + (1,))
+        for _ in range(60):
+            new = theta + t * step
+            ll_new = _log_likelihood(new, w)
+            worse = ll_new < ll - 1e-12 * np.abs(ll)
+            if not worse.any():
+                break
+            t = np.where(worse[..., None], t / 2, t)
+        theta, ll = new - new.mean(-1, keepdims=True), ll_new
+        if np.max(np.abs(t * step), initial=0.0) < tol:
             break
-    return p
+    return np.exp(theta)
 
 
-def _interval(samples: np.ndarray) -> list[float]:
+def bootstrap_weights(rng: np.random.Generator, size: tuple[int, ...], listeners: int,
+                      prompts: int, by_prompt: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """How often each listener and each prompt is drawn in each of `size` resamples:
+    (weights[*size, listeners], weights[*size, prompts]); the prompts' all 1 when
+    `by_prompt` is False (listeners resampled alone)."""
+    wl = rng.multinomial(listeners, np.full(listeners, 1 / listeners), size=size)
+    wp = (rng.multinomial(prompts, np.full(prompts, 1 / prompts), size=size) if by_prompt
+          else np.ones((*size, prompts), int))
+    return wl.astype(float), wp.astype(float)
+
+
+def resample(x: np.ndarray, wl: np.ndarray, wp: np.ndarray) -> np.ndarray:
+    """`x[..., L, P, *rest]` (per listener and prompt) summed with the weight
+    wl[..., b, l] * wp[..., b, p] of each cell: [..., B, *rest]."""
+    rest = "ijk"[:x.ndim - (wl.ndim - 2) - 2]
+    return np.einsum(f"...bl,...bp,...lp{rest}->...b{rest}", wl, wp, x, optimize=True)
+
+
+def percentile_interval(samples: np.ndarray, point: float) -> list[float]:
+    """The 95 % percentile interval of `samples`, widened where needed to hold `point`: a
+    skewed bootstrap can leave the estimate of the data just outside its own interval, and a
+    printed interval that misses its estimate reads as an error."""
     lo, hi = np.percentile(samples, [2.5, 97.5])
-    return [float(lo), float(hi)]
+    return [float(min(lo, point)), float(max(hi, point))]
+
+
+def rate_interval(samples: np.ndarray | None, successes: float, n: float
+                   ) -> tuple[float, float] | None:
+    """A win rate's 95 % interval: the bootstrap's, at least as wide as Wilson's. Votes of one
+    listener or on one prompt are not independent, so Wilson's interval alone is too narrow
+    (69-81 % coverage in the simulation of tests/test_listening.py); the bootstrap alone has no
+    width where every resample gives a rate of 0 or 1."""
+    w = wilson(successes, n)
+    if w is None or samples is None:
+        return w
+    ok = samples[np.isfinite(samples)]
+    if len(ok) < 0.9 * len(samples):
+        return w
+    lo, hi = np.percentile(ok, [2.5, 97.5])
+    return min(w[0], float(lo)), max(w[1], float(hi))
+
+
+def _arrays(votes: list[dict], idx: dict[str, int]) -> tuple[list[str], list[str], np.ndarray,
+                                                              np.ndarray, np.ndarray]:
+    """Per listener and prompt: a win matrix (ties as half a win each) and, per system,
+    rating sums and counts."""
+    listeners = sorted({v["listener"] for v in votes})
+    prompts = sorted({v["prompt"] for v in votes})
+    who = {name: i for i, name in enumerate(listeners)}
+    where = {name: i for i, name in enumerate(prompts)}
+    k = len(idx)
+    wins = np.zeros((len(listeners), len(prompts), k, k))
+    rsum = np.zeros((len(listeners), len(prompts), k))
+    rcnt = np.zeros((len(listeners), len(prompts), k))
+    for v in votes:
+        cell, a, b = (who[v["listener"]], where[v["prompt"]]), idx[v["a"]], idx[v["b"]]
+        if v["winner"] is None:
+            wins[cell][a, b] += 0.5
+            wins[cell][b, a] += 0.5
+        else:
+            w = idx[v["winner"]]
+            wins[cell][w, b if w == a else a] += 1
+            if v.get("rating") is not None:
+                rsum[cell][w] += v["rating"]
+                rcnt[cell][w] += 1
+    return listeners, prompts, wins, rsum, rcnt
 
 
 def _figures(votes: list[dict], systems: list[str], bootstrap: int, seed: int) -> dict:
     """Per system, per pair and Bradley–Terry figures of `votes`."""
-    listeners = sorted({v["listener"] for v in votes})
     compared = [s for s in systems if any(s in (v["a"], v["b"]) for v in votes)]
     idx = {s: i for i, s in enumerate(compared)}
     k = len(compared)
-    # per listener: a win matrix (ties as half a win each) and rating sums and counts
-    wins = np.zeros((len(listeners), k, k))
-    rsum = np.zeros((len(listeners), k))
-    rcnt = np.zeros((len(listeners), k))
-    who = {name: i for i, name in enumerate(listeners)}
-    for v in votes:
-        li, a, b = who[v["listener"]], idx[v["a"]], idx[v["b"]]
-        if v["winner"] is None:
-            wins[li, a, b] += 0.5
-            wins[li, b, a] += 0.5
-        else:
-            w = idx[v["winner"]]
-            wins[li, w, b if w == a else a] += 1
-            if v.get("rating") is not None:
-                rsum[li, w] += v["rating"]
-                rcnt[li, w] += 1
+    listeners, prompts, wins, rsum, rcnt = _arrays(votes, idx)
+    boot_wins = means = None
+    if bootstrap > 0 and len(listeners) >= 2:
+        wl, wp = bootstrap_weights(np.random.default_rng(seed), (bootstrap,), len(listeners),
+                                   len(prompts))
+        boot_wins = resample(wins, wl, wp)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means = resample(rsum, wl, wp) / resample(rcnt, wl, wp)
+            games = boot_wins + np.swapaxes(boot_wins, -1, -2)
+            system_rates = boot_wins.sum(-1) / games.sum(-1)
+            pair_rates = boot_wins / games
 
     per_system = {}
     for s in systems:
@@ -458,15 +743,20 @@ def _figures(votes: list[dict], systems: list[str], bootstrap: int, seed: int) -
         won = sum(v["winner"] == s for v in mine)
         ties = sum(v["winner"] is None for v in mine)
         n = len(mine)
-        # The Wilson interval is taken on (wins + ties / 2) successes out of n: a tie is half
-        # a win, as in the rate itself and in the Bradley–Terry fit.
+        # A tie is half a win, as in the rate itself and in the Bradley–Terry fit.
         ratings = [v["rating"] for v in mine if v["winner"] == s and v.get("rating") is not None]
+        rate_ci = rate_interval(system_rates[:, idx[s]] if boot_wins is not None and s in idx
+                                 else None, won + ties / 2, n)
         per_system[s] = {"comparisons": n, "wins": won, "ties": ties,
                          "win_rate": (won + ties / 2) / n if n else None,
-                         "win_rate_ci": wilson(won + ties / 2, n),
-                         "ratings": len(ratings),
+                         "win_rate_ci": rate_ci, "ratings": len(ratings),
                          "mean_rating": float(np.mean(ratings)) if ratings else None,
                          "mean_rating_ci": None}
+        if ratings and means is not None:
+            ok = means[:, idx[s]][np.isfinite(means[:, idx[s]])]
+            if len(ok) >= 0.9 * bootstrap:
+                per_system[s]["mean_rating_ci"] = percentile_interval(
+                    ok, per_system[s]["mean_rating"])
     pairs = []
     for x, y in combinations(systems, 2):
         mine = [v for v in votes if {v["a"], v["b"]} == {x, y}]
@@ -475,37 +765,30 @@ def _figures(votes: list[dict], systems: list[str], bootstrap: int, seed: int) -
         wx = sum(v["winner"] == x for v in mine)
         wy = sum(v["winner"] == y for v in mine)
         ties = len(mine) - wx - wy
+        samples = pair_rates[:, idx[x], idx[y]] if boot_wins is not None else None
         pairs.append({"first": x, "second": y, "comparisons": len(mine), "first_wins": wx,
                       "second_wins": wy, "ties": ties,
                       "first_win_rate": (wx + ties / 2) / len(mine),
-                      "first_win_rate_ci": wilson(wx + ties / 2, len(mine))})
+                      "first_win_rate_ci": rate_interval(samples, wx + ties / 2, len(mine))})
 
     bt: dict = {}
     if k >= 2:
         pianist = idx.get(REFERENCE)
+
         def scaled(p: np.ndarray) -> np.ndarray:  # log-strengths, pianist at 0 if present
             logp = np.log(p)
             return logp - logp[..., [pianist]] if pianist is not None else logp
-        point = scaled(bradley_terry(wins.sum(0)))
-        boot = None
-        if bootstrap > 0 and len(listeners) >= 2:
-            rng = np.random.default_rng(seed)
-            draws = rng.multinomial(len(listeners), [1 / len(listeners)] * len(listeners),
-                                    size=bootstrap)  # how often each listener is drawn
-            boot = scaled(bradley_terry(np.einsum("rl,lij->rij", draws, wins)))
-            with np.errstate(invalid="ignore", divide="ignore"):
-                means = np.einsum("rl,li->ri", draws, rsum) / np.einsum("rl,li->ri", draws, rcnt)
-            for s, i in idx.items():
-                ok = means[:, i][np.isfinite(means[:, i])]
-                if per_system[s]["ratings"] and len(ok) >= 0.9 * bootstrap:
-                    per_system[s]["mean_rating_ci"] = _interval(ok)
+
+        point = scaled(bradley_terry(wins.sum((0, 1))))
+        boot = scaled(bradley_terry(boot_wins)) if boot_wins is not None else None
         for s, i in idx.items():
+            ci = percentile_interval(boot[:, i], float(point[i])) if boot is not None else None
             row = {"log_strength": float(point[i]), "strength": float(np.exp(point[i])),
-                   "log_strength_ci": _interval(boot[:, i]) if boot is not None else None}
+                   "log_strength_ci": ci}
             if pianist is not None:
                 row["p_beats_pianist"] = float(1 / (1 + np.exp(-point[i])))
-                row["p_beats_pianist_ci"] = (list(1 / (1 + np.exp(-np.array(
-                    row["log_strength_ci"])))) if boot is not None else None)
+                row["p_beats_pianist_ci"] = ([float(1 / (1 + np.exp(-c))) for c in ci]
+                                             if ci is not None else None)
             bt[s] = row
     return {"votes": len(votes), "listeners": listeners, "systems": per_system,
             "pairs": pairs, "bradley_terry": bt,
@@ -549,7 +832,8 @@ def summarize(votes: list[dict], bootstrap: int = 1000, seed: int = 0,
         notes.append("no votes yet")
     elif len({v["listener"] for v in kept}) == 1:
         notes.append("one listener: the Bradley–Terry and rating intervals resample "
-                     "listeners and are not given")
+                     "listeners and are not given; the win rates' are Wilson's, which take "
+                     "the votes as independent")
     if votes and not kept:
         notes.append("every listener was flagged by the anchor screen")
     unscreened = [n for n in listeners if n not in screening]
@@ -564,7 +848,7 @@ def summarize(votes: list[dict], bootstrap: int = 1000, seed: int = 0,
             "bootstrap": bootstrap, "seed": seed, "anchor_threshold": anchor_threshold,
             "pseudo_tie": PSEUDO_TIE, "screening": screening, "flagged": flagged,
             "main": main,
-            "with_flagged": _figures(votes, order, 0, seed) if flagged else None,
+            "with_flagged": _figures(votes, order, bootstrap, seed) if flagged else None,
             "notes": notes}
 
 
@@ -583,7 +867,7 @@ def format_summary(summary: dict) -> str:
     lines = [f"# Blind listening test: {summary['votes']} votes by {summary['listeners']} "
              f"listeners ({kept} kept, {len(summary['flagged'])} set aside by the anchor "
              "screen)", ""]
-    lines += ["| system | comparisons | wins | ties | win rate [95 % Wilson] | "
+    lines += ["| system | comparisons | wins | ties | win rate [95 %] | "
               "mean rating 1-5 [95 % bootstrap] | BT log-strength [95 %] | "
               "P(beats pianist) [95 %] |", "|---" * 8 + "|"]
     for s in summary["systems"]:
@@ -599,7 +883,7 @@ def format_summary(summary: dict) -> str:
                      f"{_pct(row['win_rate'], row['win_rate_ci'])} | {rating} | "
                      f"{strength} | {beats} |")
     lines += ["", "| pair (first vs second) | comparisons | first wins | second wins | ties | "
-              "first's win rate [95 % Wilson] |", "|---" * 6 + "|"]
+              "first's win rate [95 %] |", "|---" * 6 + "|"]
     for p in main["pairs"]:
         lines.append(f"| {p['first']} vs {p['second']} | {p['comparisons']} | "
                      f"{p['first_wins']} | {p['second_wins']} | {p['ties']} | "
@@ -607,7 +891,9 @@ def format_summary(summary: dict) -> str:
     lines += ["", f"Bradley–Terry scale: {main['bt_scale']}; fitted with a virtual tie of "
               f"weight {summary['pseudo_tie']} between every two systems, so a system that "
               f"never wins still gets a finite strength. Intervals: {summary['bootstrap']} "
-              "bootstrap resamples of listeners. A tie counts as half a win everywhere."]
+              "bootstrap resamples of listeners and prompts together (each drawn with "
+              "replacement), the win rates' at least as wide as Wilson's. A tie counts as "
+              "half a win everywhere."]
     if summary["flagged"]:
         screening = summary["screening"]
         lines += ["", f"Set aside (preferred the anchor over the pianist in at least "
@@ -615,7 +901,7 @@ def format_summary(summary: dict) -> str:
                   + ", ".join(f"{n} ({screening[n]['share']:.0%} of "
                               f"{screening[n]['trials']})" for n in summary["flagged"]),
                   "", "With them included:", "",
-                  "| system | comparisons | wins | ties | win rate [95 % Wilson] |",
+                  "| system | comparisons | wins | ties | win rate [95 %] |",
                   "|---" * 5 + "|"]
         for s in summary["systems"]:
             row = summary["with_flagged"]["systems"][s]

@@ -449,13 +449,12 @@ def soundfont(cfg: DictConfig) -> Path | None:
 
 
 def excerpt_midi(src: str | Path, start: float, seconds: float, dst: Path) -> None:
-    """The notes of `src` starting in [start, start + seconds), moved to start at 0."""
-    import symusic
-
-    secs = symusic.Score(str(src)).to("second")
-    clip = secs.clip(start, start + seconds, clip_end=False).shift_time(-start, inplace=False)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    clip.to("tick").dump_midi(str(dst))
+    """The notes of `src` starting in [start, start + seconds), moved to start at 0, read as
+    the note statistics read them (`features.read_notes`: sustain pedal folded into note ends,
+    the window cut by `features.cut`) and written with no pedal events (`listening.notes_midi`):
+    every clip of a blind trial goes through here, the pianist's and the branches' alike, as
+    a clip that kept its pedal could render differently from one with it folded in."""
+    listening.notes_midi(read_notes(src, start, seconds), dst)
 
 
 # Every blind-test clip is cut to what was asked plus this much release (a 30 ms fade, no
