@@ -66,7 +66,7 @@ def world(tmp_path_factory):
                   f"split.manifest={prod / 'splits.json'}", *PERCEIVER]) == 0
     cmp = root / "cmp"
     assert compare([f"runs=[{prod},{perc}]", f"out={cmp}", "max_prompts=1",
-                    "samples_per_prompt=1", "prompt_seconds=2", "seconds=3", "bootstrap=10",
+                    "samples_per_prompt=1", "prompt_seconds=2", "seconds=3",
                     "likelihood=false", "copy_check=false", "device=cpu",
                     f"audio={str(AUDIO).lower()}"]) == 0
     (root / "half_run").mkdir()

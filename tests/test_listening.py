@@ -749,7 +749,7 @@ def test_compare_renders_prompt_and_anchor_and_prepare_fills_an_old_output(tmp_p
     assert train([f"run_dir={run}", "data=folder", f"data.root={data}", "train.max_steps=2",
                   *MICRO]) == 0
     assert compare([f"runs=[{run}]", f"out={out}", "max_prompts=1", "samples_per_prompt=1",
-                    "prompt_seconds=2", "seconds=3", "bootstrap=5", "device=cpu",
+                    "prompt_seconds=2", "seconds=3", "device=cpu",
                     "likelihood=false", "copy_check=false"]) == 0
     prompt = json.loads((out / "report.json").read_text())["prompts"][0]
     name = prompt["name"]

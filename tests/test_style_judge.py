@@ -147,7 +147,8 @@ def test_the_judge_trains_on_a_pijama_tree_by_the_minutes_rule(tmp_path: Path) -
     ckpt = latest_checkpoint(run)
     info = json.loads((ckpt / "classes.json").read_text())
     expected = _expected_classes(root, seconds_of, 2)
-    assert info["classes"] == expected == ["Bill Evans", "Brad Mehldau", "Dick Hyman", "other"]
+    assert expected == ["Bill Evans", "Brad Mehldau", "Dick Hyman", "other"]
+    assert info["classes"] == [*expected, "unlike any pianist"]
     assert info["class_of_style"]["Kirk Lightsey"] == info["class_of_style"]["Ahmad Jamal"] \
         == "other"
     # The generators' splits: a Mehldau-only run deals his albums exactly as the judge did.
@@ -156,7 +157,7 @@ def test_the_judge_trains_on_a_pijama_tree_by_the_minutes_rule(tmp_path: Path) -
     mehldau = pijama_source(root)  # what mehldau-train data=pijama reads by default
     assert {p.id: p.split for p in mehldau} == {p.id: split_of[p.id] for p in mehldau}
     report = json.loads((run / "judge_report.json").read_text())
-    assert report["classes"] == expected and report["target"] == "Brad Mehldau"
+    assert report["classes"] == info["classes"] and report["target"] == "Brad Mehldau"
     assert report["pieces"] == len(judge["test"]["pieces"]) and "piece_auc" in report
     for key in ("clip_accuracy", "piece_accuracy", "clip_top5", "piece_top5", "piece_auc"):
         v, lo, hi = report[key]
@@ -186,8 +187,9 @@ def test_the_judge_reads_the_real_pijama_catalogue(tmp_path: Path) -> None:
     assert train([f"run_dir={run}", "data=pijama", f"data.root={root}", "data.pianist=null",
                   f"judge.min_minutes={80 / 60}", "train.max_steps=1", *TINY]) == 0
     info = json.loads((latest_checkpoint(run) / "classes.json").read_text())
-    assert info["classes"] == _expected_classes(root, seconds_of, 80 / 60)
-    assert "Brad Mehldau" in info["classes"] and info["classes"][-1] == "other"
+    assert info["classes"] == [*_expected_classes(root, seconds_of, 80 / 60),
+                               "unlike any pianist"]
+    assert "Brad Mehldau" in info["classes"] and info["classes"][-2] == "other"
     judge = json.loads((run / "splits.json").read_text())
     split_of = {e["id"]: s for s in ("train", "val", "test") for e in judge[s]["pieces"]}
     mehldau = pijama_source(root)
@@ -269,10 +271,13 @@ def test_bad_input_to_the_judge(players: Path, tmp_path: Path, capsys) -> None:
     assert not out.exists()
 
 
-# --- synthetic pianists: the judge tells them apart, and hears them in what a model plays -----
+# --- synthetic pianists: the judge tells them apart, says "no pianist", hears a model --------
+# The tiny judge long enough to learn its abstain class (half the clips damaged); the
+# left-out controls are exercised on a smaller judge below (each is a training of its own).
 JUDGE = ["branch=style_judge", "data=pianists", "model=judge_tiny", "judge.seconds=10",
-         "judge.fps=20", "train.max_steps=300", "train.batch_size=16", "train.eval_every=100",
-         "train.ckpt_every=300", "train.warmup_steps=10", "judge.bootstrap=50", "logger=none"]
+         "judge.fps=20", "train.max_steps=1500", "train.batch_size=16",
+         "train.eval_every=500", "train.ckpt_every=1500", "train.warmup_steps=50",
+         "judge.abstain.share=0.5", "judge.abstain.leave_one_out=false", "logger=none"]
 # A small Music Transformer that learns a pianist's register, density and touch in 300 steps.
 GENERATOR = ["model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.d_ff=128",
              "model.max_seq_len=128", "model.max_relative_position=64", "train.batch_size=8",
@@ -283,31 +288,40 @@ GENERATOR = ["model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.d
 @pytest.fixture(scope="module")
 def judges(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("judges")
-    assert train([f"run_dir={base / 'judge'}", *JUDGE]) == 0
-    assert train([f"run_dir={base / 'shuffled'}", *JUDGE, "judge.shuffle_labels=true"]) == 0
+    assert train([f"run_dir={base / 'judge'}", *JUDGE, "judge.target=ada_lowell"]) == 0
+    assert train([f"run_dir={base / 'shuffled'}", *JUDGE, "train.max_steps=300",
+                  "judge.shuffle_labels=true"]) == 0
     return {"judge": base / "judge", "shuffled": base / "shuffled", "base": base}
 
 
-def _held_out_accuracy(run: Path) -> tuple[float, int, float]:
-    """Per-piece accuracy over the val and test pieces (both held out: the trainer never
-    chooses a checkpoint by them), with the class count's chance level."""
+def _held_out(run: Path, splits=("val", "test")):
     from mehldau.data.splits import read_manifest
-    from mehldau.evaluation.style import judge_report, load_judge
+    from mehldau.evaluation.judge_report import HeldOut
+    from mehldau.evaluation.style import load_judge
     from mehldau.tokenize.note_list import NoteListTokenizer
 
     judge = load_judge(run)
     manifest = read_manifest(run / "splits.json")
-    pieces = [e for s in ("val", "test") for e in manifest[s]["pieces"]]
-    of = {**judge.info["pieces"]["val"], **judge.info["pieces"]["test"]}
-    notes = [NoteListTokenizer().encode_file(e["path"]) for e in pieces]
-    labels = [judge.classes.index(of[e["id"]]) for e in pieces]
-    report = judge_report(judge, notes, labels, [e["id"] for e in pieces], None, n_boot=10)
-    return report["piece_accuracy"][0], report["pieces"], report["chance"]
+    pieces = [e for s in splits for e in manifest[s]["pieces"]]
+    of = {k: v for s in splits for k, v in judge.info["pieces"][s].items()}
+    return judge, HeldOut([NoteListTokenizer().encode_file(e["path"]) for e in pieces],
+                          [judge.classes.index(of[e["id"]]) for e in pieces],
+                          [e["id"] for e in pieces])
+
+
+def _held_out_accuracy(run: Path) -> tuple[float, int, float]:
+    """Per-piece accuracy over the val and test pieces (both held out: the trainer never
+    chooses a checkpoint by them), with the chance level among pianists."""
+    from mehldau.evaluation.judge_report import accuracy_of
+
+    judge, held = _held_out(run)
+    return accuracy_of(judge, held)["piece_accuracy"][0], len(held.ids), 1 / len(judge.pianists)
 
 
 def test_a_tiny_judge_tells_synthetic_pianists_apart_and_shuffled_labels_do_not(judges) -> None:
     report = json.loads((judges["judge"] / "judge_report.json").read_text())
-    assert len(report["classes"]) == 5 and report["pieces"] >= 15
+    assert report["classes"][-1] == "unlike any pianist" and len(report["classes"]) == 6
+    assert report["pieces"] >= 15
     assert report["piece_accuracy"][0] >= 0.9, report["piece_predictions"]
     accuracy, pieces, chance = _held_out_accuracy(judges["judge"])
     assert pieces >= 30 and accuracy >= 0.9
@@ -315,6 +329,50 @@ def test_a_tiny_judge_tells_synthetic_pianists_apart_and_shuffled_labels_do_not(
     assert control["shuffled_labels"]
     accuracy, _, chance = _held_out_accuracy(judges["shuffled"])
     assert accuracy <= chance + 0.2  # near chance: nothing to learn from dealt labels
+
+
+def test_the_judge_rejects_clips_no_pianist_played_and_its_report_says_so(judges) -> None:
+    run = judges["judge"]
+    report = json.loads((run / "judge_report.json").read_text())
+    fams = report["families"]
+    for family in ("random_notes", "shuffled_pitches", "held_clusters"):
+        assert fams[family]["rejected"][0] >= 0.9, (family, fams[family])
+        assert fams[family]["attributed_to_target"][0] <= 0.05, (family, fams[family])
+    assert report["real_rejected"][0] <= 0.1
+    # calibration: fitted on val, better on test, and its diagram
+    cal = report["calibration"]
+    assert cal["fitted"] and cal["after"]["nll"] <= cal["before"]["nll"] + 1e-6
+    assert (run / "reliability.png").stat().st_size > 1000
+    assert json.loads((run / "calibration.json").read_text())["temperature"] == \
+        pytest.approx(cal["temperature"])
+    # the gate passes the target's own test clips and not the others'
+    gate = report["gate"]
+    assert gate["test_pass"]["ada_lowell"][0] >= 0.8
+    assert report["target_attributed"]["other pianists"][0] <= 0.1
+    md = (run / "judge_report.md").read_text()
+    for heading in ("## Rejection", "## Calibration", "## Embedding gate",
+                    "## What it leans on", "loudness and density matched"):
+        assert heading in md
+    # every interval the report prints holds its figure
+    import re
+
+    for v, lo, hi in re.findall(r"(\d\.\d+) \[(\d\.\d+), (\d\.\d+)\]", md):
+        assert float(lo) <= float(v) <= float(hi), (v, lo, hi)
+
+
+def test_a_judge_without_the_abstain_class_is_refused_by_compare(judges, tmp_path,
+                                                                capsys) -> None:
+    run = tmp_path / "plain"
+    assert train([f"run_dir={run}", *JUDGE, "train.max_steps=2", "judge.abstain.families=[]"]) \
+        == 0
+    assert "unlike any pianist" not in json.loads(
+        (latest_checkpoint(run) / "classes.json").read_text())["classes"]
+    capsys.readouterr()
+    out = tmp_path / "cmp"
+    assert compare([f"runs=[{run}]", f"out={out}", f"judge.run={run}",
+                    "judge.target=ada_lowell"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no 'unlike any pianist' class" in err and "\n" not in err and not out.exists()
 
 
 @pytest.mark.parametrize("pianist", ["clara_voss", "ada_lowell"])
@@ -325,27 +383,76 @@ def test_compare_hears_the_pianist_a_generator_learned(judges, pianist: str) -> 
                   *GENERATOR]) == 0
     out = base / f"compare_{pianist}"
     assert compare([f"runs=[{gen}]", f"out={out}", "max_prompts=3", "samples_per_prompt=2",
-                    "prompt_seconds=5", "seconds=10", "bootstrap=50", "device=cpu",
+                    "prompt_seconds=5", "seconds=10", "device=cpu",
                     "audio=false", "likelihood=false", "copy_check=false",
                     f"judge.run={judges['judge']}", f"judge.target={pianist}"]) == 0
     report = json.loads((out / "report.json").read_text())
     style, table = report["style"], report["table"]
     assert style["guard"] == {"reference_in_judge_training": 0,
                               "judge_held_out_in_run_training": 0, "forced": False}
-    row, floor, human = (table[n]["style"] for n in (gen.name, "other pianists", "human"))
-    assert floor["clips"] == row["clips"] == human["clips"] == 6
-    # clearly above the floor: the intervals over prompts do not meet
-    assert row["target_share"][1] > floor["target_share"][2]
-    assert row["target_probability"][1] > floor["target_probability"][2]
+    row, others, human = (table[n]["style"] for n in (gen.name, "other pianists", "human"))
+    rnd, shuffled = table["random notes"]["style"], table["shuffled pitches"]["style"]
+    assert others["clips"] == row["clips"] == human["clips"] == rnd["clips"] == 6
+    # the floors: no pianist's, and not the target's
+    for floor in (rnd, shuffled):
+        assert floor["target_share"][0] <= 0.05 and floor["unlike_any_pianist"][0] >= 0.9
+    assert human["target_share"][0] >= 0.8 and human["unlike_any_pianist"][0] <= 0.2
+    # the branch: clearly above the floor, its intervals not meeting the floor's
+    assert row["target_share"][1] > max(others["target_share"][2], rnd["target_share"][2])
     assert max(row["attributed_to"], key=row["attributed_to"].get) == pianist
-    assert human["target_share"][0] >= 0.8 and row["normalised_share"] > 0.5
-    for key in ("frechet", "kernel"):
-        assert row[key] < floor[key]  # nearer the pianist's held-out clips than the others
+    # normalised: bounded, or n/a with its reason
+    if style["normalised_reason"] is None:
+        for r in (row, human, rnd):
+            v, lo, hi = r["normalised"]
+            assert 0 <= lo <= v <= hi <= 1
+        assert rnd["normalised"][0] == 0 and row["normalised"][0] > 0.5
+    else:
+        assert row["normalised"] is None and "overlap" in style["normalised_reason"]
+    # distances: the kernel distance with its interval and the pianist's own at the same n
+    base_k = row["baseline"]["kernel"]
+    assert row["baseline"]["n"] == 6 and base_k[1] <= base_k[0] <= base_k[2]
+    assert row["kernel"][1] <= row["kernel"][0] <= row["kernel"][2]
+    assert rnd["kernel"][0] > base_k[2]  # random notes: far outside what the pianist scores
     md = (out / "report.md").read_text()
     assert f"Target: **{pianist}**" in md and "test accuracy" in md and "*other pianists*" in md
+    assert "unlike any pianist" in md and "*shuffled pitches*" in md and "(n=6;" in md
     rows = [r for r in csv.DictReader(open(out / "metrics.csv")) if r["group"] == "style"]
     assert rows and all("test accuracy" in r["judge"] for r in rows)
     assert (out / "plots" / "style.png").is_file()
+
+
+def test_controls_leave_each_family_out_and_resume(players: Path, tmp_path: Path) -> None:
+    """The left-out judges: one per family (each a judge run that never saw it) and one
+    without the abstain class, reported beside the main judge; a run killed among them
+    resumes to the same report."""
+    args = ["data=folder", f"data.root={players}", "data.group_by=album", "train.max_steps=4",
+            "judge.target=low", "judge.abstain.families=[random_notes,held_clusters]",
+            *[a for a in TINY if "leave_one_out" not in a]]
+    run = tmp_path / "run"
+    assert train([f"run_dir={run}", *args]) == 0
+    report = json.loads((run / "judge_report.json").read_text())
+    assert set(report["leave_one_out"]) == {"random_notes", "held_clusters"}
+    for family, row in report["leave_one_out"].items():
+        sub = Path(row["run"])
+        info = json.loads((latest_checkpoint(sub) / "classes.json").read_text())
+        assert info["abstain"]["families"] == [f for f in ("random_notes", "held_clusters")
+                                               if f != family]
+        assert 0 <= row["auroc"][0] <= 1
+    plain = json.loads((latest_checkpoint(Path(report["without_abstain"]["run"]))
+                        / "classes.json").read_text())
+    assert "unlike any pianist" not in plain["classes"]
+    md = (run / "judge_report.md").read_text()
+    assert "left out: AUROC" in md and "without the abstain class" in md
+    # killed after the controls began: the resumed run trains only what is missing
+    import shutil
+
+    shutil.rmtree(run / "controls" / "without_abstain")
+    (run / "judge_report.json").unlink()
+    assert train([f"run_dir={run}", *args, "train.resume=true"]) == 0
+    again = json.loads((run / "judge_report.json").read_text())
+    assert again["leave_one_out"] == report["leave_one_out"]
+    assert again["without_abstain"]["clip_accuracy"] == report["without_abstain"][
+        "clip_accuracy"]
 
 
 def test_an_overlap_of_judge_and_runs_is_refused_in_one_line_and_force_warns(
@@ -364,7 +471,7 @@ def test_an_overlap_of_judge_and_runs_is_refused_in_one_line_and_force_warns(
     leaked = len(list(album.glob("*.mid")))
     capsys.readouterr()
     args = [f"runs=[{gen}]", "max_prompts=2", "samples_per_prompt=1", "prompt_seconds=2",
-            "seconds=4", "bootstrap=5", "device=cpu", "audio=false", "likelihood=false",
+            "seconds=4", "device=cpu", "audio=false", "likelihood=false",
             f"judge.run={judge}", "judge.target=low", f"reference={album}"]
     assert compare([*args, f"out={tmp_path / 'refused'}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]

@@ -77,6 +77,7 @@ from pathlib import Path
 import numpy as np
 
 from mehldau.errors import UserError
+from mehldau.evaluation.distribution import wilson
 from mehldau.evaluation.features import Notes, read_notes
 
 PROMPT = "prompt"
@@ -596,18 +597,6 @@ def read_votes(path: Path) -> tuple[list[dict], list[str]]:
 
 
 # --- statistics -----------------------------------------------------------------------------
-def wilson(successes: float, n: float, z: float = Z95) -> tuple[float, float] | None:
-    """Wilson's (1927) score interval for a proportion; None without trials. `successes` may
-    be fractional (ties counted as half a win)."""
-    if n <= 0:
-        return None
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def _log_likelihood(theta: np.ndarray, w: np.ndarray) -> np.ndarray:
     d = theta[..., :, None] - theta[..., None, :]
     return -(w * np.logaddexp(0.0, -d)).sum((-1, -2))
