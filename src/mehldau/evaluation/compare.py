@@ -54,6 +54,9 @@ from mehldau.train.checkpoint import BRANCHES, read_meta, resolve_checkpoint
 
 SUMMARY_METRICS = ("pitch_class_entropy", "scale_consistency", "polyphony", "polyphony_rate",
                    "pitch_range", "notes_per_second", "sliding_pitch_class_entropy")
+# The scale each metric's interval is built on, so it stays in the metric's range with few
+# prompts (t with 2 degrees of freedom is 4.3): shares in [0, 1], the rest >= 0.
+METRIC_SCALES = {"scale_consistency": "unit", "polyphony_rate": "unit"}
 
 
 @dataclass
@@ -413,8 +416,8 @@ def feature_table(system: System, reference: list[Item]) -> dict:
     return out
 
 
-def mean_with_interval(items: list[Item], value) -> tuple:
-    return dist.group_mean(_by_group(items, value))
+def mean_with_interval(items: list[Item], value, scale: str = "log") -> tuple:
+    return dist.group_mean(_by_group(items, value), scale=scale)
 
 
 def summary_metrics(items: list[Item]) -> dict:
@@ -422,8 +425,8 @@ def summary_metrics(items: list[Item]) -> dict:
                       len(it.notes) / max(it.notes.seconds, 1e-9),
                       "sliding_pitch_class_entropy": feat.sliding(it.notes)["pitch_class_entropy"]}
              for it in items}
-    return {m: mean_with_interval(items, lambda it, m=m: float(cache[it.uid][m]))
-            for m in SUMMARY_METRICS}
+    return {m: mean_with_interval(items, lambda it, m=m: float(cache[it.uid][m]),
+                                  METRIC_SCALES.get(m, "log")) for m in SUMMARY_METRICS}
 
 
 def copy_table(items: list[Item], index: TrainIndex | None, threshold: int, min_len: int
@@ -448,7 +451,8 @@ def likelihood_table(result: dict) -> dict:
     summary = summarize(pieces)
     groups = [[p] for p in pieces]
     for key in ("nats_per_note", "bits_per_second"):
-        summary[key] = dist.jackknife(groups, [], lambda x, _, key=key: summarize(x)[key])
+        summary[key] = dist.jackknife(groups, [], lambda x, _, key=key: summarize(x)[key],
+                                      scale="log")
     summary["policy"] = POLICY
     return summary
 
