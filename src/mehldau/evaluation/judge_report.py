@@ -500,14 +500,18 @@ def _reliability_png(cal: dict, path: Path) -> None:
     ax.plot([0, 1], [0, 1], "k:", lw=1, label="calibrated")
     for key, colour in (("before", "C1"), ("after", "C0")):
         b = cal[key]["bins"]
-        ax.plot([x["confidence"] for x in b], [x["accuracy"] for x in b], "o-", color=colour,
-                label=f"{key} (ECE {cal[key]['ece']:.3f})")
+        conf, acc = [x["confidence"] for x in b], [x["accuracy"] for x in b]
+        ax.plot(conf, acc, "-", color=colour, lw=1, label=f"{key} (ECE {cal[key]['ece']:.3f})")
+        # a bin's dot grows with its clips: a bin of three says little
+        ax.scatter(conf, acc, s=[8 + 200 * x["count"] / cal["test_clips"] for x in b],
+                   color=colour, zorder=3)
     ax.set_xlabel("confidence (top probability)")
     ax.set_ylabel("accuracy")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
-    ax.set_title(f"Reliability on test, temperature {cal['temperature']:.2f}", fontsize=9)
+    ax.set_title(f"Reliability on {cal['test_clips']} test clips, temperature "
+                 f"{cal['temperature']:.2f} (dot area: clips in the bin)", fontsize=9)
     fig.tight_layout()
     with atomic_file(path, "wb") as f:
         fig.savefig(f, dpi=100, format="png")
