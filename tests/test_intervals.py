@@ -209,3 +209,33 @@ def test_a_report_refuses_a_figure_outside_its_interval() -> None:
                                                                            math.nan)})
     with pytest.raises(RuntimeError, match="outside its interval"):
         check_intervals({"a": {"oa": (0.94, 0.85, 0.93)}})
+
+
+# --- calibration error at small n ---------------------------------------------------------
+def _dirichlet_probs(rng, n: int, k: int = 6, sharp: float = 0.4) -> np.ndarray:
+    return rng.dirichlet(np.full(k, sharp), n)
+
+
+def test_the_calibrated_floor_holds_a_calibrated_judges_ece_and_not_an_overconfident_one():
+    """ECE at 124 clips is mostly noise: a judge whose probabilities are exactly right reads
+    well above zero. The floor (labels drawn from the probabilities themselves) holds such a
+    judge's ECE about 95 % of the time; a judge twice as confident as the truth (logits
+    doubled) lies above it."""
+    from mehldau.evaluation.judge_report import calibrated_ece, calibration_figures
+
+    rng = np.random.default_rng(7)
+    inside = above = 0
+    reps = 40
+    for _ in range(reps):
+        truth = _dirichlet_probs(rng, 124)
+        labels = np.array([rng.choice(6, p=p) for p in truth])
+        floor = calibrated_ece(truth, draws=100, seed=int(rng.integers(1 << 30)))
+        ece = calibration_figures(truth, labels)["ece"]
+        assert floor[1] <= floor[0] <= floor[2] and floor[1] > 0.01  # noise, not zero
+        inside += floor[1] <= ece <= floor[2]
+        sharp = np.exp(2 * np.log(truth + 1e-9))
+        sharp /= sharp.sum(1, keepdims=True)
+        above += calibration_figures(sharp, labels)["ece"] > calibrated_ece(
+            sharp, draws=100, seed=1)[2]
+    assert 0.85 <= inside / reps <= 1.0
+    assert above / reps >= 0.8

@@ -111,7 +111,11 @@ def test_trials_are_deterministic_per_listener_and_differ_between_listeners(test
              [("ann", first), *others.items()]}
     # each pair is heard with A and B both ways by someone; orders differ between listeners
     assert all(len({s[i] for s in sides.values()}) == 2 for i in design())
-    assert len({tuple(t.id for t in trials) for trials in [first, *others.values()]}) == 40
+    # 8 trials: 8! orders x 2^8 sides; two of 40 listeners share one about once in 13,000
+    # test runs, which is allowed (orders alone: once in 50, which made `== 40` flaky);
+    # two such coincidences in one run: less than once in 10^8
+    heard = {tuple((t.id, t.a.system) for t in trials) for trials in [first, *others.values()]}
+    assert len(heard) >= 39
 
 
 def _seed_prediction(test: BlindTest, listener: str) -> list[str]:

@@ -454,8 +454,17 @@ def test_controls_leave_each_family_out_and_resume(players: Path, tmp_path: Path
     plain = json.loads((latest_checkpoint(Path(report["without_abstain"]["run"]))
                         / "classes.json").read_text())
     assert "unlike any pianist" not in plain["classes"]
+    # the cost of the class, paired on the same clips: the difference of the two accuracies,
+    # with an interval that holds it
+    diff, lo, hi = report["without_abstain"]["difference"]
+    assert diff == pytest.approx(report["clip_accuracy"][0]
+                                 - report["without_abstain"]["clip_accuracy"][0])
+    assert lo <= diff <= hi
+    floor = report["calibration"]["after"]["calibrated_floor"]
+    assert 0 <= floor[1] <= floor[0] <= floor[2] and floor[2] > 0
     md = (run / "judge_report.md").read_text()
     assert "left out: AUROC" in md and "without the abstain class" in md
+    assert "(paired: the same clips" in md and "perfectly calibrated judge" in md
     # killed after the controls began: the resumed run trains only what is missing
     import shutil
 

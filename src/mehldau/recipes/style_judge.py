@@ -266,6 +266,7 @@ def train(cfg: DictConfig) -> Path:
     if accelerator.is_main_process:
         from mehldau.evaluation.judge_report import (
             HeldOut,
+            accuracy_difference,
             accuracy_of,
             judge_report,
             rejection_of_unseen,
@@ -293,9 +294,11 @@ def train(cfg: DictConfig) -> Path:
                                              int(cfg.seed), families, tcfg.eval_batch_size)
                 report["leave_one_out"][f] = {**unseen, "run": str(sub)}
             sub = controls["without_abstain"]
-            report["without_abstain"] = {**accuracy_of(load_judge(sub, accelerator.device),
-                                                       test, tcfg.eval_batch_size),
-                                         "run": str(sub)}
+            control = load_judge(sub, accelerator.device)
+            report["without_abstain"] = {
+                **accuracy_of(control, test, tcfg.eval_batch_size),
+                "difference": accuracy_difference(judge, control, test, tcfg.eval_batch_size),
+                "run": str(sub)}
         report["run"], report["checkpoint"] = str(run_dir), str(ckpt)
         report["steps"] = int(last.get("step", tcfg.max_steps))
         for d in (run_dir, ckpt):
