@@ -429,6 +429,7 @@ def test_compare_reads_every_row_against_its_ceiling_and_floors(judges, pianist:
     md = (out / "report.md").read_text()
     assert f"Target: **{pianist}**" in md and "test accuracy" in md and "*other pianists*" in md
     assert "unlike any pianist" in md and "*shuffled pitches*" in md and "(n=6;" in md
+    assert "(a perfectly calibrated judge: " in md  # the judge's ECE read against its noise
     rows = [r for r in csv.DictReader(open(out / "metrics.csv")) if r["group"] == "style"]
     assert rows and all("test accuracy" in r["judge"] for r in rows)
     assert (out / "plots" / "style.png").is_file()

@@ -148,6 +148,10 @@ def judge_line(style: dict) -> str:
     if cal:
         said += (f"; temperature {cal['temperature']:.2f}, calibration error "
                  f"{cal['before']['ece']:.3f} → {cal['after']['ece']:.3f}")
+        floor = cal["after"].get("calibrated_floor")
+        if floor:
+            said += (f" (a perfectly calibrated judge: {floor[0]:.3f}, {floor[1]:.3f}–"
+                     f"{floor[2]:.3f}, at its {cal['test_clips']} clips)")
     lofo = test.get("leave_one_out") or {}
     if lofo:
         worst = min(lofo, key=lambda f: lofo[f]["auroc"][0])
