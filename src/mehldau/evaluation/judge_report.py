@@ -543,7 +543,11 @@ def _reliability_png(cal: dict, path: Path) -> None:
     for key, colour in (("before", "C1"), ("after", "C0")):
         b = cal[key]["bins"]
         conf, acc = [x["confidence"] for x in b], [x["accuracy"] for x in b]
-        ax.plot(conf, acc, "-", color=colour, lw=1, label=f"{key} (ECE {cal[key]['ece']:.3f})")
+        label = f"{key} (ECE {cal[key]['ece']:.3f})"
+        floor = cal[key].get("calibrated_floor")
+        if floor:
+            label += f"; perfectly calibrated: {floor[1]:.3f}–{floor[2]:.3f}"
+        ax.plot(conf, acc, "-", color=colour, lw=1, label=label)
         # a bin's dot grows with its clips: a bin of three says little
         ax.scatter(conf, acc, s=[8 + 200 * x["count"] / cal["test_clips"] for x in b],
                    color=colour, zorder=3)
@@ -553,7 +557,7 @@ def _reliability_png(cal: dict, path: Path) -> None:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     ax.set_title(f"Reliability on {cal['test_clips']} test clips, temperature "
-                 f"{cal['temperature']:.2f} (dot area: clips in the bin)", fontsize=9)
+                 f"{cal['temperature']:.2f}\n(dot area: clips in the bin)", fontsize=9)
     fig.tight_layout()
     with atomic_file(path, "wb") as f:
         fig.savefig(f, dpi=100, format="png")
